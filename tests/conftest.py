@@ -1,0 +1,18 @@
+"""Test-session setup: CPU only, float32 matmuls, and JAX's persistent compilation cache.
+
+Compilation dominates on a 2-core CPU, so every test session reuses compiled programs from
+`.jax_cache/` (ignored by git) and tests are written to compile each shape once.
+"""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import jax  # noqa: E402
+
+_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_default_matmul_precision", "highest")
