@@ -1,0 +1,149 @@
+"""Building blocks shared by the U-Net and the autoencoder (NHWC layout throughout).
+
+Attribute names mirror the diffusers PyTorch modules (`conv1`, `time_emb_proj`, `to_out.0`, ...), so
+that a parameter's NNX path *is* its diffusers state-dict name; `mre/models/weights.py` relies on it.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def group_norm(channels, groups, eps, *, dtype, param_dtype, rngs):
+  # Two-pass variance (mean of squared deviations) as PyTorch does; statistics are in float32.
+  return nnx.GroupNorm(channels, num_groups=groups, epsilon=eps, use_fast_variance=False,
+                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def conv(cin, cout, kernel=3, stride=1, padding=1, *, dtype, param_dtype, rngs):
+  pad = ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
+  return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=pad, dtype=dtype,
+                  param_dtype=param_dtype, rngs=rngs)
+
+
+def linear(cin, cout, *, use_bias=True, dtype, param_dtype, rngs):
+  return nnx.Linear(cin, cout, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def sinusoidal_embedding(timesteps, dim, flip_sin_to_cos=True, freq_shift=0.0, max_period=10000.0):
+  """Sinusoidal embedding of (possibly fractional) timesteps, computed in float32 like diffusers."""
+  timesteps = jnp.asarray(timesteps, jnp.float32).reshape(-1)
+  half = dim // 2
+  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+  args = timesteps[:, None] * jnp.exp(exponent)[None, :]
+  sin, cos = jnp.sin(args), jnp.cos(args)
+  emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class TimestepEmbedding(nnx.Module):
+  """linear_1 -> SiLU -> linear_2 (diffusers `TimestepEmbedding`)."""
+
+  def __init__(self, cin, dim, cout=None, *, dtype, param_dtype, rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.linear_1 = linear(cin, dim, **kw)
+    self.linear_2 = linear(dim, cout or dim, **kw)
+
+  def __call__(self, x):
+    return self.linear_2(nnx.silu(self.linear_1(x)))
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with diffusers' parameter names; self-attention when `context` is None.
+
+  `group_norm_groups` adds the VAE-style GroupNorm + residual around it (4-D input).
+  """
+
+  def __init__(self, query_dim, heads, head_dim, *, context_dim=None, qkv_bias=False,
+               group_norm_groups=None, norm_eps=1e-6, dtype, param_dtype, rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    inner = heads * head_dim
+    self.heads, self.head_dim = heads, head_dim
+    self.group_norm = (group_norm(query_dim, group_norm_groups, norm_eps, **kw)
+                       if group_norm_groups else None)
+    self.to_q = linear(query_dim, inner, use_bias=qkv_bias, **kw)
+    self.to_k = linear(context_dim or query_dim, inner, use_bias=qkv_bias, **kw)
+    self.to_v = linear(context_dim or query_dim, inner, use_bias=qkv_bias, **kw)
+    self.to_out = nnx.List([linear(inner, query_dim, **kw)])
+
+  def attend(self, x, context=None):
+    b = x.shape[0]
+    context = x if context is None else context
+    split = lambda t: t.reshape(b, t.shape[1], self.heads, self.head_dim)
+    q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    out = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim ** -0.5)
+    return self.to_out[0](out.reshape(b, x.shape[1], self.heads * self.head_dim))
+
+  def __call__(self, x, context=None):
+    if self.group_norm is None:
+      return self.attend(x, context)
+    b, h, w, c = x.shape
+    out = self.attend(self.group_norm(x).reshape(b, h * w, c), context)
+    return x + out.reshape(b, h, w, c).astype(x.dtype)
+
+
+class ResnetBlock2D(nnx.Module):
+  """GroupNorm-SiLU-conv twice, time embedding added in between, 1x1 shortcut when widths differ."""
+
+  def __init__(self, cin, cout, temb_dim, groups, eps, output_scale_factor=1.0, *, dtype,
+               param_dtype, rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.norm1 = group_norm(cin, groups, eps, **kw)
+    self.conv1 = conv(cin, cout, **kw)
+    self.time_emb_proj = linear(temb_dim, cout, **kw) if temb_dim else None
+    self.norm2 = group_norm(cout, groups, eps, **kw)
+    self.conv2 = conv(cout, cout, **kw)
+    self.conv_shortcut = conv(cin, cout, 1, padding=0, **kw) if cin != cout else None
+    self.output_scale_factor = output_scale_factor
+
+  def __call__(self, x, temb=None):
+    h = self.conv1(nnx.silu(self.norm1(x)))
+    if self.time_emb_proj is not None and temb is not None:
+      h = h + self.time_emb_proj(nnx.silu(temb))[:, None, None, :].astype(h.dtype)
+    h = self.conv2(nnx.silu(self.norm2(h)))
+    if self.conv_shortcut is not None:
+      x = self.conv_shortcut(x)
+    out = x.astype(h.dtype) + h
+    return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
+
+
+class Downsample2D(nnx.Module):
+  """Stride-2 3x3 conv; padding 0 means diffusers' asymmetric (0, 1) pad (the VAE encoder)."""
+
+  def __init__(self, channels, padding=1, *, dtype, param_dtype, rngs):
+    pad = padding if padding else ((0, 1), (0, 1))
+    self.conv = conv(channels, channels, 3, stride=2, padding=pad, dtype=dtype,
+                     param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x):
+    return self.conv(x)
+
+
+def upsample_nearest(x, size=None):
+  """Nearest upsampling matching torch's `interpolate(mode='nearest')` (2x, or to `size`)."""
+  if size is None or tuple(size) == (2 * x.shape[1], 2 * x.shape[2]):
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  rows = (jnp.arange(size[0]) * x.shape[1]) // size[0]
+  cols = (jnp.arange(size[1]) * x.shape[2]) // size[1]
+  return x[:, rows][:, :, cols]
+
+
+class Upsample2D(nnx.Module):
+  """Nearest 2x upsampling followed by a 3x3 conv."""
+
+  def __init__(self, channels, *, dtype, param_dtype, rngs):
+    self.conv = conv(channels, channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x, size=None):
+    return self.conv(upsample_nearest(x, size))
+
+
+def maybe_remat(fn, enabled):
+  """Rematerialise `fn(module, *args)` in the backward pass when `enabled` (saves activations)."""
+  return nnx.remat(fn) if enabled else fn
