@@ -16,3 +16,12 @@ _CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+  """A tiny random InstructPix2Pix pipeline folder written by diffusers' own save_pretrained."""
+  from tests.reference import make_tiny_pipeline_dir
+  return make_tiny_pipeline_dir(tmp_path_factory.mktemp("pipe"))

@@ -8,8 +8,6 @@ import pytest
 
 from mre.models import native, weights
 
-pytest.importorskip("torch")
-from tests.models.conftest import tiny_pipeline_dir  # noqa: E402,F401  (session fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +18,7 @@ def _run(*args):
   return out
 
 
-def test_convert_round_trip(tmp_path, tiny_pipeline_dir):  # noqa: F811
+def test_convert_round_trip(tmp_path, tiny_pipeline_dir):
   mre_dir, back_dir = str(tmp_path / "mre"), str(tmp_path / "back")
   r = _run(f"--from={tiny_pipeline_dir}", f"--to={mre_dir}")
   assert r.returncode == 0, r.stderr[-2000:]

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from mre.models import pretrained
+from mre.models import pretrained, reward_unet, weights
 from mre.models.clip_text import CLIPTextModel
 from mre.models.unet import UNet2DConditionModel
 from mre.models.vae import AutoencoderKL
@@ -60,15 +60,18 @@ def load_native(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, rema
                      f"{FORMAT_VERSION}")
   modules = {}
   for name, cls in _CLASSES.items():
-    extra = {"remat": remat} if name == "unet" else {}
-    modules[name] = nnx.eval_shape(lambda cls=cls, name=name, extra=extra: cls(
-        meta["configs"][name], dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), **extra))
+    cfg, extra = meta["configs"][name], {"remat": remat} if name == "unet" else {}
+    if name == "unet" and reward_unet.CONFIG_KEY in cfg:
+      cls = reward_unet.reward_unet_from_config
+    modules[name] = nnx.eval_shape(lambda cls=cls, cfg=cfg, extra=extra: cls(
+        cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), **extra))
   states = {n: nnx.state(m, nnx.Param) for n, m in modules.items()}
   target = {n: nnx.to_pure_dict(s) for n, s in states.items()}
   restored = ocp.StandardCheckpointer().restore(os.path.join(folder, "params"), target)
   for name, module in modules.items():
     nnx.replace_by_pure_dict(states[name], restored[name])
     nnx.update(module, states[name])
+    weights.materialize_non_params(module)
   return pretrained.Pipeline(tokenizer=pretrained.load_tokenizer(os.path.join(folder, "tokenizer")),
                              scheduler_config=meta["scheduler_config"],
                              model_index=meta["model_index"], **modules)

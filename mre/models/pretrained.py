@@ -15,7 +15,7 @@ from typing import Any, Optional
 import jax.numpy as jnp
 from flax import nnx
 
-from mre.models import weights
+from mre.models import reward_unet, weights
 from mre.models.clip_text import CLIPTextModel
 from mre.models.config import CLIPTextConfig, UNetConfig, VAEConfig, read_json
 from mre.models.unet import UNet2DConditionModel
@@ -32,11 +32,17 @@ def _abstract(make):
 
 
 def load_unet(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, remat=()):
-  cfg = UNetConfig.from_dict(read_json(folder))
+  """A U-Net folder; a `RewardUNet` when it holds reward modules (ours or the released ones)."""
+  raw = read_json(folder)
+  tensors = weights.read_state_dict(folder)
+  if reward_unet.has_reward(tensors, raw):
+    return reward_unet.load_reward_unet(folder, dtype=dtype, param_dtype=param_dtype,
+                                        remat=remat, tensors=tensors)
+  cfg = UNetConfig.from_dict(raw)
   unet = _abstract(lambda: UNet2DConditionModel(cfg, dtype=dtype, param_dtype=param_dtype,
                                                 remat=remat, rngs=nnx.Rngs(0)))
-  weights.load_state_dict(unet, weights.read_state_dict(folder), where=f"U-Net in {folder}")
-  return unet
+  weights.load_state_dict(unet, tensors, where=f"U-Net in {folder}")
+  return weights.materialize_non_params(unet)
 
 
 def load_vae(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32):
@@ -45,7 +51,7 @@ def load_vae(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32):
                                         rngs=nnx.Rngs(0)))
   weights.load_state_dict(vae, weights.read_state_dict(folder), where=f"VAE in {folder}",
                           rename=legacy_vae_rename)
-  return vae
+  return weights.materialize_non_params(vae)
 
 
 def _clip_rename(name: str) -> str:
@@ -60,7 +66,7 @@ def load_text_encoder(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32
   weights.load_state_dict(model, weights.read_state_dict(folder),
                           where=f"text encoder in {folder}", ignore=_CLIP_BUFFERS,
                           rename=_clip_rename)
-  return model
+  return weights.materialize_non_params(model)
 
 
 def load_tokenizer(folder: str):
@@ -129,9 +135,12 @@ def _write_config(folder, cfg: dict, class_name: str, library: str):
 
 
 def config_dict(module) -> dict:
+  """The config.json content of a module (reward settings included for a RewardUNet)."""
   raw = module.config.raw
   if raw is None:
     raise ValueError(f"{type(module).__name__} was built without a config dict; cannot export")
+  if isinstance(module, reward_unet.RewardUNet):
+    return reward_unet.export_config(module)
   return raw
 
 

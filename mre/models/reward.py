@@ -183,7 +183,8 @@ class BertCrossLayer(nnx.Module):
     self.attention = _BertAttention(dim, **kw)
     self.hidden_intermediate = _Dense(dim, dim, **kw)
     self.output = _BertSelfOutput(dim, **kw)  # `ca.output`: dense + dropout + residual + LayerNorm
-    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    # Off until `model.train()`: inference code that forgets `eval()` must not drop out.
+    self.dropout = nnx.Dropout(dropout, deterministic=True, rngs=rngs)
 
   def __call__(self, x, ctx):
     b, t, c = x.shape

@@ -16,6 +16,7 @@ from mre.models.reward import (BertCrossLayer, PaperReward, ProjDeal, RewardConf
 from mre.models.unet import UNet2DConditionModel
 
 CONFIG_KEY = "mre_reward"  # where our exported config.json records the reward settings
+TEXT_DIM_KEY = "mre_reward_text_dim"
 
 
 class RewardUNet(UNet2DConditionModel):
@@ -33,6 +34,7 @@ class RewardUNet(UNet2DConditionModel):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     ch0, temb = cfg.block_out_channels[0], 4 * cfg.block_out_channels[0]
     text_dim = text_dim or cfg.cross_attention_dim  # CLIP's pooled width = its hidden width
+    self.text_dim = text_dim
     if r.form == "paper":
       self.reward = PaperReward(r, ch0, temb, text_dim, cfg.norm_num_groups, cfg.flip_sin_to_cos,
                                 cfg.freq_shift, **kw)
@@ -105,7 +107,7 @@ def ip2p_unet_from_sd15(folder: str, *, in_channels=8, dtype=jnp.float32, param_
                                                      remat=remat, rngs=nnx.Rngs(0)))
   weights.load_state_dict(unet, widen_conv_in(weights.read_state_dict(folder), in_channels),
                           where=f"SD U-Net in {folder}")
-  return unet
+  return weights.materialize_non_params(unet)
 
 
 def reward_unet_from_stage1(stage1: UNet2DConditionModel, reward: RewardConfig, *, seed=0,
@@ -115,6 +117,11 @@ def reward_unet_from_stage1(stage1: UNet2DConditionModel, reward: RewardConfig, 
                      param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(seed))
   nnx.update(model, nnx.state(stage1, nnx.Param))
   return model
+
+
+def has_reward(tensors: dict, cfg: dict) -> bool:
+  return CONFIG_KEY in cfg or any(k.startswith(("add_embedding.", "add_embedding2.", "text_linear",
+                                                "proj_deal.")) for k in tensors)
 
 
 def reward_config_of(tensors: dict, cfg: dict) -> RewardConfig:
@@ -130,42 +137,37 @@ def reward_config_of(tensors: dict, cfg: dict) -> RewardConfig:
                       inject_unet=has("add_embedding.") or has("text_linear2."))
 
 
-def load_reward_unet(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, remat=()):
+def load_reward_unet(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, remat=(),
+                     tensors=None):
   """A reward U-Net from a diffusers-format `unet/` folder: ours, or the released stage-2 one."""
   raw = read_json(folder)
-  tensors = weights.read_state_dict(folder)
+  tensors = weights.read_state_dict(folder) if tensors is None else tensors
   reward = reward_config_of(tensors, raw)
   text_dim = None
   for name in ("text_linear.weight", "text_linear2.weight"):
     if name in tensors:
       text_dim = tensors[name].shape[1]
-  if reward.form == "paper" and "mre_reward_text_dim" in raw:
-    text_dim = raw["mre_reward_text_dim"]
+  text_dim = raw.get(TEXT_DIM_KEY, text_dim)
   cfg = UNetConfig.from_dict(raw)
   model = nnx.eval_shape(lambda: RewardUNet(cfg, reward, text_dim=text_dim, dtype=dtype,
                                             param_dtype=param_dtype, remat=remat,
                                             rngs=nnx.Rngs(0)))
   weights.load_state_dict(model, tensors, where=f"reward U-Net in {folder}")
-  return model
+  return weights.materialize_non_params(model)
 
 
-def save_reward_unet(model: RewardUNet, folder: str):
-  """diffusers-format folder; our reward settings go in config.json under `mre_reward`.
+def reward_unet_from_config(raw: dict, **kw) -> RewardUNet:
+  """A (randomly initialised) RewardUNet from a config dict written by `export_config`."""
+  return RewardUNet(raw, RewardConfig(**raw[CONFIG_KEY]), text_dim=raw.get(TEXT_DIM_KEY), **kw)
 
-  A released-form model keeps the release's tensor names, so the public code loads it too.
+
+def export_config(model: RewardUNet) -> dict:
+  """config.json content: the U-Net's, plus our reward settings under `mre_reward`.
+
+  A released-form model keeps the release's tensor names, so the public code loads its weights;
+  the extra keys are ignored by diffusers.
   """
-  from mre.models import pretrained  # pylint: disable=import-outside-toplevel
   raw = dict(model.config.raw)
   raw[CONFIG_KEY] = dataclasses.asdict(model.reward_config)
-  if model.reward_config.form == "paper":
-    raw["mre_reward_text_dim"] = _paper_text_dim(model)
-  os.makedirs(folder, exist_ok=True)
-  pretrained._write_config(folder, raw, "UNet2DConditionModel", "diffusers")  # pylint: disable=protected-access
-  weights.write_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"),
-                            weights.state_dict(model), metadata={"format": "pt"})
-
-
-def _paper_text_dim(model):
-  r = model.reward_config
-  width = model.reward.tokens.width
-  return width - (r.score_dim if r.use_scores else 0)
+  raw[TEXT_DIM_KEY] = model.text_dim
+  return raw

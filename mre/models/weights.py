@@ -202,5 +202,19 @@ def load_state_dict(module: nnx.Module, tensors: dict[str, np.ndarray], *, where
     var.set_value(jax.device_put(new, sharding) if sharding is not None else new)
 
 
+def materialize_non_params(module: nnx.Module, seed: int = 0):
+  """Gives concrete values to the non-parameter state (RNG keys and counters) of a module built
+  under `nnx.eval_shape`, whose parameters came from a checkpoint. Keys are distinct per path."""
+  for i, (path, var) in enumerate(nnx.to_flat_state(nnx.state(module, nnx.Not(nnx.Param)))):
+    value = var.get_value()
+    if not isinstance(value, jax.ShapeDtypeStruct):
+      continue
+    if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+      var.set_value(jax.random.fold_in(jax.random.key(seed), i))
+    else:
+      var.set_value(jnp.zeros(value.shape, value.dtype))
+  return module
+
+
 def _clip(names, n=12):
   return ", ".join(names[:n]) + (f" ... ({len(names) - n} more)" if len(names) > n else "")

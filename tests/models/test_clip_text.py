@@ -5,7 +5,7 @@ from flax import nnx
 
 from mre.models import weights
 from mre.models.clip_text import CLIPTextModel
-from tests.models.conftest import CLIP_CONFIG, randomize, torch
+from tests.reference import CLIP_CONFIG, randomize, torch
 
 
 @pytest.mark.parametrize("eos_token_id", [2, 98])  # legacy argmax pooling, and the real EOS id

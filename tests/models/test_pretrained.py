@@ -9,7 +9,7 @@ import pytest
 
 from mre.models import pretrained, weights
 from mre.models.config import ConfigError
-from tests.models.conftest import nchw, nhwc, torch
+from tests.reference import nchw, nhwc, torch
 
 
 @pytest.fixture(scope="module")

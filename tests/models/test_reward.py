@@ -10,10 +10,11 @@ from flax import nnx
 
 from mre.models import weights
 from mre.models.reward import NULL_SCORE, RewardConfig, RewardInputs, drop_rewards
+from mre.models.pretrained import load_unet, save_unet
 from mre.models.reward_unet import (RewardUNet, load_reward_unet, reward_unet_from_stage1,
-                                    save_reward_unet, widen_conv_in)
+                                    widen_conv_in)
 from mre.models.unet import UNet2DConditionModel
-from tests.models.conftest import UNET_CONFIGS, nchw, nhwc, randomize, torch
+from tests.reference import UNET_CONFIGS, nchw, nhwc, randomize, torch
 
 CFG = UNET_CONFIGS["sd15_like"]  # block_out (16, 32, 32), cross_attention_dim 32
 
@@ -210,7 +211,7 @@ def test_released_checkpoint_imports_runs_and_exports_exactly(tmp_path):
   got = model(nhwc(x), t, ctx, reward=RewardInputs(jnp.asarray(scores), jnp.asarray(text)[:, None]))
   np.testing.assert_allclose(nchw(got), want, atol=1e-4, rtol=0)
 
-  save_reward_unet(model, str(tmp_path / "again"))
+  save_unet(model, str(tmp_path / "again"))
   back = weights.read_safetensors(str(tmp_path / "again" / "diffusion_pytorch_model.safetensors"))
   assert back.keys() == sd.keys()
   assert all(back[k].tobytes() == sd[k].astype(np.float32).tobytes() for k in sd)
@@ -223,8 +224,8 @@ def test_released_checkpoint_imports_runs_and_exports_exactly(tmp_path):
 
 def test_paper_form_export_round_trip(tmp_path, stage1):
   model = reward_unet_from_stage1(stage1, RewardConfig(form="paper", use_texts=False), seed=5)
-  save_reward_unet(model, str(tmp_path / "u"))
-  back = load_reward_unet(str(tmp_path / "u"))
+  save_unet(model, str(tmp_path / "u"))
+  back = load_unet(str(tmp_path / "u"))  # the generic loader recognises a reward U-Net
   assert back.reward_config == model.reward_config
   x, t, ctx, reward = _inputs(6)
   np.testing.assert_array_equal(np.asarray(back(x, t, ctx, reward=reward)),

@@ -7,7 +7,7 @@ from flax import nnx
 
 from mre.models import weights
 from mre.models.unet import UNet2DConditionModel
-from tests.models.conftest import UNET_CONFIGS, nchw, nhwc, randomize, torch
+from tests.reference import UNET_CONFIGS, nchw, nhwc, randomize, torch
 
 
 def _pair(name):

@@ -6,7 +6,7 @@ from flax import nnx
 
 from mre.models import weights
 from mre.models.vae import AutoencoderKL, legacy_vae_rename
-from tests.models.conftest import VAE_CONFIG, nchw, nhwc, randomize, torch
+from tests.reference import VAE_CONFIG, nchw, nhwc, randomize, torch
 
 
 def test_vae_matches_diffusers():

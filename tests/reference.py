@@ -1,11 +1,9 @@
 """Tiny random PyTorch reference models (diffusers / transformers), saved as real model folders."""
-import os
+from pathlib import Path
 
 import numpy as np
-import pytest
 
-torch = pytest.importorskip("torch", reason="parity tests need the CPU build of torch "
-                            "(requirements-test.txt)")
+import torch  # parity references; the CPU build is in requirements-test.txt
 
 UNET_CONFIGS = {
     # Linear projections and one head count per block, as SD 2.x-style configs have.
@@ -48,15 +46,14 @@ def nhwc(x):
   return np.asarray(x).transpose(0, 2, 3, 1)
 
 
-@pytest.fixture(scope="session")
-def tiny_pipeline_dir(tmp_path_factory):
+def make_tiny_pipeline_dir(root):
   """A whole InstructPix2Pix pipeline folder written by diffusers' own save_pretrained."""
   from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler,
                          StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel)
   from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
   from mre.models.tokenizer import write_word_tokenizer
-  root = tmp_path_factory.mktemp("pipe")
+  root = Path(root)
   tok_dir = write_word_tokenizer(str(root / "tok"), TOKEN_WORDS)
   tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
   torch.manual_seed(0)
