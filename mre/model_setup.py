@@ -1,0 +1,166 @@
+"""The editor a training config asks for: from pretrained folders, or from scratch (the toy world).
+
+Stage 1 (`ip2p`) starts from an SD 1.5 pipeline folder and widens `conv_in` to 8 channels; stage 2
+(`reward`) starts from a stage-1 pipeline folder and adds the reward modules. With
+`model.pretrained=""` everything is built from scratch at the `model.scratch` sizes, in pixel space,
+with a tokenizer over the dataset's closed vocabulary (the toy world).
+"""
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+from flax import nnx
+
+from mre.models import pretrained
+from mre.models.clip_text import CLIPTextModel
+from mre.models.native import load_any
+from mre.models.pixel import PixelSpace
+from mre.models.reward import RewardConfig
+from mre.models.reward_unet import (RewardUNet, ip2p_unet_from_sd15, reward_unet_from_stage1)
+from mre.models.tokenizer import write_word_tokenizer
+from mre.models.unet import UNet2DConditionModel
+
+FAMILIES = ("instructpix2pix",)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_of(name: str):
+  if name not in DTYPES:
+    raise ValueError(f"unknown dtype {name!r}; choose from {sorted(DTYPES)}")
+  return DTYPES[name]
+
+
+def reward_config(config) -> RewardConfig | None:
+  r = config.model.reward
+  if not r.enabled:
+    return None
+  fields = {k: v for k, v in r.items() if k != "enabled"}
+  return RewardConfig(**fields)
+
+
+def scheduler_config(config) -> dict:
+  s = config.model.scheduler
+  return {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000,
+          "beta_schedule": s.beta_schedule, "beta_start": s.beta_start, "beta_end": s.beta_end,
+          "prediction_type": s.prediction_type, "clip_sample": False, "set_alpha_to_one": False,
+          "steps_offset": 1, "timestep_spacing": "leading"}
+
+
+def scratch_unet_config(config, channels: int, context_dim: int) -> dict:
+  s = config.model.scratch
+  n = len(s.unet_channels)
+  return {"_class_name": "UNet2DConditionModel", "sample_size": config.data.resolution,
+          "in_channels": 2 * channels, "out_channels": channels,
+          "block_out_channels": list(s.unet_channels), "layers_per_block": s.layers_per_block,
+          "down_block_types": ["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"],
+          "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1),
+          "cross_attention_dim": context_dim, "attention_head_dim": s.heads,
+          "norm_num_groups": s.norm_groups}
+
+
+def scratch_makers(config, tokenizer) -> dict:
+  """Zero-argument constructors of the from-scratch U-Net and text encoder (random weights).
+
+  The trainer calls them inside `jax.jit` with sharded outputs, so the parameters are created
+  directly on their devices; `build_scratch` calls them under `nnx.eval_shape` (no compute).
+  """
+  s = config.model.scratch
+  if not s.pixel_space:
+    raise ValueError("model.scratch.pixel_space=False (a from-scratch autoencoder) is not built; "
+                     "start from a pretrained folder instead")
+  dtype, pdtype = dtype_of(config.model.dtype), dtype_of(config.model.param_dtype)
+  remat = tuple(config.model.remat)
+  text_cfg = {"vocab_size": len(tokenizer), "hidden_size": s.text_hidden,
+              "intermediate_size": 4 * s.text_hidden, "num_hidden_layers": s.text_layers,
+              "num_attention_heads": s.text_heads, "max_position_embeddings": 77,
+              "eos_token_id": tokenizer.eos_token_id, "hidden_act": "quick_gelu"}
+  unet_cfg = scratch_unet_config(config, 3, s.text_hidden)
+  r = reward_config(config)
+
+  def make_unet():
+    rngs = nnx.Rngs(config.seed)
+    if r is None:
+      return UNet2DConditionModel(unet_cfg, dtype=dtype, param_dtype=pdtype, remat=remat,
+                                  rngs=rngs)
+    return RewardUNet(unet_cfg, r, text_dim=s.text_hidden, dtype=dtype, param_dtype=pdtype,
+                      remat=remat, rngs=rngs)
+
+  def make_text():
+    return CLIPTextModel(text_cfg, dtype=dtype, param_dtype=pdtype,
+                         rngs=nnx.Rngs(config.seed + 1))
+
+  return {"unet": make_unet, "text_encoder": make_text}
+
+
+def build_scratch(config, vocab_words, tokenizer_dir: str, *, abstract=True) -> pretrained.Pipeline:
+  """The toy editor: tokenizer over the dataset vocabulary, pixel space, tiny U-Net and CLIP.
+
+  With `abstract` the modules hold shapes only (the trainer materialises them sharded)."""
+  tokenizer = pretrained.load_tokenizer(write_word_tokenizer(tokenizer_dir, vocab_words))
+  makers = scratch_makers(config, tokenizer)
+  make = nnx.eval_shape if abstract else (lambda f: f())
+  return pretrained.Pipeline(unet=make(makers["unet"]), vae=PixelSpace({"channels": 3}),
+                             text_encoder=make(makers["text_encoder"]), tokenizer=tokenizer,
+                             scheduler_config=scheduler_config(config), model_index={})
+
+
+def _missing(config, path):
+  stage = "an SD 1.5 pipeline folder (stage 1 starts from it)" if config.stage == "ip2p" else \
+      "a stage-1 InstructPix2Pix pipeline folder (diffusers format or mre checkpoint)"
+  return FileNotFoundError(
+      f"config.model.pretrained={path!r} does not exist. This recipe needs {stage} on local disk; "
+      "nothing is downloaded. Set --config.model.pretrained=/path/to/folder, or run the offline "
+      f"toy world instead: --config=configs/{config.stage if config.stage == 'reward' else 'ip2p'}"
+      ".py:toy")
+
+
+def build_pretrained(config) -> pretrained.Pipeline:
+  path = config.model.pretrained
+  if not os.path.isdir(path):
+    raise _missing(config, path)
+  dtype, pdtype = dtype_of(config.model.dtype), dtype_of(config.model.param_dtype)
+  remat = tuple(config.model.remat)
+  if config.stage == "ip2p":
+    pipe = pretrained.load_pipeline(path, dtype=dtype, param_dtype=pdtype, remat=remat) \
+        if _unet_in_channels(path) != 4 else _sd15_pipeline(path, dtype, pdtype, remat)
+  else:
+    pipe = load_any(path, dtype=dtype, param_dtype=pdtype, remat=remat)
+  r = reward_config(config)
+  if r is not None and not isinstance(pipe.unet, RewardUNet):
+    pipe.unet = reward_unet_from_stage1(pipe.unet, r, seed=config.seed, dtype=dtype,
+                                        param_dtype=pdtype, remat=remat)
+  if r is None and isinstance(pipe.unet, RewardUNet):
+    raise ValueError(f"{path} holds a reward-conditioned U-Net but model.reward.enabled=False")
+  return pipe
+
+
+def _unet_in_channels(path):
+  from mre.models.config import read_json  # pylint: disable=import-outside-toplevel
+  unet_dir = os.path.join(path, "unet")
+  return read_json(unet_dir).get("in_channels", 4) if os.path.isdir(unet_dir) else 8
+
+
+def _sd15_pipeline(path, dtype, pdtype, remat):
+  sub = lambda n: os.path.join(path, n)
+  return pretrained.Pipeline(
+      unet=ip2p_unet_from_sd15(sub("unet"), dtype=dtype, param_dtype=pdtype, remat=remat),
+      vae=pretrained.load_vae(sub("vae"), dtype=dtype, param_dtype=pdtype),
+      text_encoder=pretrained.load_text_encoder(sub("text_encoder"), dtype=dtype,
+                                                param_dtype=pdtype),
+      tokenizer=pretrained.load_tokenizer(sub("tokenizer")),
+      scheduler_config=pretrained.read_json(os.path.join(sub("scheduler"),
+                                                         "scheduler_config.json")),
+      model_index={})
+
+
+def build_models(config, vocab_words=None, tokenizer_dir=None) -> pretrained.Pipeline:
+  if config.model.family not in FAMILIES:
+    raise ValueError(f"config.model.family={config.model.family!r} is not available; built: "
+                     f"{FAMILIES} (the SmartEdit-style family is planned, not built)")
+  if config.model.pretrained:
+    return build_pretrained(config)
+  if vocab_words is None:
+    raise ValueError("a from-scratch model (model.pretrained='') needs the dataset's vocabulary; "
+                     "only the toy world provides one")
+  return build_scratch(config, vocab_words, tokenizer_dir)

@@ -1,0 +1,251 @@
+"""Train an editor: `python -m mre.train --config=configs/reward.py[:toy] [--config.key=value ...]`.
+
+`train(config)` is the whole run: mesh, models (sharded), input pipeline, a compiled and donated
+train step, Orbax checkpoints with automatic resume, metrics, validation grids, final export.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from mre import checkpointing, model_setup, sharding
+from mre.data import train_input
+from mre.diffusion.schedule import schedule_from_config
+from mre.editor import EditSettings
+from mre.models import native, pretrained
+from mre.models.pretrained import tokenize
+from mre.models.vae import AutoencoderKL
+from mre.train_step import SplitModel, StepContext, TrainState, make_optimizer, make_train_step
+from mre.validation import ValidationGrid, save_grid
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training recipe, e.g. "
+                                          "configs/reward.py:toy.", lock_config=True)
+
+
+class NonFiniteError(FloatingPointError):
+  """Loss or gradients became NaN/inf; the state of the last good step is kept."""
+
+
+def _materialize(module, mesh, min_size, make=None):
+  """(SplitModel, params sharded over the mesh). With `make`, parameters are created by a jitted
+  initialiser whose out_shardings come from eval_shape, so they never exist unsharded."""
+  if make is not None:
+    abstract = SplitModel.of(nnx.eval_shape(make))
+    shardings = sharding.tree_shardings(mesh, abstract.params, min_size)
+    rest_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract.rest)
+    params, rest = jax.jit(lambda: nnx.split(make(), nnx.Param, ...)[1:],
+                           out_shardings=(shardings, rest_shardings))()
+    return SplitModel(abstract.graphdef, params, rest), params
+  split = SplitModel.of(module)
+  shardings = sharding.tree_shardings(mesh, split.params, min_size)
+  params = jax.device_put(split.params, shardings)
+  rest = jax.device_put(split.rest, sharding.replicated(mesh))
+  return SplitModel(split.graphdef, params, rest), params
+
+
+def _cost_flops(compiled) -> float:
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+  except Exception:  # pylint: disable=broad-except
+    return 0.0  # not every backend reports a cost
+
+
+def export_model(pipe, ema: dict, workdir: str):
+  """The final EMA model: an mre checkpoint (what `mre.edit`/`mre.eval` load) and diffusers files."""
+  nnx.update(pipe.unet, ema["unet"])
+  if "text_encoder" in ema:
+    nnx.update(pipe.text_encoder, ema["text_encoder"])
+  out = os.path.join(workdir, "export")
+  native.save_native(pipe, out)
+  diffusers_dir = os.path.join(workdir, "export_diffusers")
+  if isinstance(pipe.vae, AutoencoderKL):
+    pretrained.save_pipeline(pipe, diffusers_dir)
+  else:  # pixel space has no diffusers counterpart; the U-Net alone still exports
+    pretrained.save_unet(pipe.unet, os.path.join(diffusers_dir, "unet"))
+  return out
+
+
+def train(config) -> dict:
+  """Runs (or resumes) the training run described by `config`; returns a summary dict."""
+  sharding.maybe_initialize_distributed(config.distributed)
+  workdir = os.path.abspath(config.workdir)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  lead = jax.process_index() == 0
+  t = config.train
+  logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+
+  # --- data and models ---
+  source = train_input.open_dataset(config)
+  pipe = model_setup.build_models(config, vocab_words=source.vocabulary,
+                                  tokenizer_dir=os.path.join(workdir, "tokenizer"))
+  reward_cfg = model_setup.reward_config(config)
+  makers = ({} if config.model.pretrained else
+            model_setup.scratch_makers(config, pipe.tokenizer))
+  min_size = config.mesh.fsdp_min_size
+  unet, unet_params = _materialize(pipe.unet, mesh, min_size, makers.get("unet"))
+  text, text_params = _materialize(pipe.text_encoder, mesh, min_size, makers.get("text_encoder"))
+  vae, vae_params = _materialize(pipe.vae, mesh, min_size)
+  trainable = {"unet": unet_params}
+  frozen = {"vae": vae_params}
+  if config.model.train_text_encoder:
+    trainable["text_encoder"] = text_params
+  else:
+    frozen["text_encoder"] = text_params
+  pipe.unet, pipe.text_encoder = unet.merge(), text.merge()
+
+  schedule = schedule_from_config(pipe.scheduler_config)
+  empty_ids = jnp.asarray(tokenize(pipe.tokenizer, [""]))
+  ctx = StepContext(unet=unet, text_encoder=text, vae=vae, frozen=frozen, schedule=schedule,
+                    empty_ids=empty_ids, reward_form=reward_cfg and reward_cfg.form, cfg=config)
+  tx = make_optimizer(config)
+
+  def init_state(params):
+    return TrainState(step=jnp.int32(0), params=params, ema=jax.tree.map(jnp.copy, params),
+                      opt_state=tx.init(params),
+                      rng=jax.random.key_data(jax.random.key(config.seed)))
+
+  abstract = jax.eval_shape(init_state, trainable)
+  state_shardings = sharding.tree_shardings(mesh, abstract, min_size)
+  state = jax.jit(init_state, out_shardings=state_shardings)(trainable)
+
+  per_host = t.batch_per_device * jax.local_device_count()
+  data = train_input.TrainIterator(source, config, pipe.tokenizer, batch_size=per_host,
+                                   accum=t.grad_accum, reward_form=ctx.reward_form)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    keep=t.keep_checkpoints, async_save=t.async_checkpoints)
+  start_step = 0
+  if ckpt.latest_step() is not None:
+    state, data_state = ckpt.restore(checkpointing.abstract_like(state))
+    data.set_state(data_state)
+    start_step = int(jax.device_get(state.step))
+    logging.info("resumed from %s at step %d", ckpt.directory, start_step)
+    print(f"resuming from step {start_step} ({ckpt.directory})")
+
+  # --- the compiled step ---
+  example = sharding.global_batch(mesh, data.peek(), leading_unsharded=1)
+  batch_shardings = jax.tree.map(lambda x: x.sharding, example)
+  metric_shardings = sharding.replicated(mesh)
+  step_fn = jax.jit(make_train_step(ctx, tx), in_shardings=(state_shardings, batch_shardings),
+                    out_shardings=(state_shardings, metric_shardings), donate_argnums=(0,))
+  compile_start = time.time()
+  compiled = step_fn.lower(state, example).compile()
+  flops = _cost_flops(compiled)
+  logging.info("train step compiled in %.1f s (%.3g FLOP per step)", time.time() - compile_start,
+               flops)
+
+  writer = None
+  if lead:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+  grid = _validation_grid(config, pipe, source) if (t.validate_every and lead) else None
+  global_batch_size = per_host * jax.process_count() * t.grad_accum
+
+  history, pending, step = [], None, start_step
+  last_time, last_step = time.time(), start_step
+
+  def record(step_no, metrics):
+    nonlocal last_time, last_step
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not m.pop("finite"):
+      raise NonFiniteError(
+          f"step {step_no}: loss={m['loss']} grad_norm={m['grad_norm']} is not finite; the update "
+          f"was skipped and training stopped. Checkpoints in {ckpt.directory} hold the last good "
+          "state. Lower train.lr, check the data, or use model.dtype=float32.")
+    if step_no % t.log_every == 0 or step_no == t.steps:
+      now = time.time()
+      dt = (now - last_time) / max(step_no - last_step, 1)
+      last_time, last_step = now, step_no
+      m.update(step_time=dt, images_per_s=global_batch_size / dt,
+               tflops=flops / dt / 1e12 if flops else 0.0)
+      history.append({"step": step_no, **m})
+      if writer:
+        for k, v in m.items():
+          writer.add_scalar(f"train/{k}", v, step_no)
+      logging.info("step %d loss %.4f grad_norm %.3f lr %.2e %.1f img/s", step_no, m["loss"],
+                   m["grad_norm"], m["lr"], m["images_per_s"])
+      bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{m['images_per_s']:.1f}")
+
+  stopped = None
+  with checkpointing.StopSignal() as stop, tqdm(total=t.steps, initial=start_step, desc="train",
+                                                unit="step", disable=not lead) as bar:
+    while step < t.steps:
+      batch = sharding.global_batch(mesh, data.next(), leading_unsharded=1)
+      state, metrics = compiled(state, batch)
+      if pending is not None:  # read the previous step's metrics: the device stays busy
+        record(*pending)
+      step += 1
+      pending = (step, metrics)
+      bar.update(1)
+      preempted = ckpt.reached_preemption(step)
+      if step % t.checkpoint_every == 0 or step == t.steps or stop.requested or preempted:
+        record(*pending)
+        pending = None
+        ckpt.save(step, state, data.get_state(), force=True)
+      if stop.requested or preempted:
+        stopped = f"signal {stop.signum}" if stop.requested else "preemption notice"
+        break
+      if grid is not None and step % t.validate_every == 0:
+        _validate(grid, state, step, workdir, writer)
+    if pending is not None:
+      record(*pending)
+  ckpt.close()
+  summary = {"workdir": workdir, "step": step, "resumed_from": start_step, "history": history}
+  if stopped:
+    msg = f"stopped at step {step} on {stopped}; checkpoint saved, rerun the command to resume"
+    logging.warning(msg)
+    print(msg)
+    summary["stopped"] = stopped
+    return summary
+  if grid is not None and t.steps % t.validate_every:
+    _validate(grid, state, step, workdir, writer)
+  if t.export and lead:
+    summary["export"] = export_model(pipe, jax.device_get(state.ema), workdir)
+  if writer:
+    writer.close()
+  with open(os.path.join(workdir, "train_summary.json"), "w") as f:
+    json.dump({k: v for k, v in summary.items()}, f, indent=1)
+  print(f"trained {step} steps; last loss {history[-1]['loss']:.4f}" if history else
+        f"nothing to do: already at step {step}")
+  return summary
+
+
+def _validation_grid(config, pipe, source):
+  t = config.train
+  originals, instructions, references = source.validation_items(t.val_count)
+  settings = EditSettings(steps=t.val_steps, sampler=t.val_sampler, text_scale=t.val_text_scale,
+                          image_scale=t.val_image_scale, seed=config.seed,
+                          resolution=config.data.resolution)
+  return ValidationGrid(pipe, originals, instructions, references, t.val_rewards, settings)
+
+
+def _validate(grid, state, step, workdir, writer):
+  image = grid.render(jax.device_get(state.ema))
+  path = save_grid(image, os.path.join(workdir, "validation", f"step_{step:06d}.png"))
+  if writer:
+    writer.add_image("validation/" + grid.header(), image, step, dataformats="HWC")
+  logging.info("validation grid (%s) -> %s", grid.header(), path)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/reward.py:toy")
+  train(_CONFIG.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

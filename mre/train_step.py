@@ -1,0 +1,176 @@
+"""The training state and the jitted train step of the editor (stage 1 or stage 2).
+
+The step: VAE latents of the edited image (a posterior sample, scaled) are noised; the U-Net sees
+[noisy latents | latents of the original image (posterior mode, unscaled)], the instruction's CLIP
+context and, for stage 2, the reward. InstructPix2Pix conditioning dropout (DESIGN.md section 2),
+optional reward dropout, gradient accumulation as a scan over micro-batches, AdamW with global-norm
+clipping, EMA, and a guard that keeps the old state and reports when loss or gradients are not finite.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mre.diffusion.schedule import NoiseSchedule, add_noise, min_snr_weight, training_target
+from mre.models.reward import NULL_SCORE, RewardInputs, drop_rewards
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any        # {"unet": nnx.State, ["text_encoder": nnx.State]}: what is trained
+  ema: Any           # same structure as params
+  opt_state: Any
+  rng: jax.Array     # raw key data; each step uses fold_in(rng, step), so resuming is exact
+
+
+@dataclasses.dataclass
+class SplitModel:
+  """A module split into its static graph, its parameters and its other state (dropout RNGs)."""
+  graphdef: Any
+  params: Any
+  rest: Any
+
+  @classmethod
+  def of(cls, module):
+    return cls(*nnx.split(module, nnx.Param, ...))
+
+  def merge(self, params=None):
+    return nnx.merge(self.graphdef, self.params if params is None else params, self.rest)
+
+
+def lr_schedule(cfg) -> optax.Schedule:
+  t = cfg.train
+  if t.lr_schedule == "constant":
+    if t.warmup_steps:
+      return optax.join_schedules([optax.linear_schedule(0.0, t.lr, t.warmup_steps),
+                                   optax.constant_schedule(t.lr)], [t.warmup_steps])
+    return optax.constant_schedule(t.lr)
+  if t.lr_schedule == "cosine":
+    warmup = min(t.warmup_steps, max(t.steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(0.0, t.lr, max(warmup, 1), max(t.steps, warmup + 1),
+                                              end_value=t.lr * 0.05)
+  raise ValueError(f"train.lr_schedule={t.lr_schedule!r} is not 'constant' or 'cosine'")
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+  t = cfg.train
+  return optax.chain(
+      optax.clip_by_global_norm(t.clip) if t.clip > 0 else optax.identity(),
+      optax.adamw(lr_schedule(cfg), b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
+                  weight_decay=t.weight_decay))
+
+
+def ema_decay(step, max_decay):
+  """diffusers' EMA warm-up: the decay grows as (1 + step) / (10 + step) up to `max_decay`."""
+  step = step.astype(jnp.float32)
+  return jnp.minimum(max_decay, (1.0 + step) / (10.0 + step))
+
+
+@dataclasses.dataclass
+class StepContext:
+  """Everything static the step needs besides the state and the batch."""
+  unet: SplitModel
+  text_encoder: SplitModel
+  vae: SplitModel
+  frozen: dict               # parameters that are not trained (text encoder when frozen, VAE)
+  schedule: NoiseSchedule
+  empty_ids: jax.Array       # [1, 77] token ids of the empty prompt
+  reward_form: Optional[str]  # None (stage 1), "paper" or "released"
+  cfg: Any
+
+  def modules(self, params):
+    text_params = params.get("text_encoder", self.frozen.get("text_encoder"))
+    return (self.unet.merge(params["unet"]), self.text_encoder.merge(text_params),
+            self.vae.merge(self.frozen["vae"]))
+
+
+def micro_loss(ctx: StepContext, params, batch, key):
+  """Denoising loss on one micro-batch (batch-mean of per-sample MSE, float32)."""
+  cfg = ctx.cfg.train
+  unet, text_encoder, vae = ctx.modules(params)
+  k_post, k_noise, k_t, k_cond, k_reward, k_dropout = jax.random.split(key, 6)
+  nnx.reseed(unet, default=k_dropout, dropout=k_dropout)
+  b = batch["original"].shape[0]
+
+  target_latents = vae.scale_latents(vae.encode(batch["edited"]).sample(k_post))
+  image_latents = vae.encode(batch["original"]).mode()
+  noise = jax.random.normal(k_noise, target_latents.shape, jnp.float32)
+  t = jax.random.randint(k_t, (b,), 0, ctx.schedule.num_train_timesteps)
+  noisy = add_noise(ctx.schedule, target_latents, noise, t)
+
+  context = text_encoder(batch["instruction_ids"])[0]
+  empty = text_encoder(ctx.empty_ids)[0]
+  # InstructPix2Pix conditioning dropout: r < 2p drops the text, p <= r < 3p the image, so p of
+  # the samples lose both.
+  p = cfg.cond_dropout
+  r = jax.random.uniform(k_cond, (b,))
+  drop_text = (r < 2 * p)[:, None, None]
+  drop_image = ((r >= p) & (r < 3 * p))[:, None, None, None]
+  context = jnp.where(drop_text, jnp.broadcast_to(empty, context.shape).astype(context.dtype),
+                      context)
+  image_latents = jnp.where(drop_image, 0.0, image_latents)
+
+  kwargs = {}
+  if ctx.reward_form is not None:
+    ids = batch["reward_ids"]                       # [b, slots, 77]
+    _, pooled = text_encoder(ids.reshape(-1, ids.shape[-1]))
+    reward = RewardInputs(batch["reward_scores"].astype(jnp.float32),
+                          pooled.reshape(ids.shape[0], ids.shape[1], -1))
+    if ctx.cfg.model.reward.dropout_prob > 0:  # the null reward: NULL scores, empty texts
+      _, empty_pooled = text_encoder(ctx.empty_ids)
+      null = RewardInputs(jnp.full((1, 3), NULL_SCORE, jnp.float32),
+                          jnp.broadcast_to(empty_pooled[:, None], (1, ids.shape[1],
+                                                                   empty_pooled.shape[-1])))
+      reward = drop_rewards(k_reward, reward, null, ctx.cfg.model.reward.dropout_prob)
+    kwargs["reward"] = reward
+
+  sample = jnp.concatenate([noisy, image_latents.astype(noisy.dtype)], axis=-1)
+  out = unet(sample, t, context, **kwargs).astype(jnp.float32)
+  target = training_target(ctx.schedule, target_latents, noise, t)
+  per_sample = jnp.mean((out - target) ** 2, axis=tuple(range(1, out.ndim)))
+  if cfg.snr_gamma > 0:
+    per_sample = per_sample * min_snr_weight(ctx.schedule, t, cfg.snr_gamma)
+  return jnp.mean(per_sample)
+
+
+def make_train_step(ctx: StepContext, tx: optax.GradientTransformation):
+  """train_step(state, batch) -> (state, metrics); batch leaves are [accum, micro_batch, ...]."""
+  cfg = ctx.cfg
+  schedule_fn = lr_schedule(cfg)
+
+  def train_step(state: TrainState, batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    accum = jax.tree.leaves(batch)[0].shape[0]
+    grad_fn = jax.value_and_grad(lambda p, mb, k: micro_loss(ctx, p, mb, k))
+
+    def body(carry, xs):
+      loss_sum, grad_sum = carry
+      mb, i = xs
+      loss, grads = grad_fn(state.params, mb, jax.random.fold_in(key, i))
+      return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (loss, grads), _ = jax.lax.scan(body, (jnp.float32(0.0), zeros), (batch, jnp.arange(accum)))
+    loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay(state.step, cfg.train.ema_decay)
+    ema = jax.tree.map(lambda e, p: e * decay + p.astype(e.dtype) * (1 - decay), state.ema, params)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                           ema=keep(ema, state.ema), opt_state=keep(opt_state, state.opt_state),
+                           rng=state.rng)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule_fn(state.step),
+               "finite": ok}
+    return new_state, metrics
+
+  return train_step

@@ -1,0 +1,55 @@
+"""A fixed validation set edited during training, at several reward settings, as one image grid.
+
+Rows are validation items; columns are the original, the edit at each reward setting (one column for
+a stage-1 model), and the reference edit when the dataset has one.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from mre.editor import EditSettings, Editor, to_uint8
+
+
+class ValidationGrid:
+  def __init__(self, pipe, originals: np.ndarray, instructions: Sequence[str],
+               references: Optional[np.ndarray], rewards, settings: EditSettings):
+    """originals/references: float images [N, H, W, 3] in [-1, 1] at a valid model size."""
+    self.editor = Editor(pipe, settings)
+    self.originals, self.instructions, self.references = originals, list(instructions), references
+    self.rewards = [tuple(r) for r in rewards] if self.editor.is_reward else [None]
+
+  def render(self, params: dict) -> np.ndarray:
+    """Edits with `params` ({"unet": ..., ["text_encoder": ...]}), returns the grid (uint8 HxWx3)."""
+    pipe = self.editor.pipe
+    nnx.update(pipe.unet, params["unet"])
+    if "text_encoder" in params:
+      nnx.update(pipe.text_encoder, params["text_encoder"])
+    columns = [to_uint8(self.originals)]
+    n = len(self.instructions)
+    for scores in self.rewards:
+      reward = None if scores is None else self.editor.reward_inputs(n, scores=scores)
+      edited = self.editor.edit_arrays(self.originals, self.instructions, reward=reward)
+      columns.append(to_uint8(edited))
+    if self.references is not None:
+      columns.append(to_uint8(self.references))
+    rows = [np.concatenate([c[i] for c in columns], axis=1) for i in range(n)]
+    return np.concatenate(rows, axis=0)
+
+  def header(self) -> str:
+    cols = ["original"] + (["edit"] if self.rewards == [None] else
+                           [f"reward {','.join(f'{v:g}' for v in r)}" for r in self.rewards])
+    return " | ".join(cols + (["reference"] if self.references is not None else []))
+
+
+def save_grid(grid: np.ndarray, path: str, scale: int = 4):
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  img = Image.fromarray(grid)
+  if scale > 1:
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+  img.save(path)
+  return path
