@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from mre.models import pretrained, reward_unet, weights
+from mre.models import pixel, pretrained, reward_unet, weights
 from mre.models.clip_text import CLIPTextModel
 from mre.models.unet import UNet2DConditionModel
 from mre.models.vae import AutoencoderKL
@@ -63,6 +63,8 @@ def load_native(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, rema
     cfg, extra = meta["configs"][name], {"remat": remat} if name == "unet" else {}
     if name == "unet" and reward_unet.CONFIG_KEY in cfg:
       cls = reward_unet.reward_unet_from_config
+    if name == "vae" and cfg.get("_class_name") == pixel.CLASS_NAME:
+      cls = pixel.PixelSpace
     modules[name] = nnx.eval_shape(lambda cls=cls, cfg=cfg, extra=extra: cls(
         cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), **extra))
   states = {n: nnx.state(m, nnx.Param) for n, m in modules.items()}
