@@ -98,7 +98,7 @@ def apply_toy(c):
       beta_schedule="squaredcos_cap_v2", beta_start=0.0001, beta_end=0.02,
       prediction_type="v_prediction"))
   c.data.name = "toy_edit"
-  c.data.config = "default"
+  c.data.config = "24px"
   c.data.resolution = 24
   c.data.build_if_missing = True
   c.train.steps = 300

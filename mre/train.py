@@ -78,6 +78,7 @@ def export_model(pipe, ema: dict, workdir: str):
 
 def train(config) -> dict:
   """Runs (or resumes) the training run described by `config`; returns a summary dict."""
+  model_setup.check_pretrained(config)
   sharding.maybe_initialize_distributed(config.distributed)
   workdir = os.path.abspath(config.workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -202,6 +203,7 @@ def train(config) -> dict:
     if pending is not None:
       record(*pending)
   ckpt.close()
+  data.close()
   summary = {"workdir": workdir, "step": step, "resumed_from": start_step, "history": history}
   if stopped:
     msg = f"stopped at step {step} on {stopped}; checkpoint saved, rerun the command to resume"
@@ -224,7 +226,8 @@ def train(config) -> dict:
 
 def _validation_grid(config, pipe, source):
   t = config.train
-  originals, instructions, references = source.validation_items(t.val_count)
+  originals, instructions, references = source.validation_items(t.val_count,
+                                                                config.data.resolution)
   settings = EditSettings(steps=t.val_steps, sampler=t.val_sampler, text_scale=t.val_text_scale,
                           image_scale=t.val_image_scale, seed=config.seed,
                           resolution=config.data.resolution)

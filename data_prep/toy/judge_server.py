@@ -1,0 +1,448 @@
+"""The toy judge behind an OpenAI-compatible HTTP API, so the annotator and the evaluator run
+unchanged against it or against GPT-4o.
+
+    python -m data_prep.toy.judge_server --port 8000
+    # then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="toy")
+
+Endpoints (127.0.0.1 only, no authentication):
+  POST /v1/chat/completions     one judge request built by `data_prep.prompts` (one perspective);
+                                the reply is the annotation JSON or the evaluation dict string.
+  POST /v1/files                multipart upload (purpose, file)
+  GET  /v1/files/{id}           file object;  GET /v1/files/{id}/content: the bytes
+  POST /v1/batches              runs every line of an uploaded JSONL in the background
+  GET  /v1/batches/{id}         batch object (status, output_file_id, error_file_id, counts)
+  GET  /v1/models               the one model
+
+`Faults` makes chat completions fail on purpose, at seeded rates: 429 (with Retry-After), 500,
+slow replies and malformed replies, to test client retries and reply parsing.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import email.parser
+import email.policy
+import http.server
+import json
+import re
+import threading
+import time
+import uuid
+from typing import Iterator, Optional
+
+import numpy as np
+from absl import app, flags
+
+from data_prep import prompts
+from data_prep.toy import judge
+
+MODEL = "toy-judge"
+
+
+@dataclasses.dataclass(frozen=True)
+class Faults:
+    """Rates (0..1) of injected faults on chat completions, drawn from a seeded generator.
+
+    Failed requests (429, 500) carry `retry-after-ms` / `Retry-After` headers of
+    `retry_after_seconds`, which the openai client honours instead of its own backoff (0.5 s and
+    up), so tests with many retries stay fast.
+    """
+
+    rate_limit: float = 0.0  # 429 Too Many Requests
+    server_error: float = 0.0  # 500
+    slow: float = 0.0  # answer after `slow_seconds`
+    malformed: float = 0.0  # 200 with a reply in neither answer form
+    slow_seconds: float = 2.0
+    retry_after_seconds: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self):
+        rates = (self.rate_limit, self.server_error, self.slow, self.malformed)
+        if any(not 0.0 <= r <= 1.0 for r in rates) or sum(rates) > 1.0:
+            raise ValueError(f"fault rates must be in [0, 1] and sum to at most 1, got {rates}")
+
+
+_MALFORMED_REPLIES = (
+    "I'm sorry, but I can't evaluate this image.",
+    '{"score": "high", "failure"',
+    "The edit looks mostly fine to me.",
+)
+
+
+class RequestError(Exception):
+    """An error answered to the client as an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+def answer_chat(body) -> tuple[str, dict]:
+    """The judge's reply text to a chat-completions request body, and its token usage."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "'messages' must be a non-empty list")
+    texts, images = [], []
+    for message in messages:
+        if not isinstance(message, dict) or "content" not in message:
+            raise RequestError(400, "each message must be an object with 'role' and 'content'")
+        content = message["content"]
+        if message.get("role") != "user":
+            continue
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list):
+            raise RequestError(400, "message 'content' must be a string or a list of content parts")
+        for part in parts:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif kind == "image_url" and isinstance(part.get("image_url"), dict):
+                try:
+                    images.append(prompts.data_url_bytes(part["image_url"].get("url")))
+                except ValueError as error:
+                    raise RequestError(400, str(error)) from None
+            else:
+                raise RequestError(400, f"unsupported content part {str(part)[:80]!r}; expected "
+                                        "{'type': 'text', ...} or {'type': 'image_url', ...}")
+    text = "\n".join(texts)
+    try:
+        form, perspective, instruction = prompts.identify(text)
+    except ValueError as error:
+        raise RequestError(400, str(error)) from None
+    needed = 1 if perspective == "quality" else 2
+    if len(images) < needed:
+        raise RequestError(400, f"a {perspective} request needs {needed} image(s) "
+                                f"({'edited' if needed == 1 else 'original, edited'}), got {len(images)}")
+    try:
+        if perspective == "quality":
+            verdict = judge.judge_quality(images[-1])
+        else:
+            if instruction is None:
+                raise ValueError("the prompt has no 'Editing instruction: ...' line")
+            verdict = judge.judge_perspective(perspective, instruction, images[0], images[-1])
+    except ValueError as error:
+        raise RequestError(400, f"cannot judge this request: {error}") from None
+    if form == "annotation":
+        reply = prompts.format_annotation_reply(verdict.score, verdict.failure)
+    else:
+        reply = prompts.format_evaluation_reply(perspective, verdict.yes, verdict.score)
+    prompt_tokens = _count_tokens(text) + 85 * len(images)  # 85: GPT-4o's cost of a low-detail image
+    completion_tokens = _count_tokens(reply)
+    return reply, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                   "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _count_tokens(text: str) -> int:
+    return len(re.findall(r"\w+|[^\w\s]", text))
+
+
+def completion_body(reply: str, usage: dict, model: str) -> dict:
+    return {
+        "id": "chatcmpl-" + uuid.uuid4().hex[:24],
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": f"toy-judge-{prompts.PROMPT_VERSION}",
+        "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                     "message": {"role": "assistant", "content": reply, "refusal": None}}],
+        "usage": usage,
+    }
+
+
+def error_body(message: str, kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+class JudgeServer(http.server.ThreadingHTTPServer):
+    """A threaded HTTP server holding the uploaded files and batches in memory."""
+
+    daemon_threads = True
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, faults: Optional[Faults] = None):
+        super().__init__((host, port), _Handler)
+        self.faults = faults or Faults()
+        self._fault_rng = np.random.default_rng(self.faults.seed)
+        self._lock = threading.Lock()
+        self.files: dict[str, dict] = {}
+        self.batches: dict[str, dict] = {}
+        self.counts = {"requests": 0, "rate_limit": 0, "server_error": 0, "slow": 0, "malformed": 0}
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def draw_fault(self) -> Optional[str]:
+        with self._lock:
+            self.counts["requests"] += 1
+            u = self._fault_rng.random()
+            f = self.faults
+            for name, rate in (("rate_limit", f.rate_limit), ("server_error", f.server_error),
+                               ("slow", f.slow), ("malformed", f.malformed)):
+                if u < rate:
+                    self.counts[name] += 1
+                    return name
+                u -= rate
+            return None
+
+    def malformed_reply(self) -> str:
+        with self._lock:
+            return _MALFORMED_REPLIES[int(self._fault_rng.integers(len(_MALFORMED_REPLIES)))]
+
+    # --- files and batches ----------------------------------------------------------------------
+
+    def add_file(self, data: bytes, filename: str, purpose: str) -> dict:
+        file = {"id": "file-" + uuid.uuid4().hex[:24], "object": "file", "bytes": len(data),
+                "created_at": int(time.time()), "filename": filename, "purpose": purpose,
+                "status": "processed", "status_details": None}
+        with self._lock:
+            self.files[file["id"]] = {**file, "data": data}
+        return file
+
+    def file(self, file_id: str) -> dict:
+        with self._lock:
+            if file_id not in self.files:
+                raise RequestError(404, f"no file with id {file_id!r}")
+            return self.files[file_id]
+
+    def create_batch(self, body) -> dict:
+        if not isinstance(body, dict):
+            raise RequestError(400, "the request body must be a JSON object")
+        endpoint = body.get("endpoint")
+        if endpoint != "/v1/chat/completions":
+            raise RequestError(400, f"only the /v1/chat/completions endpoint is batched, got {endpoint!r}")
+        if body.get("completion_window") != "24h":
+            raise RequestError(400, "completion_window must be '24h'")
+        source = self.file(str(body.get("input_file_id")))
+        now = int(time.time())
+        batch = {"id": "batch_" + uuid.uuid4().hex[:24], "object": "batch", "endpoint": endpoint,
+                 "errors": None, "input_file_id": source["id"], "completion_window": "24h",
+                 "status": "validating", "output_file_id": None, "error_file_id": None,
+                 "created_at": now, "in_progress_at": None, "expires_at": now + 24 * 3600,
+                 "finalizing_at": None, "completed_at": None, "failed_at": None, "expired_at": None,
+                 "cancelling_at": None, "cancelled_at": None,
+                 "request_counts": {"total": 0, "completed": 0, "failed": 0},
+                 "metadata": body.get("metadata")}
+        with self._lock:
+            self.batches[batch["id"]] = batch
+        threading.Thread(target=self._run_batch, args=(batch["id"], source["data"]), daemon=True).start()
+        return dict(batch)
+
+    def batch(self, batch_id: str) -> dict:
+        with self._lock:
+            if batch_id not in self.batches:
+                raise RequestError(404, f"no batch with id {batch_id!r}")
+            return json.loads(json.dumps(self.batches[batch_id]))
+
+    def _update_batch(self, batch_id: str, **fields):
+        with self._lock:
+            self.batches[batch_id].update(fields)
+
+    def _run_batch(self, batch_id: str, data: bytes):
+        """Validates every line first (a bad line fails the whole batch, as OpenAI does), then
+        answers each request: 200 answers go to the output file, errors to the error file."""
+        requests, problems = [], []
+        for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                request = json.loads(line)
+                if not isinstance(request, dict) or not isinstance(request.get("custom_id"), str):
+                    raise ValueError("each line needs a string 'custom_id'")
+                if request.get("method") != "POST" or request.get("url") != "/v1/chat/completions":
+                    raise ValueError("each line needs method 'POST' and url '/v1/chat/completions'")
+                requests.append(request)
+            except ValueError as error:
+                problems.append({"code": "invalid_request", "message": str(error), "param": None, "line": number})
+        if problems or not requests:
+            problems = problems or [{"code": "empty_file", "message": "the input file has no requests",
+                                     "param": None, "line": None}]
+            self._update_batch(batch_id, status="failed", failed_at=int(time.time()),
+                               errors={"object": "list", "data": problems})
+            return
+        self._update_batch(batch_id, status="in_progress", in_progress_at=int(time.time()),
+                           request_counts={"total": len(requests), "completed": 0, "failed": 0})
+        outputs, errors = [], []
+        for request in requests:
+            line = {"id": "batch_req_" + uuid.uuid4().hex[:24], "custom_id": request["custom_id"], "error": None}
+            body = request.get("body")
+            try:
+                reply, usage = answer_chat(body)
+                model = body.get("model", MODEL)
+                line["response"] = {"status_code": 200, "request_id": uuid.uuid4().hex,
+                                    "body": completion_body(reply, usage, model)}
+                outputs.append(line)
+            except RequestError as error:
+                line["response"] = {"status_code": error.status, "request_id": uuid.uuid4().hex,
+                                    "body": error_body(error.message, error.kind)}
+                errors.append(line)
+            self._update_batch(batch_id, request_counts={"total": len(requests), "completed": len(outputs),
+                                                         "failed": len(errors)})
+        self._update_batch(batch_id, status="finalizing", finalizing_at=int(time.time()))
+        files = {}
+        for key, lines in (("output_file_id", outputs), ("error_file_id", errors)):
+            if lines:
+                data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+                files[key] = self.add_file(data, f"{batch_id}_{key[:-8]}.jsonl", "batch_output")["id"]
+        self._update_batch(batch_id, status="completed", completed_at=int(time.time()), **files)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the openai client expects
+    server: JudgeServer
+
+    def log_message(self, format, *args):  # quiet: tests start many requests
+        del format, args
+
+    def do_GET(self):
+        self._route("GET")
+
+    def do_POST(self):
+        self._route("POST")
+
+    def _route(self, method: str):
+        path = self.path.split("?", 1)[0].rstrip("/")
+        try:
+            body = self._read_body()
+            if method == "POST" and path == "/v1/chat/completions":
+                return self._chat(body)
+            if method == "POST" and path == "/v1/files":
+                return self._send_json(200, self._upload(body))
+            if method == "POST" and path == "/v1/batches":
+                return self._send_json(200, self.server.create_batch(_json(body)))
+            if method == "GET" and path == "/v1/models":
+                return self._send_json(200, {"object": "list", "data": [
+                    {"id": MODEL, "object": "model", "created": 0, "owned_by": "mre"}]})
+            match = re.fullmatch(r"/v1/files/(?P<id>[\w-]+)(?P<content>/content)?", path)
+            if method == "GET" and match:
+                file = self.server.file(match["id"])
+                if match["content"]:
+                    return self._send(200, file["data"], "application/octet-stream")
+                return self._send_json(200, {k: v for k, v in file.items() if k != "data"})
+            match = re.fullmatch(r"/v1/batches/(?P<id>[\w-]+)", path)
+            if method == "GET" and match:
+                return self._send_json(200, self.server.batch(match["id"]))
+            raise RequestError(404, f"unknown endpoint {method} {path}")
+        except RequestError as error:
+            self._send_json(error.status, error_body(error.message, error.kind))
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client gave up (e.g. timed out): nobody to answer
+        except Exception as error:  # a server bug must still answer, not hang the client
+            self._send_json(500, error_body(f"internal error: {error!r}", "server_error"))
+
+    def _read_body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _chat(self, raw: bytes):
+        fault = self.server.draw_fault()
+        retry_after = self.server.faults.retry_after_seconds
+        retry_headers = {"retry-after-ms": str(int(round(retry_after * 1000))),
+                         "Retry-After": str(max(1, int(np.ceil(retry_after))))}
+        if fault == "rate_limit":
+            return self._send_json(429, error_body("Rate limit reached (injected fault).", "rate_limit_error"),
+                                   retry_headers)
+        if fault == "server_error":
+            return self._send_json(500, error_body("The server had an error (injected fault).", "server_error"),
+                                   retry_headers)
+        if fault == "slow":
+            time.sleep(self.server.faults.slow_seconds)
+        body = _json(raw)
+        reply, usage = answer_chat(body)
+        if fault == "malformed":
+            reply = self.server.malformed_reply()
+        self._send_json(200, completion_body(reply, usage, body.get("model") or MODEL))
+
+    def _upload(self, raw: bytes) -> dict:
+        content_type = self.headers.get("Content-Type", "")
+        if not content_type.startswith("multipart/form-data"):
+            raise RequestError(400, "file uploads must be multipart/form-data")
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw)
+        fields, upload = {}, None
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            if name == "file":
+                upload = (part.get_filename() or "upload.jsonl", part.get_payload(decode=True) or b"")
+            elif name:
+                fields[name] = (part.get_payload(decode=True) or b"").decode()
+        if upload is None:
+            raise RequestError(400, "the upload has no 'file' part")
+        if not fields.get("purpose"):
+            raise RequestError(400, "the upload has no 'purpose' field")
+        return self.server.add_file(upload[1], upload[0], fields["purpose"])
+
+    def _send_json(self, status: int, payload: dict, headers: Optional[dict] = None):
+        self._send(status, json.dumps(payload).encode(), "application/json", headers)
+
+    def _send(self, status: int, data: bytes, content_type: str, headers: Optional[dict] = None):
+        if self.wfile.closed:
+            return
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+
+def _json(raw: bytes):
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RequestError(400, f"the request body is not valid JSON ({error})") from None
+
+
+@contextlib.contextmanager
+def serve_in_thread(port: int = 0, faults: Optional[Faults] = None,
+                    host: str = "127.0.0.1") -> Iterator[JudgeServer]:
+    """Runs a JudgeServer in a background thread (port 0: a free one) for the `with` block.
+
+        with serve_in_thread() as server:
+            client = openai.OpenAI(base_url=server.base_url, api_key="toy")
+    """
+    server = JudgeServer(host, port, faults)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("host", "127.0.0.1", "address to listen on")
+flags.DEFINE_integer("port", 8000, "port to listen on (0: any free port)")
+flags.DEFINE_float("rate_limit_rate", 0.0, "share of chat requests answered 429")
+flags.DEFINE_float("server_error_rate", 0.0, "share of chat requests answered 500")
+flags.DEFINE_float("slow_rate", 0.0, "share of chat requests answered after --slow_seconds")
+flags.DEFINE_float("malformed_rate", 0.0, "share of chat requests answered in neither reply form")
+flags.DEFINE_float("slow_seconds", 2.0, "delay of a slow reply")
+flags.DEFINE_float("retry_after_seconds", 0.01, "Retry-After sent with 429 and 500")
+flags.DEFINE_integer("fault_seed", 0, "seed of the fault draws")
+
+
+def main(argv):
+    del argv
+    faults = Faults(FLAGS.rate_limit_rate, FLAGS.server_error_rate, FLAGS.slow_rate, FLAGS.malformed_rate,
+                    FLAGS.slow_seconds, FLAGS.retry_after_seconds, FLAGS.fault_seed)
+    server = JudgeServer(FLAGS.host, FLAGS.port, faults)
+    print(f"toy judge (prompts {prompts.PROMPT_VERSION}) serving at {server.base_url}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,141 @@
+"""The trainer's view of a dataset: the TFDS source, batches shaped for accumulation, validation items.
+
+Any dataset of the project with the toy_edit feature names works (`config.data.name`, `.config`);
+the toy world is built on first use when `config.data.build_if_missing` is set.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import jax
+import numpy as np
+
+from mre.data.pipeline import EditPipeline, FeatureKeys, PipelineConfig
+from mre.models.pretrained import tokenize
+
+# InstructPix2Pix's random crop: resize the short side to 256..288, crop 256.
+RANDOM_CROP_UPSCALE = 288 / 256
+
+
+def default_data_dir() -> str:
+  return os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+
+
+class Source:
+  """A prepared TFDS dataset: its train split, its validation split, and (toy) its vocabulary."""
+
+  def __init__(self, name: str, data_dir: str, split: str, val_split: str,
+               vocabulary: Optional[list]):
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    self.name, self.data_dir, self.vocabulary = name, data_dir, vocabulary
+    try:
+      self.train = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # pylint: disable=broad-except
+      raise FileNotFoundError(
+          f"dataset {name} (split {split}) is not prepared in {data_dir}: {e}. Build it first (see "
+          "README, 'Datasets'), or use the toy world: --config=configs/reward.py:toy") from e
+    self._val_split = val_split
+    self._tfds = tfds
+
+  def validation_items(self, n: int, resolution: int):
+    """(originals [n, R, R, 3] in [-1, 1], instructions, references or None): the first n items."""
+    source = self._tfds.data_source(self.name, split=self._val_split, data_dir=self.data_dir,
+                                    download=False)
+    n = min(n, len(source))
+    records = [source[i] for i in range(n)]
+    prep = lambda img: _square(np.asarray(img), resolution)
+    originals = np.stack([prep(r["original"]) for r in records])
+    ref_key = "ideal" if "ideal" in records[0] else "edited"
+    references = np.stack([prep(r[ref_key]) for r in records]) if ref_key in records[0] else None
+    texts = [r["instruction"].decode() if isinstance(r["instruction"], bytes) else
+             str(r["instruction"]) for r in records]
+    return originals, texts, references
+
+
+def _square(image: np.ndarray, resolution: int) -> np.ndarray:
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  img = Image.fromarray(image.astype(np.uint8))
+  if img.size != (resolution, resolution):
+    img = img.resize((resolution, resolution), Image.BICUBIC)
+  return np.asarray(img, np.float32) / 127.5 - 1.0
+
+
+def open_dataset(config) -> Source:
+  d = config.data
+  data_dir = d.data_dir or default_data_dir()
+  vocabulary = None
+  name = d.name
+  if d.name == "toy_edit":
+    from data_prep import toy_edit  # pylint: disable=import-outside-toplevel
+    from data_prep.toy.vocabulary import vocabulary as toy_vocabulary  # pylint: disable=import-outside-toplevel
+    config_name = d.config or toy_edit.DEFAULT_CONFIG
+    if d.build_if_missing:
+      if jax.process_index() == 0:
+        toy_edit.ensure_built(data_dir, config_name)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        multihost_utils.sync_global_devices("toy_edit built")
+    name, vocabulary = toy_edit.dataset_name(config_name), toy_vocabulary()
+  elif d.config:
+    name = f"{d.name}/{d.config}"
+  return Source(name, data_dir, d.split, d.val_split, vocabulary)
+
+
+class TokenizeFn:
+  """Picklable tokenizer callable for grain worker processes."""
+
+  def __init__(self, tokenizer):
+    self.tokenizer = tokenizer
+
+  def __call__(self, texts):
+    return tokenize(self.tokenizer, texts)
+
+
+class TrainIterator:
+  """Per-host batches shaped [accum, batch_size, ...] for the train step, with a resumable state."""
+
+  def __init__(self, source: Source, config, tokenizer, *, batch_size: int, accum: int,
+               reward_form: Optional[str]):
+    d = config.data
+    keys = FeatureKeys() if reward_form else FeatureKeys(reward_scores=None, reward_texts=None)
+    pc = PipelineConfig(batch_size=batch_size * accum, resolution=d.resolution, seed=config.seed,
+                        random_flip=d.random_flip,
+                        max_upscale=RANDOM_CROP_UPSCALE if d.random_crop else 1.0,
+                        join_reward_texts=reward_form == "released", keys=keys,
+                        worker_count=d.workers)
+    self.pipeline = EditPipeline(source.train, TokenizeFn(tokenizer), pc,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+    self.accum, self.batch_size = accum, batch_size
+    self._it = iter(self.pipeline)
+
+  def _shape(self, batch: dict) -> dict:
+    out = {}
+    for k, v in batch.items():
+      if k == "record_key":
+        continue
+      if k == "reward_text_ids":
+        k = "reward_ids"
+        v = v[:, None] if v.ndim == 2 else v  # joined (released form): one text slot
+      out[k] = np.asarray(v).reshape((self.accum, self.batch_size) + v.shape[1:])
+    return out
+
+  def next(self) -> dict:
+    return self._shape(next(self._it))
+
+  def peek(self) -> dict:
+    """The next batch without consuming it (to compile the step ahead of time)."""
+    state = self._it.get_state()
+    batch = self.next()
+    self._it.set_state(state)
+    return batch
+
+  def get_state(self) -> dict:
+    return self._it.get_state()
+
+  def set_state(self, state: dict):
+    self._it.set_state(state)
+
+  def close(self):
+    self._it.close()
