@@ -1,0 +1,138 @@
+"""Reward annotation of editing triplets with GPT-4o or any OpenAI-compatible judge.
+
+    # a TFDS split (features id / instruction / original / edited by default)
+    OPENAI_API_KEY=... python -m data_prep.annotate --tfds_name=instruct_pix2pix/one_seed \\
+        --data_dir=/data/tfds --output=rewards.jsonl --concurrency=16
+    # or a JSONL of {"id", "instruction", "original", "edited"} (image paths relative to it)
+    python -m data_prep.annotate --jsonl=triplets.jsonl --output=rewards.jsonl
+    # Batch API (half price, within 24 h; rerun the same command to collect after an interruption)
+    python -m data_prep.annotate ... --batch
+    # Azure OpenAI (key in AZURE_OPENAI_API_KEY)
+    python -m data_prep.annotate ... --provider=azure --azure_endpoint=https://NAME.openai.azure.com \\
+        --azure_deployment=gpt-4o --api_version=2024-10-21
+    # vLLM / Ollama serving an open VLM
+    python -m data_prep.annotate ... --base_url=http://localhost:8000/v1 --model=Qwen/Qwen2-VL-7B-Instruct
+    # the released RewardEdit20K layout, both ways
+    python -m data_prep.annotate --output=rewards.jsonl --export_json=RewardEdit_20K.json
+    python -m data_prep.annotate --output=released.jsonl --import_json=RewardEdit_20K.json
+
+Reruns resume (finished ids are skipped). The API key is read from the environment only
+(--api_key_env names the variable) and never printed or written. The final summary gives an
+estimated cost from a built-in price table (data_prep.annotation.PRICES_PER_MILLION).
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+from data_prep import annotation, annotation_batch
+from data_prep.judge_client import PROVIDERS, Endpoint, JudgeClient, JudgeError, RetryPolicy
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("output", None, "the annotation JSONL (appended to; resumes)")
+flags.DEFINE_string("tfds_name", None, "TFDS dataset to annotate, e.g. toy_edit/32px")
+flags.DEFINE_string("split", "train", "TFDS split")
+flags.DEFINE_string("data_dir", None, "TFDS data_dir")
+flags.DEFINE_string("id_key", "id", "TFDS feature with the item id ('' for the record index)")
+flags.DEFINE_string("instruction_key", "instruction", "TFDS feature with the edit instruction")
+flags.DEFINE_string("original_key", "original", "TFDS feature with the original image")
+flags.DEFINE_string("edited_key", "edited", "TFDS feature with the edited image")
+flags.DEFINE_string("jsonl", None, "JSONL of {id, instruction, original, edited} to annotate instead of TFDS")
+flags.DEFINE_integer("limit", None, "annotate only the first N items of the input")
+flags.DEFINE_bool("retry_failed", False, "ask again the items recorded as failed")
+
+flags.DEFINE_string("model", annotation.DEFAULT_MODEL, "judge model (recorded in the output and used for the "
+                    "cost estimate)")
+flags.DEFINE_enum("provider", None, list(PROVIDERS), "default: azure with --azure_endpoint, compatible with "
+                  "--base_url, else openai")
+flags.DEFINE_string("base_url", None, "OpenAI-compatible server, e.g. http://localhost:8000/v1 (vLLM, Ollama)")
+flags.DEFINE_string("azure_endpoint", None, "Azure OpenAI resource endpoint")
+flags.DEFINE_string("azure_deployment", None, "Azure OpenAI deployment (sent as the request model)")
+flags.DEFINE_string("api_version", None, "Azure OpenAI api-version")
+flags.DEFINE_string("api_key_env", None, "environment variable holding the API key (default OPENAI_API_KEY, "
+                    "AZURE_OPENAI_API_KEY for Azure)")
+flags.DEFINE_float("timeout", 120.0, "seconds per HTTP attempt")
+
+flags.DEFINE_integer("concurrency", 8, "items annotated at once (each has one request in flight)")
+flags.DEFINE_integer("max_attempts", 8, "HTTP attempts per request on 429 / 5xx / timeouts / connection errors")
+flags.DEFINE_float("initial_delay", 1.0, "first backoff in seconds (doubles per retry, with jitter)")
+flags.DEFINE_float("max_delay", 60.0, "longest single backoff in seconds")
+flags.DEFINE_float("max_total_wait", 900.0, "most seconds one request may wait between attempts")
+flags.DEFINE_integer("reasks", 2, "new requests after a malformed reply before the item is recorded as failed")
+
+flags.DEFINE_bool("batch", False, "use the Batch API")
+flags.DEFINE_enum("batch_fallback", "online", list(annotation_batch.FALLBACKS),
+                  "items with invalid batch replies: ask online, or record as failed")
+flags.DEFINE_bool("batch_wait", True, "wait for the batches (else submit and exit; rerun to collect)")
+flags.DEFINE_float("poll_seconds", 30.0, "seconds between batch status checks")
+flags.DEFINE_integer("batch_max_requests", annotation_batch.MAX_REQUESTS, "requests per batch file")
+flags.DEFINE_integer("batch_max_bytes", annotation_batch.MAX_BYTES, "bytes per batch file")
+
+flags.DEFINE_string("export_json", None, "write the output's done records as a released-layout JSON and exit")
+flags.DEFINE_string("import_json", None, "append a released-layout JSON to the output (model 'released') and exit")
+flags.DEFINE_bool("progress", True, "show progress bars")
+
+
+def endpoint_from_flags() -> Endpoint:
+    provider = FLAGS.provider or ("azure" if FLAGS.azure_endpoint else "compatible" if FLAGS.base_url else "openai")
+    return Endpoint(provider=provider, base_url=FLAGS.base_url, azure_endpoint=FLAGS.azure_endpoint,
+                    azure_deployment=FLAGS.azure_deployment, api_version=FLAGS.api_version,
+                    api_key_env=FLAGS.api_key_env, timeout=FLAGS.timeout)
+
+
+def items_from_flags():
+    if bool(FLAGS.tfds_name) == bool(FLAGS.jsonl):
+        raise app.UsageError("give exactly one of --tfds_name and --jsonl")
+    if FLAGS.jsonl:
+        return annotation.JsonlItems(FLAGS.jsonl)
+    features = annotation.FeatureNames(FLAGS.id_key or None, FLAGS.instruction_key, FLAGS.original_key,
+                                       FLAGS.edited_key)
+    return annotation.TfdsItems(FLAGS.tfds_name, FLAGS.split, FLAGS.data_dir, features)
+
+
+def main(argv):
+    del argv
+    if not FLAGS.output:
+        raise app.UsageError("--output is required")
+    if FLAGS.export_json:
+        counts = annotation.export_released(FLAGS.output, FLAGS.export_json)
+        print(f"wrote {counts['exported']} rewards to {FLAGS.export_json} "
+              f"({counts['skipped']} failed records left out)")
+        return
+    if FLAGS.import_json:
+        counts = annotation.import_released(FLAGS.import_json, FLAGS.output)
+        print(f"imported {counts['imported']} rewards into {FLAGS.output} ({counts['already_there']} already there, "
+              f"{counts['bad']} bad entries skipped: see the log)")
+        return
+
+    try:
+        items = items_from_flags()
+    except (ValueError, FileNotFoundError) as error:  # TFDS lists every dataset it knows: keep line one
+        sys.exit(f"error: cannot read the input: {str(error).splitlines()[0]}")
+    policy = RetryPolicy(FLAGS.max_attempts, FLAGS.initial_delay, FLAGS.max_delay, FLAGS.max_total_wait, FLAGS.reasks)
+    try:
+        endpoint = endpoint_from_flags()
+        judge = JudgeClient.from_endpoint(endpoint, policy)
+    except (ValueError, JudgeError) as error:
+        sys.exit(f"error: {error}")
+    logging.info("annotating with %s via %s", FLAGS.model, endpoint.describe())
+    common = dict(request_model=endpoint.request_model(FLAGS.model), concurrency=FLAGS.concurrency,
+                  retry_failed=FLAGS.retry_failed, limit=FLAGS.limit, progress=FLAGS.progress)
+    try:
+        if FLAGS.batch:
+            summary = annotation_batch.annotate_batch(
+                items, FLAGS.output, judge, FLAGS.model, batch_url=endpoint.batch_url, fallback=FLAGS.batch_fallback,
+                wait=FLAGS.batch_wait, poll_seconds=FLAGS.poll_seconds, max_requests=FLAGS.batch_max_requests,
+                max_bytes=FLAGS.batch_max_bytes, **common)
+        else:
+            summary = annotation.annotate(items, FLAGS.output, judge, FLAGS.model, **common)
+    except JudgeError as error:
+        sys.exit(f"error: {judge.redact(str(error))}\nfinished items are saved in {FLAGS.output}; rerun to resume")
+    except (RuntimeError, ValueError) as error:  # output locked, or written by another model / prompt
+        sys.exit(f"error: {judge.redact(str(error))}")
+    print(summary.format())
+
+
+if __name__ == "__main__":
+    app.run(main)
