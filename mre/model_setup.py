@@ -115,10 +115,18 @@ def _missing(config, path):
       ".py:toy")
 
 
+def check_pretrained(config):
+  """Fails at once, naming the path, when the recipe's starting weights are not on disk."""
+  if config.model.family not in FAMILIES:
+    raise ValueError(f"config.model.family={config.model.family!r} is not available; built: "
+                     f"{FAMILIES} (the SmartEdit-style family is planned, not built)")
+  if config.model.pretrained and not os.path.isdir(config.model.pretrained):
+    raise _missing(config, config.model.pretrained)
+
+
 def build_pretrained(config) -> pretrained.Pipeline:
   path = config.model.pretrained
-  if not os.path.isdir(path):
-    raise _missing(config, path)
+  check_pretrained(config)
   dtype, pdtype = dtype_of(config.model.dtype), dtype_of(config.model.param_dtype)
   remat = tuple(config.model.remat)
   if config.stage == "ip2p":
@@ -155,9 +163,7 @@ def _sd15_pipeline(path, dtype, pdtype, remat):
 
 
 def build_models(config, vocab_words=None, tokenizer_dir=None) -> pretrained.Pipeline:
-  if config.model.family not in FAMILIES:
-    raise ValueError(f"config.model.family={config.model.family!r} is not available; built: "
-                     f"{FAMILIES} (the SmartEdit-style family is planned, not built)")
+  check_pretrained(config)
   if config.model.pretrained:
     return build_pretrained(config)
   if vocab_words is None:

@@ -31,6 +31,8 @@ def maybe_initialize_distributed(mode: str = "auto"):
   slurm = int(env.get("SLURM_NTASKS", "1")) > 1
   tpu_pod = len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
   if mode == "on" or explicit or slurm or tpu_pod:
+    if env.get("JAX_PLATFORMS", "").startswith("cpu"):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU multi-process
     kwargs = {}
     if explicit:
       kwargs = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],

@@ -6,6 +6,7 @@ train step, Orbax checkpoints with automatic resume, metrics, validation grids, 
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import time
 
@@ -242,7 +243,15 @@ def _validate(grid, state, step, workdir, writer):
   logging.info("validation grid (%s) -> %s", grid.header(), path)
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Keeps the console readable: library INFO chatter (Orbax logs every save step) is dropped."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or "site-packages" not in record.pathname
+
+
 def main(argv):
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if _CONFIG.value is None:

@@ -42,7 +42,10 @@ class SplitModel:
     return cls(*nnx.split(module, nnx.Param, ...))
 
   def merge(self, params=None):
-    return nnx.merge(self.graphdef, self.params if params is None else params, self.rest)
+    # Fresh Variables for the other state: a merge inside a trace may then reseed dropout RNGs
+    # (NNX refuses to mutate Variables created outside the current trace).
+    rest = jax.tree.map(lambda x: x, self.rest)
+    return nnx.merge(self.graphdef, self.params if params is None else params, rest)
 
 
 def lr_schedule(cfg) -> optax.Schedule:
