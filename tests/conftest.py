@@ -25,3 +25,12 @@ def tiny_pipeline_dir(tmp_path_factory):
   """A tiny random InstructPix2Pix pipeline folder written by diffusers' own save_pretrained."""
   from tests.reference import make_tiny_pipeline_dir
   return make_tiny_pipeline_dir(tmp_path_factory.mktemp("pipe"))
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory):
+  """The `tiny` toy_edit dataset (16 px, 48 train / 20 test items), built once per session."""
+  from data_prep import toy_edit
+  data_dir = str(tmp_path_factory.mktemp("toy_data"))
+  toy_edit.ensure_built(data_dir, "tiny")
+  return data_dir

@@ -67,14 +67,6 @@ def leaves(tree):
 
 
 @pytest.fixture(scope="module")
-def toy_data(tmp_path_factory):
-  from data_prep import toy_edit
-  data_dir = str(tmp_path_factory.mktemp("toy_data"))
-  toy_edit.ensure_built(data_dir, "tiny")
-  return data_dir
-
-
-@pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, toy_data):
   """The uninterrupted single-device run every other test compares against."""
   workdir = str(tmp_path_factory.mktemp("reference"))

@@ -1,0 +1,140 @@
+"""Evaluate an editor on a benchmark with a judge: `python -m mre.eval --model DIR --benchmark ...`.
+
+  # Real-Edit with GPT-4o (OPENAI_API_KEY in the environment), the paper's settings
+  python -m mre.eval --model=runs/reward/export --benchmark=real_edit --data_dir=/data/tfds \\
+      --output=eval/real_edit
+  # the toy test split with the toy judge (started in-process), and a reward sweep
+  python -m mre.eval --model=runs/reward_toy/export --benchmark=toy_edit/24px --toy_judge \\
+      --rewards="5,5,5;3,3,3;1,1,1;1,5,5;5,1,5;5,5,1" --output=eval/toy
+
+Outputs per setting: images/ (cached edits), results.jsonl (per item; resumable), summary.md,
+summary.csv, summary.json and gallery.html; a sweep adds sweep.md comparing the settings.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+from absl import app, flags
+
+from data_prep.judge_client import Endpoint, JudgeClient, RetryPolicy
+from mre import evaluation
+from mre.editor import EditSettings, Editor
+from mre.models.native import load_any
+
+_MODEL = flags.DEFINE_string("model", None, "mre checkpoint or diffusers pipeline folder.")
+_BENCHMARK = flags.DEFINE_string("benchmark", "real_edit", "TFDS benchmark: real_edit, "
+                                 "toy_edit/24px, ...")
+_DATA_DIR = flags.DEFINE_string("data_dir", os.path.expanduser("~/tensorflow_datasets"),
+                                "TFDS data_dir.")
+_SPLIT = flags.DEFINE_string("split", "test", "Benchmark split.")
+_LIMIT = flags.DEFINE_integer("limit", None, "Evaluate only the first N items.")
+_OUTPUT = flags.DEFINE_string("output", "eval", "Output folder.")
+_STEPS = flags.DEFINE_integer("steps", 30, "Sampling steps.")
+_SAMPLER = flags.DEFINE_string("sampler", "euler_ancestral", "Sampler.")
+_GUIDANCE = flags.DEFINE_float("guidance", 7.5, "Text guidance s_T.")
+_IMAGE_GUIDANCE = flags.DEFINE_float("image-guidance", 1.5, "Image guidance s_I.")
+_SEED = flags.DEFINE_integer("seed", 42, "Seed.")
+_RESOLUTION = flags.DEFINE_integer("resolution", 0, "Long side; 0: 512 for real_edit, the "
+                                   "images' own size otherwise.")
+_REWARDS = flags.DEFINE_string("rewards", "5,5,5", "Reward score settings separated by ';' "
+                               "(several make a sweep). Ignored for models without rewards.")
+_BATCH = flags.DEFINE_integer("batch-size", 16, "Images per compiled edit call.")
+_JUDGE_MODEL = flags.DEFINE_string("judge_model", "gpt-4o", "Judge model.")
+_PROVIDER = flags.DEFINE_enum("provider", None, ["openai", "azure", "compatible"],
+                              "Judge provider (default: compatible with --base_url, else openai).")
+_BASE_URL = flags.DEFINE_string("base_url", None, "OpenAI-compatible judge URL.")
+_AZURE_ENDPOINT = flags.DEFINE_string("azure_endpoint", None, "Azure OpenAI endpoint.")
+_AZURE_DEPLOYMENT = flags.DEFINE_string("azure_deployment", None, "Azure deployment.")
+_API_VERSION = flags.DEFINE_string("api_version", None, "Azure api-version.")
+_API_KEY_ENV = flags.DEFINE_string("api_key_env", None, "Variable holding the API key.")
+_TOY_JUDGE = flags.DEFINE_bool("toy_judge", False, "Serve the toy judge on 127.0.0.1 and use it.")
+_CONCURRENCY = flags.DEFINE_integer("concurrency", 8, "Items judged at once.")
+
+
+def parse_rewards(text: str):
+  settings = []
+  for part in filter(None, (p.strip() for p in text.split(";"))):
+    try:
+      scores = tuple(float(v) for v in part.split(","))
+    except ValueError as e:
+      raise app.UsageError(f"--rewards: {part!r} is not three numbers") from e
+    if len(scores) != 3 or not all(0 <= s <= 5 for s in scores):
+      raise app.UsageError(f"--rewards: {part!r} is not three scores in [0, 5]")
+    settings.append(scores)
+  if not settings:
+    raise app.UsageError("--rewards is empty")
+  return settings
+
+
+def reward_dir_name(scores) -> str:
+  return "reward_" + "-".join(f"{s:g}" for s in scores)
+
+
+def sweep_markdown(results: dict) -> str:
+  """One row per reward setting, overall numbers."""
+  head = ["reward"] + [f"{p} {k}" for p in evaluation.PERSPECTIVES for k in ("yes-rate", "score")]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name, summary in results.items():
+    s = summary["all"]
+    cells = [name] + [c for p in evaluation.PERSPECTIVES
+                      for c in (f"{s[p]['yes_rate']:.1%}", f"{s[p]['score']:.2f}")]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def judge_endpoint():
+  if _TOY_JUDGE.value:
+    from data_prep.toy.judge_server import serve_in_thread  # pylint: disable=import-outside-toplevel
+    with serve_in_thread() as server:
+      yield Endpoint(provider="compatible", base_url=server.base_url)
+    return
+  provider = _PROVIDER.value or ("azure" if _AZURE_ENDPOINT.value else
+                                 "compatible" if _BASE_URL.value else "openai")
+  yield Endpoint(provider=provider, base_url=_BASE_URL.value, azure_endpoint=_AZURE_ENDPOINT.value,
+                 azure_deployment=_AZURE_DEPLOYMENT.value, api_version=_API_VERSION.value,
+                 api_key_env=_API_KEY_ENV.value)
+
+
+def main(argv):
+  del argv
+  if not _MODEL.value:
+    raise app.UsageError("--model is required")
+  rewards = parse_rewards(_REWARDS.value)
+  items = evaluation.load_benchmark(_BENCHMARK.value, _DATA_DIR.value, _SPLIT.value, _LIMIT.value)
+  if not items:
+    raise app.UsageError(f"{_BENCHMARK.value} {_SPLIT.value} has no items")
+  resolution = _RESOLUTION.value or (512 if _BENCHMARK.value.startswith("real_edit") else
+                                     max(items[0].original.shape[:2]))
+  pipe = load_any(_MODEL.value)
+  editor = Editor(pipe, EditSettings(steps=_STEPS.value, sampler=_SAMPLER.value,
+                                     text_scale=_GUIDANCE.value,
+                                     image_scale=_IMAGE_GUIDANCE.value, seed=_SEED.value,
+                                     resolution=resolution))
+  if not editor.is_reward:
+    rewards = [None]
+  start = time.time()
+  results = {}
+  with judge_endpoint() as endpoint:
+    judge = JudgeClient.from_endpoint(endpoint, RetryPolicy())
+    for scores in rewards:
+      name = "no reward" if scores is None else ",".join(f"{s:g}" for s in scores)
+      out = _OUTPUT.value if len(rewards) == 1 else os.path.join(_OUTPUT.value,
+                                                                   reward_dir_name(scores))
+      results[name] = evaluation.evaluate(
+          editor, items, judge, endpoint.request_model(_JUDGE_MODEL.value), out,
+          reward_scores=scores, concurrency=_CONCURRENCY.value, batch_size=_BATCH.value,
+          title=f"{_BENCHMARK.value} ({name})")
+      print(evaluation.summary_markdown(results[name], f"{_BENCHMARK.value}, reward {name}"))
+  if len(rewards) > 1:
+    with open(os.path.join(_OUTPUT.value, "sweep.md"), "w") as f:
+      f.write(sweep_markdown(results))
+    print(sweep_markdown(results))
+  print(f"evaluated {len(items)} items x {len(rewards)} setting(s) in {time.time() - start:.0f} s; "
+        f"reports in {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
