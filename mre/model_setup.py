@@ -50,11 +50,14 @@ def scheduler_config(config) -> dict:
 def scratch_unet_config(config, channels: int, context_dim: int) -> dict:
   s = config.model.scratch
   n = len(s.unet_channels)
+  # Like SD, the lowest level has no transformer; `attention_from_level` also drops it from the
+  # first levels, where attention over all pixels costs most.
+  attn = [s.attention_from_level <= i < n - 1 for i in range(n)]
   return {"_class_name": "UNet2DConditionModel", "sample_size": config.data.resolution,
           "in_channels": 2 * channels, "out_channels": channels,
           "block_out_channels": list(s.unet_channels), "layers_per_block": s.layers_per_block,
-          "down_block_types": ["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"],
-          "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1),
+          "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+          "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attn[::-1]],
           "cross_attention_dim": context_dim, "attention_head_dim": s.heads,
           "norm_num_groups": s.norm_groups}
 
@@ -97,7 +100,8 @@ def build_scratch(config, vocab_words, tokenizer_dir: str, *, abstract=True) -> 
   """The toy editor: tokenizer over the dataset vocabulary, pixel space, tiny U-Net and CLIP.
 
   With `abstract` the modules hold shapes only (the trainer materialises them sharded)."""
-  tokenizer = pretrained.load_tokenizer(write_word_tokenizer(tokenizer_dir, vocab_words))
+  tokenizer = pretrained.load_tokenizer(write_word_tokenizer(
+      tokenizer_dir, vocab_words, max_length=config.model.scratch.max_tokens))
   makers = scratch_makers(config, tokenizer)
   make = nnx.eval_shape if abstract else (lambda f: f())
   return pretrained.Pipeline(unet=make(makers["unet"]), vae=PixelSpace({"channels": 3}),

@@ -70,12 +70,13 @@ def load_text_encoder(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32
 
 
 def load_tokenizer(folder: str):
-  """transformers' CLIPTokenizer from a local folder, padded/truncated to 77 tokens."""
+  """transformers' CLIPTokenizer from a local folder, padded/truncated to its `model_max_length`
+  (77 for CLIP; never more, since CLIP has 77 positions; the toy tokenizer asks for fewer)."""
   from transformers import CLIPTokenizer  # pylint: disable=import-outside-toplevel
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
   tok = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
-  tok.model_max_length = TOKENIZER_MAX_LENGTH
+  tok.model_max_length = min(tok.model_max_length or TOKENIZER_MAX_LENGTH, TOKENIZER_MAX_LENGTH)
   return tok
 
 
