@@ -53,6 +53,8 @@ def base_config():
   c.data.random_crop = False
   c.data.workers = 0                # grain worker processes (0 = in the main process)
   c.data.build_if_missing = False   # build the toy dataset on first use
+  c.data.precompute_latents = False # encode the training set with the frozen VAE once (no
+                                    # random crop/flip then); cached in workdir/latent_cache
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 10_000

@@ -19,7 +19,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from mre import checkpointing, model_setup, sharding
-from mre.data import train_input
+from mre.data import latent_cache, train_input
 from mre.diffusion.schedule import schedule_from_config
 from mre.editor import EditSettings
 from mre.models import native, pretrained
@@ -124,8 +124,13 @@ def train(config) -> dict:
   state = jax.jit(init_state, out_shardings=state_shardings)(trainable)
 
   per_host = t.batch_per_device * jax.local_device_count()
+  latents = None
+  if config.data.precompute_latents:
+    latents = latent_cache.ensure(vae.merge(), source.train, os.path.join(workdir, "latent_cache"),
+                                  config.data.resolution)
   data = train_input.TrainIterator(source, config, pipe.tokenizer, batch_size=per_host,
-                                   accum=t.grad_accum, reward_form=ctx.reward_form)
+                                   accum=t.grad_accum, reward_form=ctx.reward_form,
+                                   latents=latents)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     keep=t.keep_checkpoints, async_save=t.async_checkpoints)
   start_step = 0
@@ -250,8 +255,13 @@ class _QuietLibraries(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or "site-packages" not in record.pathname
 
 
-def main(argv):
+def quiet_library_logs():
+  """Installs `_QuietLibraries` on absl's handler (call from an entry point's main)."""
   logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+def main(argv):
+  quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if _CONFIG.value is None:

@@ -19,6 +19,7 @@ from flax import nnx
 
 from mre.diffusion.schedule import NoiseSchedule, add_noise, min_snr_weight, training_target
 from mre.models.reward import NULL_SCORE, RewardInputs, drop_rewards
+from mre.models.vae import DiagonalGaussian
 
 
 @flax.struct.dataclass
@@ -100,10 +101,15 @@ def micro_loss(ctx: StepContext, params, batch, key):
   unet, text_encoder, vae = ctx.modules(params)
   k_post, k_noise, k_t, k_cond, k_reward, k_dropout = jax.random.split(key, 6)
   nnx.reseed(unet, default=k_dropout, dropout=k_dropout)
-  b = batch["original"].shape[0]
+  b = batch["instruction_ids"].shape[0]
 
-  target_latents = vae.scale_latents(vae.encode(batch["edited"]).sample(k_post))
-  image_latents = vae.encode(batch["original"]).mode()
+  if "original_latent" in batch:  # precomputed by the frozen VAE (mre/data/latent_cache.py)
+    posterior = DiagonalGaussian(batch["edited_mean"], batch["edited_logvar"])
+    target_latents = vae.scale_latents(posterior.sample(k_post))
+    image_latents = batch["original_latent"]
+  else:
+    target_latents = vae.scale_latents(vae.encode(batch["edited"]).sample(k_post))
+    image_latents = vae.encode(batch["original"]).mode()
   noise = jax.random.normal(k_noise, target_latents.shape, jnp.float32)
   t = jax.random.randint(k_t, (b,), 0, ctx.schedule.num_train_timesteps)
   noisy = add_noise(ctx.schedule, target_latents, noise, t)

@@ -62,6 +62,9 @@ class PipelineConfig:
     max_upscale: float = 1.0
     join_reward_texts: bool = False  # True: one "; "-joined text (the released model), ids [77]
     keys: FeatureKeys = TOY_EDIT_KEYS
+    # Records carry precomputed arrays (e.g. VAE latents) under these keys instead of the two
+    # images: they are passed through as float32, and the images are not read.
+    precomputed: tuple = ()
     worker_count: int = 0  # grain worker processes; 0 reads in this process
     worker_buffer_size: int = 2  # batches each worker prepares ahead
     read_threads: int = 2  # threads per process reading and transforming records
@@ -85,15 +88,15 @@ class _PrepareExample:
         config, keys = self.config, self.config.keys
         key = int(key)
         record = self.source[key]
-        rng = np.random.default_rng([config.seed, index // self.epoch_length, key])
-        original, edited = _pair(record, keys)
-        original, edited = _crop_and_flip(rng, original, edited, config)
-        example = {
-            "original": _to_unit_range(original),
-            "edited": _to_unit_range(edited),
-            "instruction_ids": self._tokens([_text(record[keys.instruction])])[0],
-            "record_key": np.int64(key),
-        }
+        if config.precomputed:
+            example = {k: np.asarray(record[k], np.float32) for k in config.precomputed}
+        else:
+            rng = np.random.default_rng([config.seed, index // self.epoch_length, key])
+            original, edited = _pair(record, keys)
+            original, edited = _crop_and_flip(rng, original, edited, config)
+            example = {"original": _to_unit_range(original), "edited": _to_unit_range(edited)}
+        example["instruction_ids"] = self._tokens([_text(record[keys.instruction])])[0]
+        example["record_key"] = np.int64(key)
         if keys.reward_scores is not None:
             scores = np.asarray(record[keys.reward_scores], np.float32)
             if scores.shape != (3,):

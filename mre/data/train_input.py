@@ -11,6 +11,7 @@ from typing import Optional
 import jax
 import numpy as np
 
+from mre.data import latent_cache
 from mre.data.pipeline import EditPipeline, FeatureKeys, PipelineConfig
 from mre.models.pretrained import tokenize
 
@@ -96,15 +97,18 @@ class TrainIterator:
   """Per-host batches shaped [accum, batch_size, ...] for the train step, with a resumable state."""
 
   def __init__(self, source: Source, config, tokenizer, *, batch_size: int, accum: int,
-               reward_form: Optional[str]):
+               reward_form: Optional[str], latents=None):
+    """`latents`: a `latent_cache.LatentSource` to read precomputed VAE latents from."""
     d = config.data
     keys = FeatureKeys() if reward_form else FeatureKeys(reward_scores=None, reward_texts=None)
     pc = PipelineConfig(batch_size=batch_size * accum, resolution=d.resolution, seed=config.seed,
                         random_flip=d.random_flip,
                         max_upscale=RANDOM_CROP_UPSCALE if d.random_crop else 1.0,
                         join_reward_texts=reward_form == "released", keys=keys,
+                        precomputed=latent_cache.ARRAYS if latents is not None else (),
                         worker_count=d.workers)
-    self.pipeline = EditPipeline(source.train, TokenizeFn(tokenizer), pc,
+    records = latents if latents is not None else source.train
+    self.pipeline = EditPipeline(records, TokenizeFn(tokenizer), pc,
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count())
     self.accum, self.batch_size = accum, batch_size
