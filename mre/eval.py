@@ -126,7 +126,7 @@ def main(argv):
       results[name] = evaluation.evaluate(
           editor, items, judge, endpoint.request_model(_JUDGE_MODEL.value), out,
           reward_scores=scores, concurrency=_CONCURRENCY.value, batch_size=_BATCH.value,
-          title=f"{_BENCHMARK.value} ({name})")
+          title=f"{_BENCHMARK.value} ({name})", model_id=os.path.abspath(_MODEL.value))
       print(evaluation.summary_markdown(results[name], f"{_BENCHMARK.value}, reward {name}"))
   if len(rewards) > 1:
     with open(os.path.join(_OUTPUT.value, "sweep.md"), "w") as f:

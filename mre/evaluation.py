@@ -211,11 +211,31 @@ def write_gallery(records: dict, items: Sequence[BenchItem], paths: dict, out_di
     f.write(page)
 
 
+def check_provenance(out_dir: str, provenance: dict):
+  """Cached edits and judgements are only reused for the same model, settings and judge."""
+  path = os.path.join(out_dir, "provenance.json")
+  provenance = json.loads(json.dumps(provenance, default=str))
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    if old != provenance:
+      raise ValueError(f"{out_dir} holds edits and judgements made with {old}, not {provenance}; "
+                       "choose another output folder (or delete this one)")
+  else:
+    with open(path, "w") as f:
+      json.dump(provenance, f, indent=1)
+
+
 def evaluate(editor, items: Sequence[BenchItem], judge: JudgeClient, judge_model: str,
              out_dir: str, *, reward_scores=None, concurrency: int = 8, batch_size: int = 16,
-             title: str = "") -> dict:
-  """Edits (cached), judges (resumable), and writes summary.{md,csv,json} + gallery.html."""
+             title: str = "", model_id: str = "") -> dict:
+  """Edits (cached), judges (resumable), and writes summary.{md,csv,json} + gallery.html.
+
+  `model_id` names the model (e.g. its folder) in `provenance.json`, which guards the caches.
+  """
   os.makedirs(out_dir, exist_ok=True)
+  check_provenance(out_dir, {"model": model_id, "settings": dataclasses.asdict(editor.settings),
+                             "reward": reward_scores, "judge_model": judge_model})
   reward = None
   if reward_scores is not None and editor.is_reward:
     reward = lambda n: editor.reward_inputs(n, scores=tuple(reward_scores))

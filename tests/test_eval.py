@@ -25,6 +25,7 @@ def toy_model(tmp_path_factory):
   c = reward.get_config("toy")
   c.model.scratch.unet_channels, c.model.scratch.text_hidden = (16, 32), 32
   c.model.scratch.heads, c.model.scratch.text_heads, c.model.reward.heads = 2, 2, 2
+  c.model.scratch.attention_from_level = 0
   c.model.reward.score_dim, c.data.resolution = 16, 16
   root = tmp_path_factory.mktemp("toy_model")
   pipe = model_setup.build_scratch(c, vocabulary(), str(root / "tok"), abstract=False)
@@ -89,3 +90,16 @@ def test_eval_cli_runs_a_reward_sweep_with_the_toy_judge(tmp_path, toy_data, toy
   table = open(os.path.join(out, "sweep.md")).read()
   assert "| 5,5,5 |" in table and "| 1,1,1 |" in table
   assert "evaluated 4 items x 2 setting(s)" in r.stdout
+
+
+def test_cached_edits_are_not_reused_for_other_settings(tmp_path, toy_data, toy_model):
+  pipe, _ = toy_model
+  items = evaluation.load_benchmark(BENCH, toy_data, limit=2)
+  out = str(tmp_path / "eval")
+  with serve_in_thread() as server:
+    judge = JudgeClient.from_endpoint(Endpoint(provider="compatible", base_url=server.base_url),
+                                      RetryPolicy())
+    editor = Editor(pipe, EditSettings(steps=2, sampler="ddim", resolution=16))
+    evaluation.evaluate(editor, items, judge, "toy", out, model_id="m1")
+    with pytest.raises(ValueError, match="choose another output folder"):
+      evaluation.evaluate(editor, items, judge, "toy", out, model_id="m2")

@@ -92,7 +92,8 @@ def replicate(workdir, steps, data_dir, eval_items, seed) -> dict:
       out = os.path.join(workdir, "eval", name if scores is None else
                          f"{name}_{'-'.join(map(str, scores))}")
       evals[label] = evaluation.evaluate(editor, items, judge, "toy-judge", out,
-                                         reward_scores=scores, batch_size=64, title=label)
+                                         reward_scores=scores, batch_size=64, title=label,
+                                         model_id=f"{runs[name].workdir} ({steps} steps)")
       paths[label] = {it.id: os.path.join(out, "images", evaluation.safe_name(it.id) + ".png")
                       for it in items}
   timings["evaluate"] = time.time() - t0
@@ -113,6 +114,7 @@ def replicate(workdir, steps, data_dir, eval_items, seed) -> dict:
 
 def main(argv):
   del argv
+  train.quiet_library_logs()
   report = replicate(_WORKDIR.value, _STEPS.value, _DATA_DIR.value, _ITEMS.value, _SEED.value)
   print(report["table"])
   print(f"grid: columns original | (a) baseline | (b) reward 5,5,5 | (b) reward 1,1,1 -> "
