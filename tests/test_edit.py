@@ -113,3 +113,19 @@ def test_reward_model_edits_follow_the_reward(tmp_path, tiny_pipeline_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     outs.append(np.asarray(Image.open(tmp_path / (scores + ".png")), np.float32))
   assert np.abs(outs[0] - outs[1]).max() > 2
+
+
+def test_reward_guidance_adds_a_branch_with_the_null_reward(tiny_pipeline_dir):
+  pipe = pretrained.load_pipeline(tiny_pipeline_dir)
+  pipe.unet = reward_unet_from_stage1(pipe.unet, RewardConfig(form="released", dropout_prob=0.1),
+                                      seed=0)
+  img = [_image(4)]
+  plain = Editor(pipe, EditSettings(steps=3, resolution=16, seed=2))
+  guided = Editor(pipe, EditSettings(steps=3, resolution=16, seed=2, reward_scale=2.0))
+  null = guided.null_reward(1)
+  assert float(null.scores[0, 0]) == -1.0
+  a = np.asarray(plain.edit(img, ["make it darker"])[0], np.float32)
+  b = np.asarray(guided.edit(img, ["make it darker"])[0], np.float32)
+  assert np.abs(a - b).max() > 2  # the fourth branch changes the result
+  with pytest.raises(ValueError, match="reward-conditioned model"):
+    Editor(pretrained.load_pipeline(tiny_pipeline_dir), EditSettings(reward_scale=2.0))

@@ -24,7 +24,8 @@ TINY = {
     "data.config": "tiny", "data.resolution": 16, "train.batch_per_device": 8,
     "train.grad_accum": 2, "train.log_every": 1, "train.validate_every": 0,
     "train.checkpoint_every": 2, "train.warmup_steps": 2, "model.scratch.unet_channels": (16, 32),
-    "model.scratch.heads": 2, "model.scratch.text_hidden": 32, "model.scratch.text_layers": 1,
+    "model.scratch.heads": 2, "model.scratch.attention_from_level": 0,
+    "model.scratch.text_hidden": 32, "model.scratch.text_layers": 1,
     "model.scratch.text_heads": 2, "model.reward.score_dim": 16, "model.reward.heads": 2,
     "model.reward.form": "released", "model.reward.attn_dropout": 0.1,
 }
@@ -114,7 +115,9 @@ def test_sharded_run_matches_single_device(tmp_path, toy_data, reference_run):
     # what they get is rounding noise (different on every mesh), which Adam scales up to +-lr.
     if ("k_proj" in name or "'key'" in name) and "'bias'" in name:
       continue
-    np.testing.assert_allclose(np.asarray(a), b, atol=1e-5, rtol=0, err_msg=name)
+    # A tenth of one Adam step (lr 1e-3): Adam divides by sqrt(v), so parameters with tiny,
+    # rare gradients (unused token rows) turn reduction-order noise into visible differences.
+    np.testing.assert_allclose(np.asarray(a), b, atol=1e-4, rtol=0, err_msg=name)
     checked += 1
   assert checked > 100
 
@@ -184,3 +187,70 @@ def test_two_processes_train_together(tmp_path, toy_data):
   with open(os.path.join(workdir, "train_summary.json")) as f:
     assert json.load(f)["step"] == 3
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, toy_data):
+  """An absurd learning rate blows the parameters up; the guard keeps the last good state."""
+  c = tiny_config(str(tmp_path / "nan"), toy_data, **{"train.lr": 1e38, "train.steps": 4,
+                                                      "train.checkpoint_every": 1})
+  with pytest.raises(train.NonFiniteError, match="is not finite; the update was skipped"):
+    train.train(c)
+
+
+def _from_pipeline_config(workdir, data_dir, pipeline_dir, precompute):
+  c = reward.get_config()  # the paper's recipe, shrunk: a stage-1 folder on disk, toy data
+  for key, value in {"workdir": workdir, "model.pretrained": pipeline_dir, "data.name": "toy_edit",
+                     "data.config": "tiny", "data.data_dir": data_dir, "data.resolution": 16,
+                     "data.random_flip": False, "data.precompute_latents": precompute,
+                     "model.dtype": "float32", "model.remat": (), "train.batch_per_device": 4,
+                     "train.grad_accum": 1, "train.steps": 3, "train.validate_every": 0,
+                     "train.export": False, "train.log_every": 1, "train.lr": 1e-3}.items():
+    node = c
+    *path, leaf = key.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def test_stage2_from_a_pipeline_folder_with_and_without_cached_latents(tmp_path, toy_data,
+                                                                        tiny_pipeline_dir):
+  plain = train.train(_from_pipeline_config(str(tmp_path / "plain"), toy_data, tiny_pipeline_dir,
+                                            False))
+  cached_dir = str(tmp_path / "cached")
+  cached = train.train(_from_pipeline_config(cached_dir, toy_data, tiny_pipeline_dir, True))
+  with open(os.path.join(cached_dir, "latent_cache", "meta.json")) as f:
+    meta = json.load(f)
+  assert meta["done"] == meta["records"] == 48 and meta["latent_shape"] == [8, 8, 4]
+  a = [h["loss"] for h in plain["history"]]
+  b = [h["loss"] for h in cached["history"]]
+  assert len(a) == len(b) == 3
+  np.testing.assert_allclose(a, b, rtol=1e-4)  # same latents, same posterior samples
+
+
+def test_latent_cache_resumes_a_partial_build(tmp_path, toy_data, tiny_pipeline_dir):
+  import tensorflow_datasets as tfds
+  from mre.data import latent_cache
+  from mre.models import pretrained
+  vae = pretrained.load_vae(os.path.join(tiny_pipeline_dir, "vae"))
+  source = tfds.data_source("toy_edit/tiny", split="train", data_dir=toy_data)
+  full = str(tmp_path / "full")
+  latent_cache.build(vae, source, full, 16, batch_size=16)
+  part = str(tmp_path / "part")
+  latent_cache.build(vae, source, part, 16, batch_size=16)
+  with open(os.path.join(part, "meta.json")) as f:
+    meta = json.load(f)
+  meta["done"] = 16  # as if killed after the first chunk
+  with open(os.path.join(part, "meta.json"), "w") as f:
+    json.dump(meta, f)
+  arr = np.load(os.path.join(part, "edited_mean.npy"), mmap_mode="r+")
+  arr[16:] = 0.0
+  arr.flush()
+  latent_cache.build(vae, source, part, 16, batch_size=16)
+  for name in latent_cache.ARRAYS:
+    np.testing.assert_array_equal(np.load(os.path.join(part, name + ".npy")),
+                                  np.load(os.path.join(full, name + ".npy")))
+  record = latent_cache.LatentSource(source, part)[3]
+  assert "original" not in record and record["original_latent"].shape == (8, 8, 4)
+  with pytest.raises(ValueError, match="another dataset or resolution"):
+    latent_cache.build(vae, source, part, 32)

@@ -230,3 +230,22 @@ def test_paper_form_export_round_trip(tmp_path, stage1):
   x, t, ctx, reward = _inputs(6)
   np.testing.assert_array_equal(np.asarray(back(x, t, ctx, reward=reward)),
                                 np.asarray(model(x, t, ctx, reward=reward)))
+
+
+def test_sd15_unet_widened_for_instruct_pix2pix_ignores_the_image_at_first(tmp_path):
+  """conv_in 4 -> 8 channels with zero new weights: the stage-1 start equals SD 1.5 exactly."""
+  from diffusers import UNet2DConditionModel as TorchUNet
+  from mre.models.reward_unet import ip2p_unet_from_sd15
+  cfg = {**CFG, "in_channels": 4}
+  torch.manual_seed(0)
+  sd = randomize(TorchUNet(**cfg), 13)
+  sd.save_pretrained(str(tmp_path / "sd_unet"))
+  unet = ip2p_unet_from_sd15(str(tmp_path / "sd_unet"))
+  assert unet.config.in_channels == 8
+  rs = np.random.RandomState(7)
+  x, image = rs.randn(1, 4, 16, 16).astype(np.float32), rs.randn(1, 4, 16, 16).astype(np.float32)
+  ctx = rs.randn(1, 7, 32).astype(np.float32)
+  with torch.no_grad():
+    want = sd(torch.tensor(x), torch.tensor([300]), torch.tensor(ctx)).sample.numpy()
+  got = unet(np.concatenate([nhwc(x), nhwc(image)], -1), 300, ctx)
+  np.testing.assert_allclose(nchw(got), want, atol=1e-4, rtol=0)
