@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from mre.editor import EditSettings, Editor, load_image
 from mre.models.native import load_any
+from mre.models.reward import parse_scores
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -46,11 +47,9 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computa
 
 def parse_reward(scores: str, texts):
   try:
-    values = tuple(float(v) for v in scores.split(","))
+    values = parse_scores(scores)
   except ValueError as e:
-    raise app.UsageError(f"--reward must be three numbers like 5,5,5, got {scores!r}") from e
-  if len(values) != 3 or not all(0.0 <= v <= 5.0 for v in values):
-    raise app.UsageError(f"--reward must be three scores in [0, 5], got {scores!r}")
+    raise app.UsageError(f"--reward: {e}") from e
   if len(texts) not in (0, 1, 3):
     raise app.UsageError("--reward-text is given once (all perspectives) or three times")
   return values, (tuple(texts) * 3 if len(texts) == 1 else tuple(texts) or None)

@@ -22,6 +22,7 @@ from data_prep.judge_client import Endpoint, JudgeClient, RetryPolicy
 from mre import evaluation
 from mre.editor import EditSettings, Editor
 from mre.models.native import load_any
+from mre.models.reward import parse_scores
 
 _MODEL = flags.DEFINE_string("model", None, "mre checkpoint or diffusers pipeline folder.")
 _BENCHMARK = flags.DEFINE_string("benchmark", "real_edit", "TFDS benchmark: real_edit, "
@@ -57,12 +58,9 @@ def parse_rewards(text: str):
   settings = []
   for part in filter(None, (p.strip() for p in text.split(";"))):
     try:
-      scores = tuple(float(v) for v in part.split(","))
+      settings.append(parse_scores(part))
     except ValueError as e:
-      raise app.UsageError(f"--rewards: {part!r} is not three numbers") from e
-    if len(scores) != 3 or not all(0 <= s <= 5 for s in scores):
-      raise app.UsageError(f"--rewards: {part!r} is not three scores in [0, 5]")
-    settings.append(scores)
+      raise app.UsageError(f"--rewards: {e}") from e
   if not settings:
     raise app.UsageError("--rewards is empty")
   return settings

@@ -62,6 +62,17 @@ class RewardConfig:
     return PAPER_PERFECT_TEXTS if self.form == "paper" else RELEASED_PERFECT_TEXTS
 
 
+def parse_scores(text: str) -> tuple:
+  """"5,4.5,3" -> (5.0, 4.5, 3.0): three scores in [0, 5] (following, preserving, quality)."""
+  try:
+    values = tuple(float(v) for v in text.split(","))
+  except ValueError:
+    values = ()
+  if len(values) != 3 or not all(0.0 <= v <= 5.0 for v in values):
+    raise ValueError(f"a reward is three scores in [0, 5] like 5,5,5; got {text!r}")
+  return values
+
+
 def join_texts(texts) -> str:
   """The released form encodes the three failure texts as one prompt."""
   return "; ".join(texts)
