@@ -186,30 +186,32 @@ def train(config) -> dict:
       bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{m['images_per_s']:.1f}")
 
   stopped = None
-  with checkpointing.StopSignal() as stop, tqdm(total=t.steps, initial=start_step, desc="train",
-                                                unit="step", disable=not lead) as bar:
-    while step < t.steps:
-      batch = sharding.global_batch(mesh, data.next(), leading_unsharded=1)
-      state, metrics = compiled(state, batch)
-      if pending is not None:  # read the previous step's metrics: the device stays busy
+  try:
+    with checkpointing.StopSignal() as stop, tqdm(total=t.steps, initial=start_step, desc="train",
+                                                  unit="step", disable=not lead) as bar:
+      while step < t.steps:
+        batch = sharding.global_batch(mesh, data.next(), leading_unsharded=1)
+        state, metrics = compiled(state, batch)
+        if pending is not None:  # read the previous step's metrics: the device stays busy
+          record(*pending)
+        step += 1
+        pending = (step, metrics)
+        bar.update(1)
+        preempted = ckpt.reached_preemption(step)
+        if step % t.checkpoint_every == 0 or step == t.steps or stop.requested or preempted:
+          record(*pending)
+          pending = None
+          ckpt.save(step, state, data.get_state(), force=True)
+        if stop.requested or preempted:
+          stopped = f"signal {stop.signum}" if stop.requested else "preemption notice"
+          break
+        if grid is not None and step % t.validate_every == 0:
+          _validate(grid, state, step, workdir, writer)
+      if pending is not None:
         record(*pending)
-      step += 1
-      pending = (step, metrics)
-      bar.update(1)
-      preempted = ckpt.reached_preemption(step)
-      if step % t.checkpoint_every == 0 or step == t.steps or stop.requested or preempted:
-        record(*pending)
-        pending = None
-        ckpt.save(step, state, data.get_state(), force=True)
-      if stop.requested or preempted:
-        stopped = f"signal {stop.signum}" if stop.requested else "preemption notice"
-        break
-      if grid is not None and step % t.validate_every == 0:
-        _validate(grid, state, step, workdir, writer)
-    if pending is not None:
-      record(*pending)
-  ckpt.close()
-  data.close()
+  finally:  # also on errors (e.g. NonFiniteError): finish pending saves, stop workers
+    ckpt.close()
+    data.close()
   summary = {"workdir": workdir, "step": step, "resumed_from": start_step, "history": history}
   if stopped:
     msg = f"stopped at step {step} on {stopped}; checkpoint saved, rerun the command to resume"

@@ -173,7 +173,7 @@ def make_train_step(ctx: StepContext, tx: optax.GradientTransformation):
       (loss, grads), _ = jax.lax.scan(body, (jnp.float32(0.0), zeros),
                                       (batch, jnp.arange(accum)))
       loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay(state.step, cfg.train.ema_decay)
