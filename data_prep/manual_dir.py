@@ -21,6 +21,7 @@ import os
 import re
 from typing import Optional
 
+import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
@@ -116,6 +117,18 @@ class ReportingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 def image_feature() -> tfds.features.Image:
     # JPEG, as the sources are; stored bytes always decode to uint8 RGB of any size.
     return tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg")
+
+
+def triplet_features() -> dict:
+    """The features of an InstructPix2Pix-folder triplet, shared by instruct_pix2pix and reward_edit."""
+    return {
+        "id": tfds.features.Text(),
+        "key": tfds.features.Text(),
+        "seed": np.int64,
+        "original": image_feature(),
+        "edited": image_feature(),
+        "instruction": tfds.features.Text(),
+    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,9 +46,6 @@ class Checkpointer:
     """True on every host once any host got a preemption notice (TPU maintenance events)."""
     return self.manager.reached_preemption(step)
 
-  def wait(self):
-    self.manager.wait_until_finished()
-
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()

@@ -14,6 +14,7 @@ from flax import nnx
 
 from mre.models import pretrained
 from mre.models.clip_text import CLIPTextModel
+from mre.models.config import read_json
 from mre.models.native import load_any
 from mre.models.pixel import PixelSpace
 from mre.models.reward import RewardConfig
@@ -133,9 +134,13 @@ def build_pretrained(config) -> pretrained.Pipeline:
   check_pretrained(config)
   dtype, pdtype = dtype_of(config.model.dtype), dtype_of(config.model.param_dtype)
   remat = tuple(config.model.remat)
-  if config.stage == "ip2p":
-    pipe = pretrained.load_pipeline(path, dtype=dtype, param_dtype=pdtype, remat=remat) \
-        if _unet_in_channels(path) != 4 else _sd15_pipeline(path, dtype, pdtype, remat)
+  unet_dir = os.path.join(path, "unet")
+  if config.stage == "ip2p" and read_json(unet_dir).get("in_channels") == 4:  # SD 1.5: widen
+    pipe = pretrained.load_pipeline(path, dtype=dtype, param_dtype=pdtype, remat=remat,
+                                    unet=ip2p_unet_from_sd15(unet_dir, dtype=dtype,
+                                                             param_dtype=pdtype, remat=remat))
+  elif config.stage == "ip2p":
+    pipe = pretrained.load_pipeline(path, dtype=dtype, param_dtype=pdtype, remat=remat)
   else:
     pipe = load_any(path, dtype=dtype, param_dtype=pdtype, remat=remat)
   r = reward_config(config)
@@ -145,25 +150,6 @@ def build_pretrained(config) -> pretrained.Pipeline:
   if r is None and isinstance(pipe.unet, RewardUNet):
     raise ValueError(f"{path} holds a reward-conditioned U-Net but model.reward.enabled=False")
   return pipe
-
-
-def _unet_in_channels(path):
-  from mre.models.config import read_json  # pylint: disable=import-outside-toplevel
-  unet_dir = os.path.join(path, "unet")
-  return read_json(unet_dir).get("in_channels", 4) if os.path.isdir(unet_dir) else 8
-
-
-def _sd15_pipeline(path, dtype, pdtype, remat):
-  sub = lambda n: os.path.join(path, n)
-  return pretrained.Pipeline(
-      unet=ip2p_unet_from_sd15(sub("unet"), dtype=dtype, param_dtype=pdtype, remat=remat),
-      vae=pretrained.load_vae(sub("vae"), dtype=dtype, param_dtype=pdtype),
-      text_encoder=pretrained.load_text_encoder(sub("text_encoder"), dtype=dtype,
-                                                param_dtype=pdtype),
-      tokenizer=pretrained.load_tokenizer(sub("tokenizer")),
-      scheduler_config=pretrained.read_json(os.path.join(sub("scheduler"),
-                                                         "scheduler_config.json")),
-      model_index={})
 
 
 def build_models(config, vocab_words=None, tokenizer_dir=None) -> pretrained.Pipeline:

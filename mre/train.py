@@ -12,8 +12,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from absl import app, flags, logging
+from absl import app, logging
 from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm

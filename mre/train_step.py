@@ -115,7 +115,7 @@ def micro_loss(ctx: StepContext, params, batch, key):
   noisy = add_noise(ctx.schedule, target_latents, noise, t)
 
   context = text_encoder(batch["instruction_ids"])[0]
-  empty = text_encoder(ctx.empty_ids)[0]
+  empty, empty_pooled = text_encoder(ctx.empty_ids)
   # InstructPix2Pix conditioning dropout: r < 2p drops the text, p <= r < 3p the image, so p of
   # the samples lose both.
   p = cfg.cond_dropout
@@ -133,7 +133,6 @@ def micro_loss(ctx: StepContext, params, batch, key):
     reward = RewardInputs(batch["reward_scores"].astype(jnp.float32),
                           pooled.reshape(ids.shape[0], ids.shape[1], -1))
     if ctx.cfg.model.reward.dropout_prob > 0:  # the null reward: NULL scores, empty texts
-      _, empty_pooled = text_encoder(ctx.empty_ids)
       null = RewardInputs(jnp.full((1, 3), NULL_SCORE, jnp.float32),
                           jnp.broadcast_to(empty_pooled[:, None], (1, ids.shape[1],
                                                                    empty_pooled.shape[-1])))

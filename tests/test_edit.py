@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,7 +12,7 @@ from mre.editor import EditSettings, Editor, fit_size
 from mre.models import pretrained
 from mre.models.reward import RewardConfig
 from mre.models.reward_unet import reward_unet_from_stage1
-from tests.reference import nchw, nhwc, torch
+from tests.reference import nhwc, torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

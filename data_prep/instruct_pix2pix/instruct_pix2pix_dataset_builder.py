@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 from data_prep import manual_dir
@@ -47,14 +46,7 @@ class Builder(manual_dir.ReportingBuilder):
         "<key>/prompt.json, <key>/<seed>_0.jpg, <key>/<seed>_1.jpg.")
 
     def _info(self) -> tfds.core.DatasetInfo:
-        features = tfds.features.FeaturesDict({
-            "id": tfds.features.Text(),
-            "key": tfds.features.Text(),
-            "seed": np.int64,
-            "original": manual_dir.image_feature(),
-            "edited": manual_dir.image_feature(),
-            "instruction": tfds.features.Text(),
-        })
+        features = tfds.features.FeaturesDict(manual_dir.triplet_features())
         return self.dataset_info_from_configs(features=features, supervised_keys=None)
 
     def _split_generators(self, dl_manager):

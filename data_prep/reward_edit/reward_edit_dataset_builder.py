@@ -48,12 +48,7 @@ class Builder(manual_dir.ReportingBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         features = tfds.features.FeaturesDict({
-            "id": tfds.features.Text(),
-            "key": tfds.features.Text(),
-            "seed": np.int64,
-            "original": manual_dir.image_feature(),
-            "edited": manual_dir.image_feature(),
-            "instruction": tfds.features.Text(),
+            **manual_dir.triplet_features(),
             "reward_scores": tfds.features.Tensor(shape=(3,), dtype=np.float32),
             "reward_texts": tfds.features.Sequence(tfds.features.Text(), length=3),
         })

@@ -45,21 +45,13 @@ class Source:
                                     download=False)
     n = min(n, len(source))
     records = [source[i] for i in range(n)]
-    prep = lambda img: _square(np.asarray(img), resolution)
+    prep = lambda img: latent_cache.center_square(np.asarray(img), resolution)
     originals = np.stack([prep(r["original"]) for r in records])
     ref_key = "ideal" if "ideal" in records[0] else "edited"
     references = np.stack([prep(r[ref_key]) for r in records]) if ref_key in records[0] else None
     texts = [r["instruction"].decode() if isinstance(r["instruction"], bytes) else
              str(r["instruction"]) for r in records]
     return originals, texts, references
-
-
-def _square(image: np.ndarray, resolution: int) -> np.ndarray:
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  img = Image.fromarray(image.astype(np.uint8))
-  if img.size != (resolution, resolution):
-    img = img.resize((resolution, resolution), Image.BICUBIC)
-  return np.asarray(img, np.float32) / 127.5 - 1.0
 
 
 def open_dataset(config) -> Source:

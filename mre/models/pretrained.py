@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from typing import Any, Optional
 
 import jax.numpy as jnp
@@ -106,14 +105,17 @@ def _sub(folder, name):
   return path
 
 
-def load_pipeline(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, remat=()):
+def load_pipeline(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, remat=(),
+                  unet=None):
+  """All components of a pipeline folder; `unet`, when given, replaces the folder's U-Net."""
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"model folder {folder} does not exist")
   index_path = os.path.join(folder, "model_index.json")
   index = read_json(index_path) if os.path.exists(index_path) else {}
   sched_dir = _sub(folder, "scheduler")
   return Pipeline(
-      unet=load_unet(_sub(folder, "unet"), dtype=dtype, param_dtype=param_dtype, remat=remat),
+      unet=unet if unet is not None else load_unet(_sub(folder, "unet"), dtype=dtype,
+                                                   param_dtype=param_dtype, remat=remat),
       vae=load_vae(_sub(folder, "vae"), dtype=dtype, param_dtype=param_dtype),
       text_encoder=load_text_encoder(_sub(folder, "text_encoder"), dtype=dtype,
                                      param_dtype=param_dtype),

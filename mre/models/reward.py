@@ -18,7 +18,6 @@ from flax import nnx
 
 from mre.models.layers import TimestepEmbedding, conv, group_norm, linear, sinusoidal_embedding
 
-PERSPECTIVES = ("instruction following", "detail preserving", "generation quality")
 PERFECT_SCORES = (5.0, 5.0, 5.0)
 # What the texts say at inference: the paper's figure, and the release's "None".
 PAPER_PERFECT_TEXTS = ("No negative aspects", "No unintended changes", "No noticeable issues")

@@ -128,6 +128,13 @@ def to_torch_layout(arr: np.ndarray) -> np.ndarray:
   return arr
 
 
+def torch_layout_shape(shape: tuple) -> tuple:
+  """The PyTorch shape of a kernel of NNX shape `shape` (what `to_torch_layout` produces)."""
+  if len(shape) == 4:
+    return (shape[3], shape[2], shape[0], shape[1])
+  return shape[::-1] if len(shape) == 2 else shape
+
+
 def from_torch_layout(arr: np.ndarray, leaf: str) -> np.ndarray:
   if leaf == "kernel" and arr.ndim == 4:
     return arr.transpose(2, 3, 1, 0)
@@ -185,8 +192,7 @@ def load_state_dict(module: nnx.Module, tensors: dict[str, np.ndarray], *, where
     if name not in given:
       continue
     arr = np.asarray(given[name])
-    want = tuple(to_torch_layout(np.empty(var.shape, np.bool_)).shape) \
-        if path[-1] == "kernel" else tuple(var.shape)
+    want = torch_layout_shape(tuple(var.shape)) if path[-1] == "kernel" else tuple(var.shape)
     if tuple(arr.shape) != want:
       problems.append(f"tensor {prefix}{name} has shape {tuple(arr.shape)} in the checkpoint but "
                       f"the model expects {want}")
