@@ -26,6 +26,9 @@ import numpy as np
 from PIL import Image
 
 PROMPT_VERSION = "v1"
+# Longer replies are rejected before parsing: an answer is one short dict, and parsing megabytes of
+# text (literal_eval above all) costs time and memory for nothing.
+MAX_REPLY_CHARS = 20_000
 PERSPECTIVES = ("following", "preserving", "quality")
 FORMS = ("annotation", "evaluation")
 PERSPECTIVE_NAMES = {
@@ -149,7 +152,11 @@ def parse_annotation_reply(text: str) -> Annotation:
     score = _score(reply, text)
     failure = reply.get("failure")
     if not isinstance(failure, str) or not failure.strip():
-        raise ValueError(f"the judge reply has no failure text: {text!r}")
+        raise ValueError(f"the judge reply has no failure text: {_shown(text)}")
+    try:
+        failure.encode("utf-8")  # JSON may carry a lone surrogate ("\\ud800"), which no file or tokenizer takes
+    except UnicodeEncodeError:
+        raise ValueError(f"the judge reply's failure text is not valid Unicode: {_shown(text)}") from None
     return Annotation(score, failure.strip())
 
 
@@ -157,36 +164,53 @@ def parse_evaluation_reply(perspective: str, text: str) -> Evaluation:
     """Reads `{'<key>': 'yes'|'no', 'score': ...}` for the perspective's key."""
     reply = _dict_in(text)
     key = EVALUATION_KEYS[perspective]
-    answer = str(reply.get(key, "")).strip().lower()
+    answer = reply.get(key)
+    answer = answer.strip().lower() if isinstance(answer, str) else None
     if answer not in ("yes", "no"):
-        raise ValueError(f"the judge reply has no '{key}': 'yes'|'no' entry: {text!r}")
+        raise ValueError(f"the judge reply has no '{key}': 'yes'|'no' entry: {_shown(text)}")
     return Evaluation(answer == "yes", _score(reply, text))
 
 
 def _dict_in(text: str) -> dict:
     if not isinstance(text, str):
         raise ValueError(f"a judge reply is a string, got {type(text).__name__}")
+    if len(text) > MAX_REPLY_CHARS:
+        raise ValueError(f"the judge reply is {len(text):,} characters long; an answer is a short dict "
+                         f"(at most {MAX_REPLY_CHARS:,}): {text[:80]!r}...")
     match = re.search(r"\{.*\}", text, re.S)
     if match is None:
-        raise ValueError(f"the judge reply holds no {{...}} dict: {text!r}")
+        raise ValueError(f"the judge reply holds no {{...}} dict: {_shown(text)}")
     for load in (json.loads, ast.literal_eval):
         try:
             reply = load(match.group(0))
-        except (ValueError, SyntaxError):
+        # A strange reply must come back as a malformed answer, never crash the run: deep nesting
+        # overflows the decoders' recursion (RecursionError, MemoryError), and literal_eval raises
+        # TypeError for unhashable keys such as {[1]: 2}.
+        except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
             continue
         if isinstance(reply, dict):
             return reply
-    raise ValueError(f"the judge reply's {{...}} is neither JSON nor a Python dict: {text!r}")
+    raise ValueError(f"the judge reply's {{...}} is neither a JSON object nor a Python dict: {_shown(text)}")
 
 
 def _score(reply: dict, text: str) -> float:
-    try:
-        score = float(reply["score"])
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"the judge reply has no numeric score: {text!r}") from None
-    if not 0.0 <= score <= 5.0:
-        raise ValueError(f"the judge reply's score {score} is outside 0..5")
-    return score
+    """A JSON number in 0..5. True/false (a bool is an int in Python) and quoted numbers ("3") are
+    not scores: a judge that answers them has not followed the format, so the reply is re-asked."""
+    score = reply.get("score")
+    if score is None:
+        raise ValueError(f"the judge reply has no score: {_shown(text)}")
+    if isinstance(score, bool) or not isinstance(score, (int, float)):
+        # Named by its type only: the repr of a deeply nested value could itself overflow.
+        raise ValueError(f"the judge reply's score is a {type(score).__name__}, not a number: {_shown(text)}")
+    # Compared before float(): an int too large for a float would raise OverflowError.
+    if not 0 <= score <= 5:  # also false for NaN
+        raise ValueError(f"the judge reply's score {score!r} is outside 0..5")
+    return float(score)
+
+
+def _shown(text: str) -> str:
+    """The reply as quoted in an error message, cut to a readable length."""
+    return repr(text) if len(text) <= 120 else repr(text[:120]) + f"... ({len(text):,} characters)"
 
 
 # ---------------------------------------------------------------------------------------------

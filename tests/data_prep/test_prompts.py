@@ -68,3 +68,37 @@ def test_bad_prompt_inputs():
         prompts.image_data_url(np.zeros((4, 4, 3), np.float32))
     with pytest.raises(ValueError, match="no 'following': 'yes'"):
         prompts.parse_evaluation_reply("following", "{'clear': 'yes', 'score': 5}")
+
+
+@pytest.mark.parametrize("score", ["true", "false", '"3"', '"high"', "null", "NaN", "Infinity", "-1", "5.01", "1e400",
+                                   pytest.param("9" * 400, id="a 400-digit int"), "[3]", '{"value": 3}'])
+def test_a_score_is_a_json_number_from_0_to_5(score):
+    with pytest.raises(ValueError, match="score"):
+        prompts.parse_annotation_reply(f'{{"score": {score}, "failure": "no negative aspects"}}')
+    python = {"true": "True", "false": "False", "null": "None"}.get(score, score)
+    with pytest.raises(ValueError):
+        prompts.parse_evaluation_reply("quality", f"{{'clear': 'yes', 'score': {python}}}")
+
+
+def test_whole_and_boundary_scores_are_numbers():
+    assert prompts.parse_annotation_reply('{"score": 0, "failure": "x"}') == prompts.Annotation(0.0, "x")
+    assert prompts.parse_annotation_reply('{"score": 5, "failure": "x"}').score == 5.0
+    assert prompts.parse_evaluation_reply("following", "{'following': 'yes', 'score': 3}") == \
+        prompts.Evaluation(True, 3.0)
+
+
+@pytest.mark.parametrize("reply", [
+    '{"score": ' + "[" * 5000 + "]" * 5000 + ', "failure": "x"}',  # past json's recursion limit
+    "{'score': " + "(" * 300 + ")" * 300 + ", 'failure': 'x'}",  # past the Python parser's nesting limit
+    "{" * 9000 + "}" * 9000,
+    '{"score": 3, "failure": ' + "[" * 900 + "]" * 900 + "}",  # decodes, but the failure is no text
+    "{[1]: 2}",  # literal_eval: unhashable key
+    "{'score': 1+2j, 'failure': 'x'}",
+    '{"score": 3, "failure": "x"}' + " " * prompts.MAX_REPLY_CHARS,
+    "{\x00}",
+    '{"score": 3, "failure": "\ud800"}',
+])
+def test_any_reply_is_at_worst_malformed(reply):
+    for parse in (prompts.parse_annotation_reply, lambda text: prompts.parse_evaluation_reply("following", text)):
+        with pytest.raises(ValueError):
+            parse(reply)
