@@ -13,22 +13,27 @@ Endpoints (127.0.0.1 only, no authentication):
   GET  /v1/batches/{id}         batch object (status, output_file_id, error_file_id, counts)
   GET  /v1/models               the one model
 
-`Faults` makes chat completions fail on purpose, at seeded rates: 429 (with Retry-After), 500,
-slow replies and malformed replies, to test client retries and reply parsing.
+`Faults` makes chat completions fail on purpose, to test clients: at seeded rates per kind (see
+FAULT_KINDS: HTTP errors, disconnects, truncated bodies, slow answers, malformed answers of many
+sorts, and right answers in odd wrappings), on a seeded share of requests that fail the same way
+every time they are asked ("persistent"), or on requests a test chooses.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import email.parser
 import email.policy
+import hashlib
 import http.server
 import json
 import re
+import sys
 import threading
 import time
 import uuid
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 from absl import app, flags
@@ -39,27 +44,119 @@ from data_prep.toy import judge
 MODEL = "toy-judge"
 
 
+# Every kind of injected fault, by what a client has to do about it.
+TRANSPORT_FAULTS = (
+    "rate_limit",  # 429 with Retry-After
+    "server_error",  # 500
+    "unavailable",  # 503
+    "disconnect",  # the connection closes without an answer
+    "truncated",  # 200 whose JSON body stops halfway (Content-Length fits the cut body)
+    "slow",  # the answer comes after `slow_seconds` (a timeout for an impatient client)
+)
+ANSWER_FAULTS = (  # 200 with an answer the client must reject and ask again
+    "malformed",  # prose without an answer, or broken JSON
+    "missing_score",
+    "out_of_range",  # a score of 7.5
+    "worded_score",  # "score": "high"
+    "bool_score",  # "score": true
+    "quoted_score",  # "score": "3.5"
+    "nested",  # a score nested thousands of lists deep
+    "empty",  # an empty message
+)
+BENIGN_FAULTS = (  # the right answer in an unusual wrapping: a client must accept it
+    "prose",  # the answer inside prose and a code fence
+    "duplicate_id",  # the completion id of an earlier reply
+)
+FAULT_KINDS = TRANSPORT_FAULTS + ANSWER_FAULTS + BENIGN_FAULTS
+# What a persistently failing request does every time (benign and slow ones are no failure).
+PERSISTENT_KINDS = ("rate_limit", "server_error", "unavailable", "disconnect", "truncated",
+                    "malformed", "out_of_range", "bool_score", "quoted_score", "nested")
+_NESTING = 5_000  # lists deep: far past json's recursion limit, and within prompts.MAX_REPLY_CHARS
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatRequest:
+    """What a fault chooser sees of one chat request."""
+
+    form: Optional[str]  # annotation | evaluation (None: not a prompt of data_prep.prompts)
+    perspective: Optional[str]
+    instruction: Optional[str]
+    edited: Optional[str]  # image_digest of the last image (the edited one), which tells items apart
+    key: str  # a digest of the request body: the same question asked again has the same key
+    attempt: int  # 1 the first time this body arrives, 2 the next, ...
+
+
+def describe_request(body) -> tuple[Optional[str], Optional[str], Optional[str], Optional[str]]:
+    """(form, perspective, instruction, edited image digest) of a chat body; None where it is not a
+    request of data_prep.prompts (answer_chat gives those their 400)."""
+    form = perspective = instruction = edited = None
+    try:
+        parts = [part for message in body["messages"] if message.get("role") == "user"
+                 for part in ([{"type": "text", "text": message["content"]}] if isinstance(message["content"], str)
+                              else message["content"])]
+        images = [part["image_url"]["url"] for part in parts if part.get("type") == "image_url"]
+        if images:
+            edited = image_digest(prompts.data_url_bytes(images[-1]))
+        form, perspective, instruction = prompts.identify(
+            "\n".join(part["text"] for part in parts if part.get("type") == "text"))
+    except (KeyError, TypeError, AttributeError, ValueError):
+        pass
+    return form, perspective, instruction, edited
+
+
+def image_digest(image) -> str:
+    """The digest by which ChatRequest.edited names an image (an array, PIL image or PNG bytes)."""
+    return hashlib.sha256(prompts.data_url_bytes(prompts.image_data_url(image))).hexdigest()[:16]
+
+
 @dataclasses.dataclass(frozen=True)
 class Faults:
-    """Rates (0..1) of injected faults on chat completions, drawn from a seeded generator.
+    """Injected faults on chat completions, drawn from a seeded generator.
 
-    Failed requests (429, 500) carry `retry-after-ms` / `Retry-After` headers of
-    `retry_after_seconds`, which the openai client honours instead of its own backoff (0.5 s and
-    up), so tests with many retries stay fast.
+    Rates (0..1) per kind of FAULT_KINDS (fields of the same names), summing to at most 1.
+    `persistent`: the share of distinct requests (by body) that fail with one of PERSISTENT_KINDS
+    every time they are asked, chosen by a seeded hash. `choose(request)`: a test's own choice, a
+    kind or None, for a ChatRequest (it overrides the rates; persistent requests stay persistent).
+
+    429, 500 and 503 carry `retry-after-ms` / `Retry-After` headers of `retry_after_seconds`, which
+    the openai client honours instead of its own backoff, so tests with many retries stay fast.
     """
 
-    rate_limit: float = 0.0  # 429 Too Many Requests
-    server_error: float = 0.0  # 500
-    slow: float = 0.0  # answer after `slow_seconds`
-    malformed: float = 0.0  # 200 with a reply in neither answer form
+    rate_limit: float = 0.0
+    server_error: float = 0.0
+    unavailable: float = 0.0
+    disconnect: float = 0.0
+    truncated: float = 0.0
+    slow: float = 0.0
+    malformed: float = 0.0
+    missing_score: float = 0.0
+    out_of_range: float = 0.0
+    worded_score: float = 0.0
+    bool_score: float = 0.0
+    quoted_score: float = 0.0
+    nested: float = 0.0
+    empty: float = 0.0
+    prose: float = 0.0
+    duplicate_id: float = 0.0
+    persistent: float = 0.0
     slow_seconds: float = 2.0
     retry_after_seconds: float = 0.01
     seed: int = 0
+    choose: Optional[Callable[[ChatRequest], Optional[str]]] = None
 
     def __post_init__(self):
-        rates = (self.rate_limit, self.server_error, self.slow, self.malformed)
-        if any(not 0.0 <= r <= 1.0 for r in rates) or sum(rates) > 1.0:
-            raise ValueError(f"fault rates must be in [0, 1] and sum to at most 1, got {rates}")
+        rates = self.rates()
+        if any(not 0.0 <= r <= 1.0 for r in [*rates.values(), self.persistent]) or sum(rates.values()) > 1.0:
+            raise ValueError(f"fault rates must be in [0, 1] and sum to at most 1, got {rates} "
+                             f"and persistent {self.persistent}")
+
+    def rates(self) -> dict[str, float]:
+        return {kind: getattr(self, kind) for kind in FAULT_KINDS}
+
+    @classmethod
+    def spread(cls, rate: float, **options) -> "Faults":
+        """`rate` of the requests faulty, in equal shares over every kind of FAULT_KINDS."""
+        return cls(**{kind: rate / len(FAULT_KINDS) for kind in FAULT_KINDS}, **options)
 
 
 _MALFORMED_REPLIES = (
@@ -67,6 +164,35 @@ _MALFORMED_REPLIES = (
     '{"score": "high", "failure"',
     "The edit looks mostly fine to me.",
 )
+
+
+def faulty_reply(kind: str, reply: str, form: Optional[str], pick: int = 0) -> str:
+    """The judge's `reply` spoilt (or, for BENIGN_FAULTS, rewrapped) the way `kind` says."""
+    if kind == "malformed":
+        return _MALFORMED_REPLIES[pick % len(_MALFORMED_REPLIES)]
+    if kind == "empty":
+        return ""
+    if kind == "prose":
+        return f"Here is my judgement.\n```json\n{reply}\n```\nI hope this helps!"
+    if kind == "nested":
+        return '{"score": ' + "[" * _NESTING + "]" * _NESTING + ', "failure": "nothing"}'
+    if kind == "duplicate_id":
+        return reply
+    # The rest change the score field of the answer in its own syntax (JSON or a Python dict).
+    fields = ast.literal_eval(reply) if form == "evaluation" else json.loads(reply)
+    if kind == "missing_score":
+        del fields["score"]
+    elif kind == "out_of_range":
+        fields["score"] = 7.5
+    elif kind == "worded_score":
+        fields["score"] = "high"
+    elif kind == "bool_score":
+        fields["score"] = True
+    elif kind == "quoted_score":
+        fields["score"] = str(fields["score"])
+    else:
+        raise ValueError(f"{kind!r} is not a fault that changes an answer")
+    return repr(fields) if form == "evaluation" else json.dumps(fields)
 
 
 class RequestError(Exception):
@@ -138,9 +264,9 @@ def _count_tokens(text: str) -> int:
     return len(re.findall(r"\w+|[^\w\s]", text))
 
 
-def completion_body(reply: str, usage: dict, model: str) -> dict:
+def completion_body(reply: str, usage: dict, model: str, completion_id: Optional[str] = None) -> dict:
     return {
-        "id": "chatcmpl-" + uuid.uuid4().hex[:24],
+        "id": completion_id or "chatcmpl-" + uuid.uuid4().hex[:24],
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
@@ -167,29 +293,76 @@ class JudgeServer(http.server.ThreadingHTTPServer):
         self._lock = threading.Lock()
         self.files: dict[str, dict] = {}
         self.batches: dict[str, dict] = {}
-        self.counts = {"requests": 0, "rate_limit": 0, "server_error": 0, "slow": 0, "malformed": 0}
+        self._asked: dict[str, int] = {}  # request key -> times asked
+        self._last_id: Optional[str] = None  # for duplicate_id
+        # Chat requests received, faults injected per kind, and "persistent": requests answered by a
+        # persistent fault (each also counted under its kind).
+        self.counts = {"requests": 0, "persistent": 0, **{kind: 0 for kind in FAULT_KINDS}}
+        self.persistent_questions: set[tuple] = set()  # (edited digest, perspective) that always fail
+
+    def handle_error(self, request, client_address):
+        # A client that hangs up (killed, or timed out) is routine here: tests kill clients on purpose.
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
 
     @property
     def base_url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}/v1"
 
-    def draw_fault(self) -> Optional[str]:
+    def describe(self, body, raw: bytes) -> ChatRequest:
+        """The ChatRequest of a chat body, counting how often this exact body came."""
+        key = hashlib.sha256(raw).hexdigest()
+        with self._lock:
+            self._asked[key] = attempt = self._asked.get(key, 0) + 1
+        return ChatRequest(*describe_request(body), key, attempt)
+
+    def draw_fault(self, request: Optional[ChatRequest] = None) -> Optional[str]:
+        """The fault for this request (None: answer it well), counted. Without a request (a body
+        that is not JSON) only the rates apply."""
+        persistent = self._persistent_kind(request.key) if request is not None else None
+        chosen = None
+        if persistent is None and self.faults.choose is not None and request is not None:
+            chosen = self.faults.choose(request)  # outside the lock: a test's function may be slow
+            if chosen is not None and chosen not in FAULT_KINDS:
+                raise ValueError(f"choose() returned {chosen!r}, not one of {FAULT_KINDS}")
         with self._lock:
             self.counts["requests"] += 1
-            u = self._fault_rng.random()
-            f = self.faults
-            for name, rate in (("rate_limit", f.rate_limit), ("server_error", f.server_error),
-                               ("slow", f.slow), ("malformed", f.malformed)):
-                if u < rate:
-                    self.counts[name] += 1
-                    return name
-                u -= rate
-            return None
+            u = self._fault_rng.random()  # drawn for every request, so a seed gives one sequence
+            kind = persistent or chosen
+            if kind is None and self.faults.choose is None:
+                for name, rate in self.faults.rates().items():
+                    if u < rate:
+                        kind = name
+                        break
+                    u -= rate
+            if persistent is not None:
+                self.counts["persistent"] += 1
+                self.persistent_questions.add((request.edited, request.perspective))
+            if kind is not None:
+                self.counts[kind] += 1
+            return kind
 
-    def malformed_reply(self) -> str:
+    def _persistent_kind(self, key: str) -> Optional[str]:
+        """The fault a persistently failing request always gets, by a seeded hash of its key."""
+        if not self.faults.persistent:
+            return None
+        digest = hashlib.sha256(f"{self.faults.seed}:{key}".encode()).digest()
+        if int.from_bytes(digest[:8], "big") / 2.0 ** 64 >= self.faults.persistent:
+            return None
+        return PERSISTENT_KINDS[digest[8] % len(PERSISTENT_KINDS)]
+
+    def spoil(self, kind: str, reply: str, request: Optional[ChatRequest]) -> str:
         with self._lock:
-            return _MALFORMED_REPLIES[int(self._fault_rng.integers(len(_MALFORMED_REPLIES)))]
+            pick = int(self._fault_rng.integers(1 << 16))
+        return faulty_reply(kind, reply, request.form if request else None, pick)
+
+    def completion_id(self, duplicate: bool) -> str:
+        """A fresh completion id, or (duplicate) the last one served."""
+        with self._lock:
+            if not (duplicate and self._last_id):
+                self._last_id = "chatcmpl-" + uuid.uuid4().hex[:24]
+            return self._last_id
 
     # --- files and batches ----------------------------------------------------------------------
 
@@ -337,23 +510,36 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return self.rfile.read(length) if length else b""
 
     def _chat(self, raw: bytes):
-        fault = self.server.draw_fault()
+        try:
+            body = _json(raw)
+        except RequestError:
+            self.server.draw_fault()  # counted, so that requests == the requests a client sent
+            raise
+        request = self.server.describe(body, raw)
+        fault = self.server.draw_fault(request)
         retry_after = self.server.faults.retry_after_seconds
         retry_headers = {"retry-after-ms": str(int(round(retry_after * 1000))),
                          "Retry-After": str(max(1, int(np.ceil(retry_after))))}
-        if fault == "rate_limit":
-            return self._send_json(429, error_body("Rate limit reached (injected fault).", "rate_limit_error"),
-                                   retry_headers)
-        if fault == "server_error":
-            return self._send_json(500, error_body("The server had an error (injected fault).", "server_error"),
-                                   retry_headers)
+        statuses = {"rate_limit": (429, "Rate limit reached", "rate_limit_error"),
+                    "server_error": (500, "The server had an error", "server_error"),
+                    "unavailable": (503, "The engine is currently overloaded", "server_error")}
+        if fault in statuses:
+            status, message, kind = statuses[fault]
+            return self._send_json(status, error_body(f"{message} (injected fault).", kind), retry_headers)
+        if fault == "disconnect":
+            self.close_connection = True  # hang up without a word
+            return
         if fault == "slow":
             time.sleep(self.server.faults.slow_seconds)
-        body = _json(raw)
         reply, usage = answer_chat(body)
-        if fault == "malformed":
-            reply = self.server.malformed_reply()
-        self._send_json(200, completion_body(reply, usage, body.get("model") or MODEL))
+        if fault in ANSWER_FAULTS or fault in BENIGN_FAULTS:
+            reply = self.server.spoil(fault, reply, request)
+        completion = completion_body(reply, usage, body.get("model") or MODEL,
+                                     self.server.completion_id(duplicate=fault == "duplicate_id"))
+        data = json.dumps(completion).encode()
+        if fault == "truncated":
+            data = data[:len(data) // 2]
+        self._send(200, data, "application/json")
 
     def _upload(self, raw: bytes) -> dict:
         content_type = self.headers.get("Content-Type", "")
@@ -421,19 +607,24 @@ def serve_in_thread(port: int = 0, faults: Optional[Faults] = None,
 FLAGS = flags.FLAGS
 flags.DEFINE_string("host", "127.0.0.1", "address to listen on")
 flags.DEFINE_integer("port", 8000, "port to listen on (0: any free port)")
-flags.DEFINE_float("rate_limit_rate", 0.0, "share of chat requests answered 429")
-flags.DEFINE_float("server_error_rate", 0.0, "share of chat requests answered 500")
-flags.DEFINE_float("slow_rate", 0.0, "share of chat requests answered after --slow_seconds")
-flags.DEFINE_float("malformed_rate", 0.0, "share of chat requests answered in neither reply form")
+for _kind in FAULT_KINDS:
+    flags.DEFINE_float(f"{_kind}_rate", 0.0, f"share of chat requests answered with the {_kind} fault")
+flags.DEFINE_float("fault_rate", 0.0, "share of chat requests faulty, spread evenly over every fault kind "
+                   "(instead of the per-kind rates)")
+flags.DEFINE_float("persistent_rate", 0.0, "share of distinct requests that fail the same way every time")
 flags.DEFINE_float("slow_seconds", 2.0, "delay of a slow reply")
-flags.DEFINE_float("retry_after_seconds", 0.01, "Retry-After sent with 429 and 500")
+flags.DEFINE_float("retry_after_seconds", 0.01, "Retry-After sent with 429, 500 and 503")
 flags.DEFINE_integer("fault_seed", 0, "seed of the fault draws")
 
 
 def main(argv):
     del argv
-    faults = Faults(FLAGS.rate_limit_rate, FLAGS.server_error_rate, FLAGS.slow_rate, FLAGS.malformed_rate,
-                    FLAGS.slow_seconds, FLAGS.retry_after_seconds, FLAGS.fault_seed)
+    options = dict(persistent=FLAGS.persistent_rate, slow_seconds=FLAGS.slow_seconds,
+                   retry_after_seconds=FLAGS.retry_after_seconds, seed=FLAGS.fault_seed)
+    rates = {kind: FLAGS[f"{kind}_rate"].value for kind in FAULT_KINDS}
+    if FLAGS.fault_rate and any(rates.values()):
+        raise app.UsageError("give --fault_rate or per-kind rates (--<kind>_rate), not both")
+    faults = Faults.spread(FLAGS.fault_rate, **options) if FLAGS.fault_rate else Faults(**rates, **options)
     server = JudgeServer(FLAGS.host, FLAGS.port, faults)
     print(f"toy judge (prompts {prompts.PROMPT_VERSION}) serving at {server.base_url}", flush=True)
     try:

@@ -153,3 +153,76 @@ def test_malformed_requests_get_400_with_a_message():
         with pytest.raises(openai.BadRequestError, match="cannot parse instruction"):
             client.chat.completions.create(**prompts.chat_request(
                 judge_server.MODEL, "annotation", "following", "make it pop", original, edited))
+
+
+def test_every_fault_kind_on_a_chosen_request():
+    """Each kind hits the chosen request only (its first ask): transport faults raise in the openai
+    client, answer faults are rejected by the parsers, benign ones parse to the judge's verdict."""
+    triple = _triples(1)[0]
+    verdict = judge.judge(*triple).verdicts[0]
+    expected = {"annotation": prompts.Annotation(verdict.score, verdict.failure),
+                "evaluation": prompts.Evaluation(verdict.yes, verdict.score)}
+    parse = {"annotation": prompts.parse_annotation_reply,
+             "evaluation": lambda text: prompts.parse_evaluation_reply("following", text)}
+    raised = {"rate_limit": openai.RateLimitError, "server_error": openai.InternalServerError,
+              "unavailable": openai.InternalServerError, "disconnect": openai.APIConnectionError,
+              "truncated": json.JSONDecodeError, "slow": openai.APITimeoutError}
+    kind = [None]
+    faults = judge_server.Faults(choose=lambda request: kind[0] if request.attempt == 1 else None, slow_seconds=1.5)
+    with judge_server.serve_in_thread(faults=faults) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="toy", max_retries=0, timeout=1.0)
+        last_id = None
+        for kind[0] in judge_server.FAULT_KINDS:
+            for form in prompts.FORMS:
+                # A model name of its own makes this kind's request new to the server (attempt 1).
+                ask = lambda: client.chat.completions.create(
+                    **prompts.chat_request(f"judge-{kind[0]}", form, "following", *triple))
+                if kind[0] in raised:
+                    with pytest.raises(raised[kind[0]]):
+                        ask()
+                else:
+                    response = ask()
+                    assert (response.id == last_id) == (kind[0] == "duplicate_id")
+                    text = response.choices[0].message.content
+                    if kind[0] in judge_server.ANSWER_FAULTS:
+                        with pytest.raises(ValueError):
+                            parse[form](text)
+                    else:
+                        assert parse[form](text) == expected[form]
+                # Asked again, the same request is answered well.
+                response = ask()
+                assert parse[form](response.choices[0].message.content) == expected[form]
+                last_id = response.id
+            assert server.counts[kind[0]] == 2
+        assert server.counts["requests"] == 4 * len(judge_server.FAULT_KINDS)
+
+
+def test_persistent_faults_repeat_for_the_same_request():
+    triples = _triples(20, seed=23)
+    with judge_server.serve_in_thread(faults=judge_server.Faults(persistent=0.25, seed=3)) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="toy", max_retries=0, timeout=2)
+        outcomes = []
+        for triple in triples:
+            tries = []
+            for _ in range(2):
+                before = dict(server.counts)
+                try:
+                    text = _ask(client, "annotation", "quality", triple).choices[0].message.content
+                    prompts.parse_annotation_reply(text)
+                    tries.append(None)
+                except (openai.APIError, ValueError) as error:
+                    tries.append(next(k for k in judge_server.PERSISTENT_KINDS if server.counts[k] > before[k]))
+                    del error
+            assert len(set(tries)) == 1  # the same outcome every time
+            outcomes.append(tries[0])
+        failing = [k for k in outcomes if k is not None]
+        assert 2 <= len(failing) <= 10 and server.counts["persistent"] == 2 * len(failing)
+        assert len(set(failing)) >= 2
+
+
+def test_fault_rates_are_checked_and_spread():
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        judge_server.Faults(rate_limit=0.6, truncated=0.5)
+    spread = judge_server.Faults.spread(0.32)
+    assert sum(spread.rates().values()) == pytest.approx(0.32)
+    assert set(spread.rates().values()) == {0.32 / len(judge_server.FAULT_KINDS)}
