@@ -18,7 +18,10 @@
 
 Reruns resume (finished ids are skipped). The API key is read from the environment only
 (--api_key_env names the variable) and never printed or written. The final summary gives an
-estimated cost from a built-in price table (data_prep.annotation.PRICES_PER_MILLION).
+estimated cost from a built-in price table (data_prep.annotation.PRICES_PER_MILLION), the failed
+items and bad input lines, and ends with what to do next. Exit status: 0 when the run finished
+(failed items included), 1 when it stopped early (the judge looks down, a wrong key) or could not
+start.
 """
 from __future__ import annotations
 
@@ -127,8 +130,9 @@ def main(argv):
                 max_bytes=FLAGS.batch_max_bytes, **common)
         else:
             summary = annotation.annotate(items, FLAGS.output, judge, FLAGS.model, **common)
-    except JudgeError as error:
-        sys.exit(f"error: {judge.redact(str(error))}\nfinished items are saved in {FLAGS.output}; rerun to resume")
+    except annotation.AnnotationStopped as stopped:  # the judge looks down, or the key is wrong
+        print(stopped.summary.format())
+        sys.exit(f"error: {stopped.summary.stopped}")
     except (RuntimeError, ValueError) as error:  # output locked, or written by another model / prompt
         sys.exit(f"error: {judge.redact(str(error))}")
     print(summary.format())

@@ -9,7 +9,11 @@ Each item gets one request per perspective (`data_prep.prompts`, annotation form
 (format: `data_prep.rewards`) is appended to the output JSONL as one line, flushed and fsynced, once
 all three replies are valid, or as a failed record with the reason. A rerun skips every id the file
 already holds, so a killed run resumes where it stopped; a torn last line is cut off and its item
-redone. Batch API mode lives in `data_prep.annotation_batch`.
+redone. Each id has one record: when a run writes an id again (`retry_failed`), the file is
+rewritten atomically with the latest record of each id when the run ends (or, after a kill, when
+the next run opens it). Input lines that are not items are skipped, counted and listed. A run
+that finds the judge down stops with AnnotationStopped, whose summary says what to do next.
+Batch API mode lives in `data_prep.annotation_batch`.
 """
 from __future__ import annotations
 
@@ -97,33 +101,63 @@ class TfdsItems:
             yield Item(item_id, _text(record[f.instruction]), record[f.original], record[f.edited])
 
 
+@dataclasses.dataclass(frozen=True)
+class BadInput:
+    """An input entry that is not an item: skipped, counted and listed, never annotated."""
+
+    where: str  # "<file>:<line number>"
+    reason: str
+
+
 class JsonlItems:
-    """Items from a JSONL of {"id", "instruction", "original", "edited"} lines; image paths are
-    relative to the JSONL's folder (or absolute). Re-iterable."""
+    """Items from a JSONL of {"id", "instruction", "original", "edited"} lines (all strings); image
+    paths are relative to the JSONL's folder (or absolute). Re-iterable. A line that is not such an
+    object comes as a BadInput naming its line; blank lines are ignored."""
+
+    FIELDS = ("id", "instruction", "original", "edited")
 
     def __init__(self, path: str):
         self.path = path
         self._root = os.path.dirname(os.path.abspath(path))
 
     def __len__(self) -> int:
-        with open(self.path, encoding="utf-8") as handle:
+        with open(self.path, "rb") as handle:
             return sum(1 for line in handle if line.strip())
 
-    def __iter__(self) -> Iterator[Item]:
-        with open(self.path, encoding="utf-8") as handle:
+    def __iter__(self) -> Iterator[Item | BadInput]:
+        with open(self.path, "rb") as handle:  # bytes: one line of bad UTF-8 must not end the file
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
                 try:
-                    entry = json.loads(line)
-                    fields = [entry[k] for k in ("id", "instruction", "original", "edited")]
-                    if not all(isinstance(v, str) for v in fields):
-                        raise ValueError("id, instruction, original and edited must be strings")
-                except (ValueError, KeyError, TypeError) as error:
-                    raise ValueError(f"{self.path}:{number}: expected {{\"id\", \"instruction\", \"original\", "
-                                     f"\"edited\"}} ({error!r})") from None
-                item_id, instruction, original, edited = fields
+                    item_id, instruction, original, edited = self._fields(line)
+                except ValueError as error:
+                    yield BadInput(f"{self.path}:{number}", str(error))
+                    continue
                 yield Item(item_id, instruction, os.path.join(self._root, original), os.path.join(self._root, edited))
+
+    def _fields(self, line: bytes) -> list[str]:
+        try:
+            entry = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError("the line is not UTF-8") from None
+        except RecursionError:
+            raise ValueError("the line is not JSON (nested too deeply)") from None
+        except ValueError as error:
+            raise ValueError(f"the line is not JSON ({error})") from None
+        if not isinstance(entry, dict):
+            raise ValueError(f"expected an object {{\"id\", \"instruction\", \"original\", \"edited\"}}, "
+                             f"got a {type(entry).__name__}")
+        missing = [key for key in self.FIELDS if key not in entry]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        wrong = [f"{key} is a {type(entry[key]).__name__}" for key in self.FIELDS
+                 if not isinstance(entry[key], str)]
+        if wrong:
+            raise ValueError(f"id, instruction, original and edited must be strings: {', '.join(wrong)}")
+        if not entry["id"].strip():
+            raise ValueError("the id is empty")
+        return [entry[key] for key in self.FIELDS]
 
 
 def _text(value) -> str:
@@ -217,12 +251,14 @@ class AnnotationLog:
     Opening takes an exclusive lock on `<output>.lock` (a second run on the same output fails at
     once; the kernel drops the lock when a process dies, even by kill -9), reads the records, cuts
     off a torn last line, and refuses a file written with another model or prompt version (their
-    scores are not comparable).
+    scores are not comparable). An id written again replaces its record: on closing (or on opening,
+    after a run killed before it could close) the file is compacted to one record per id.
     """
 
     def __init__(self, path: str, model: str, prompt_version: str = prompts.PROMPT_VERSION):
         self.path, self.model, self.prompt_version = path, model, prompt_version
-        self.records: dict[str, dict] = {}
+        self.records: dict[str, dict] = {}  # id -> its latest record, in the order ids first came
+        self._replaced = 0  # records in the file that a later record of the same id replaces
         self._handle = self._lock = None
 
     def __enter__(self) -> "AnnotationLog":
@@ -236,6 +272,10 @@ class AnnotationLog:
             raise RuntimeError(f"another annotation run is writing {self.path}") from None
         try:
             self._load()
+            if self._replaced:
+                log.info("%s: %d record(s) replaced by later ones of the same id (a run stopped before it "
+                         "could compact the file); compacting it now", self.path, self._replaced)
+                self.compact()
             self._handle = open(self.path, "a", encoding="utf-8")
         except BaseException:
             self.__exit__(None, None, None)
@@ -250,7 +290,7 @@ class AnnotationLog:
                     f"{self.path} holds annotations by {record.get('model')!r} with prompt version "
                     f"{record.get('prompt_version')!r}; this run is {self.model!r} / {self.prompt_version!r}. "
                     "Scores from different judges or prompts are not comparable: write to another file.")
-            self.records[record["id"]] = record
+            self._keep(record)
         if os.path.exists(self.path) and os.path.getsize(self.path) > intact:
             log.warning("%s: cutting off a torn last line (%d bytes) left by an interrupted run; its item "
                         "is annotated again", self.path, os.path.getsize(self.path) - intact)
@@ -258,14 +298,23 @@ class AnnotationLog:
                 handle.truncate(intact)
                 os.fsync(handle.fileno())
 
+    def _keep(self, record: dict) -> None:
+        if record["id"] in self.records:
+            self._replaced += 1
+        self.records[record["id"]] = record
+
     def __exit__(self, *exc_info) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-        if self._lock is not None:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
-            self._lock.close()
-            self._lock = None
+        try:
+            if self._handle is not None:
+                self._handle.close()
+                self._handle = None
+                if self._replaced:
+                    self.compact()
+        finally:
+            if self._lock is not None:
+                fcntl.flock(self._lock, fcntl.LOCK_UN)
+                self._lock.close()
+                self._lock = None
 
     def status(self, item_id: str) -> Optional[str]:
         record = self.records.get(item_id)
@@ -274,15 +323,33 @@ class AnnotationLog:
     def append(self, record: dict) -> None:
         """One line, flushed and fsynced: after a crash the file holds whole records, at most
         followed by one torn line."""
-        line = json.dumps(record, ensure_ascii=False) + "\n"
-        self._handle.write(line)
+        self._handle.write(_json_text(record) + "\n")
         self._handle.flush()
         os.fsync(self._handle.fileno())
-        self.records[record["id"]] = record
+        self._keep(record)
+
+    def compact(self) -> None:
+        """Rewrites the file with the latest record of each id, atomically (a kill leaves the old
+        file or the new one, never a mix). Only while no append handle is open."""
+        lines = [_json_text(record) + "\n" for record in self.records.values()]
+        write_atomically(self.path, "".join(lines))
+        log.info("%s: compacted to %d records (%d replaced ones dropped)", self.path, len(lines), self._replaced)
+        self._replaced = 0
 
     def counts(self) -> dict[str, int]:
         statuses = [r["status"] for r in self.records.values()]
         return {"done": statuses.count("done"), "failed": statuses.count("failed")}
+
+
+def _json_text(data, **options) -> str:
+    """JSON as readable UTF-8. A raw reply text may hold a lone surrogate (JSON can encode one,
+    UTF-8 cannot): such data is written with ASCII escapes, which read back the same."""
+    text = json.dumps(data, ensure_ascii=False, **options)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(data, **options)
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,16 +367,21 @@ def estimate_cost(model: str, online: Usage, batch: Usage = Usage()) -> Optional
 @dataclasses.dataclass
 class Summary:
     model: str
+    output: str = ""
+    read: int = 0  # input entries read (within the limit)
     done: int = 0  # items this run annotated
     failed: int = 0  # items this run recorded as failed
     skipped: int = 0  # items the output already held
     duplicates: int = 0  # repeated ids in the input, annotated once
+    bad_input: list = dataclasses.field(default_factory=list)  # BadInput entries skipped
     returned: int = 0  # batch mode: items of failed/expired batches, left for the next run
     online_usage: Usage = Usage()
     batch_usage: Usage = Usage()
     total_done: int = 0  # in the output after the run
     total_failed: int = 0
     pending_batches: int = 0  # batch mode: batches not finished when the run returned
+    stopped: Optional[str] = None  # why the run stopped early (endpoint down, bad key)
+    failures: list = dataclasses.field(default_factory=list)  # (id, reason) of this run's failed items
     stats: dict = dataclasses.field(default_factory=dict)  # the judge client's request counters
 
     def add(self, record: dict) -> None:
@@ -317,21 +389,29 @@ class Summary:
             self.done += 1
         else:
             self.failed += 1
+            self.failures.append((record["id"], record.get("reason", "")))
         usage, batch = Usage.of(record["usage"]), Usage.of(record.get("batch_usage"))
         self.batch_usage += batch
         self.online_usage += Usage(usage.prompt_tokens - batch.prompt_tokens,
                                    usage.completion_tokens - batch.completion_tokens)
 
     @property
+    def accounted(self) -> int:
+        """Input entries with an outcome: done + failed + skipped + bad + repeated ids."""
+        return self.done + self.failed + self.skipped + len(self.bad_input) + self.duplicates
+
+    @property
     def cost(self) -> Optional[float]:
         return estimate_cost(self.model, self.online_usage, self.batch_usage)
 
-    def format(self) -> str:
+    def format(self, shown: int = 5) -> str:
+        """The counts, tokens and cost, the failed items and bad input lines (the first `shown` of
+        each), and, last, what to do next."""
         usage = self.online_usage + self.batch_usage
         cost = "n/a (no price for this model)" if self.cost is None else f"~${self.cost:,.2f} (estimate)"
         lines = [
-            f"annotated {self.done}, failed {self.failed}, already done {self.skipped}"
-            + (f", duplicate input ids {self.duplicates}" if self.duplicates else "")
+            f"read {self.read} input entries: annotated {self.done}, failed {self.failed}, already done "
+            f"{self.skipped}, bad input lines {len(self.bad_input)}, repeated ids {self.duplicates}"
             + (f", returned by failed batches {self.returned}" if self.returned else ""),
             f"output now holds {self.total_done} done and {self.total_failed} failed items",
             f"tokens: {usage.prompt_tokens:,} prompt + {usage.completion_tokens:,} completion"
@@ -342,24 +422,64 @@ class Summary:
         if self.stats:
             lines.append(f"requests {self.stats.get('requests', 0)}"
                          + (", " + ", ".join(f"{k} {v}" for k, v in retries.items()) if retries else ""))
-        if self.pending_batches:
-            lines.append(f"{self.pending_batches} batch(es) still running: rerun the same command to collect them")
-        if self.failed:
-            lines.append("failed items carry a 'reason' in the output; --retry_failed asks them again")
+        for item_id, reason in self.failures[:shown]:
+            lines.append(f"  failed {item_id}: {reason}")
+        for bad in self.bad_input[:shown]:
+            lines.append(f"  bad input {bad.where}: {bad.reason}")
+        for what, listed, where in (("failed items", self.failures, "their records say why"),
+                                    ("bad input lines", self.bad_input, "listed in the log")):
+            if len(listed) > shown:
+                lines.append(f"  ... and {len(listed) - shown} more {what} ({where})")
+        lines.append("next: " + self.next_step())
         return "\n".join(lines)
+
+    def next_step(self) -> str:
+        steps = []
+        if self.stopped:
+            steps.append(f"the run stopped early ({self.stopped}); finished items are saved in {self.output}. "
+                         "When the endpoint answers again (or the key / endpoint is fixed), rerun the same "
+                         "command to resume")
+        if self.pending_batches:
+            steps.append(f"{self.pending_batches} batch(es) still running: rerun the same command to collect them")
+        if self.returned:
+            steps.append(f"{self.returned} item(s) came back from failed or expired batches: "
+                         "rerun to submit them again")
+        if self.total_failed:
+            steps.append(f"{self.total_failed} item(s) in the output failed (each record says why): "
+                         "rerun with --retry_failed to ask them again")
+        if self.bad_input:
+            steps.append(f"fix the {len(self.bad_input)} bad input line(s) listed above (or in the log) and rerun "
+                         "to annotate them")
+        return "; ".join(steps) + "." if steps else "nothing: every input item is annotated."
+
+
+class AnnotationStopped(JudgeError):
+    """The judge looks down, or the key or account is wrong: the run stopped early, its finished
+    items saved. `summary` (stopped set) says what was done and what to do next."""
+
+    def __init__(self, summary: Summary):
+        super().__init__(summary.stopped)
+        self.summary = summary
 
 
 # ---------------------------------------------------------------------------------------------
 # The online run.
 
-def pending_items(items: Iterable[Item], out: AnnotationLog, summary: Summary, *, retry_failed: bool = False,
-                  limit: Optional[int] = None, exclude: frozenset = frozenset()) -> Iterator[Item]:
-    """The items still to annotate, among the first `limit` of the source: not in the output
-    (failed ones too unless retry_failed), not in `exclude`, each id once."""
+def pending_items(items: Iterable[Item | BadInput], out: AnnotationLog, summary: Summary, *,
+                  retry_failed: bool = False, limit: Optional[int] = None,
+                  exclude: frozenset = frozenset()) -> Iterator[Item]:
+    """The items still to annotate, among the first `limit` entries of the source: not in the
+    output (failed ones too unless retry_failed), not in `exclude`, each id once. Bad input
+    entries are logged and listed in the summary."""
     seen = set()
     for index, item in enumerate(items):
         if limit is not None and index >= limit:
             return
+        summary.read += 1
+        if isinstance(item, BadInput):
+            log.warning("%s: skipped: %s", item.where, item.reason)
+            summary.bad_input.append(item)
+            continue
         if item.id in seen:
             log.warning("the input repeats the id %r; it is annotated once", item.id)
             summary.duplicates += 1
@@ -374,24 +494,42 @@ def pending_items(items: Iterable[Item], out: AnnotationLog, summary: Summary, *
         yield item
 
 
-def annotate(items: Iterable[Item], output: str, judge: JudgeClient, model: str = DEFAULT_MODEL, *,
+def annotate(items: Iterable[Item | BadInput], output: str, judge: JudgeClient, model: str = DEFAULT_MODEL, *,
              request_model: Optional[str] = None, concurrency: int = 8, retry_failed: bool = False,
              limit: Optional[int] = None, progress: bool = True) -> Summary:
     """Annotates every item the output does not hold yet, `concurrency` at a time.
 
     request_model: the `model` sent in requests when it differs from the recorded one (an Azure
-    deployment name). A JudgeError (judge unreachable, bad key) stops the run after the finished
-    items are written; rerunning resumes.
+    deployment name). When the judge looks down (or the key is wrong), the finished items are
+    written and AnnotationStopped is raised; rerunning resumes.
     """
-    summary = Summary(model)
+    summary = Summary(model, output)
     with AnnotationLog(output, model) as out:
         total = _length(items, limit)
-        with tqdm(total=total, desc="annotating", unit="item", disable=not progress, dynamic_ncols=True) as bar:
+        with tqdm(total=total, desc="annotating", unit="item", disable=not progress, dynamic_ncols=True) as bar, \
+                stops_cleanly(summary, judge):
             todo = pending_items(items, out, summary, retry_failed=retry_failed, limit=limit)
             work = lambda item: annotate_item(judge, item, model, request_model)
             run_all(work, todo, concurrency, out, summary, judge, bar)
         summary.total_done, summary.total_failed = out.counts()["done"], out.counts()["failed"]
+    return finish(summary, judge)
+
+
+@contextlib.contextmanager
+def stops_cleanly(summary: Summary, judge: JudgeClient) -> Iterator[None]:
+    """Turns a run-stopping JudgeError into summary.stopped (see finish)."""
+    try:
+        yield
+    except JudgeError as error:
+        summary.stopped = judge.redact(str(error))
+        log.error("stopping: %s", summary.stopped)
+
+
+def finish(summary: Summary, judge: JudgeClient) -> Summary:
+    """The summary with the judge's counters; AnnotationStopped if the run stopped early."""
     summary.stats = dict(judge.stats)
+    if summary.stopped:
+        raise AnnotationStopped(summary)
     return summary
 
 
@@ -406,7 +544,7 @@ def run_all(work, todo: Iterable[Item], concurrency: int, out: AnnotationLog, su
             out.append(record)
             summary.add(record)
             if bar is not None:
-                bar.n = summary.skipped + summary.duplicates + summary.done + summary.failed
+                bar.n = summary.accounted
                 bar.set_postfix(failed=summary.failed, refresh=False)
                 bar.refresh()
     except BaseException:
@@ -471,9 +609,20 @@ def import_released(path: str, output: str, model: str = "released") -> dict[str
 
 
 def write_json_atomically(path: str, data) -> None:
+    write_atomically(path, _json_text(data, indent=1))
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Replaces `path` with `text`: written and fsynced next to it, then renamed over it, and the
+    rename made durable by syncing the folder."""
     temporary = path + ".tmp"
     with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, ensure_ascii=False, indent=1)
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)

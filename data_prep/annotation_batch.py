@@ -15,6 +15,9 @@ One run:
 Items of a batch that failed or expired without an answer for them are left for the next run.
 
 The state file is replaced atomically after every change, so a run killed at any point resumes.
+The batch replies of items still to be asked online are kept in it, per question, so a run killed
+during the online fallback asks only the questions still missing when it is rerun (the online
+answers of items in flight at the kill are asked again, as in online mode).
 A batch is started once per uploaded file, unless a run dies between the API creating it and the
 state being saved (one call's window): then it is started again, and as merging skips ids the
 output already holds, no id is written twice.
@@ -31,8 +34,9 @@ from typing import Iterable, Iterator, Optional
 from tqdm import tqdm
 
 from data_prep import prompts
-from data_prep.annotation import (DEFAULT_MODEL, PERSPECTIVES, AnnotationLog, Item, Summary, annotate_item,
-                                  load_image, make_record, pending_items, run_all, write_json_atomically)
+from data_prep.annotation import (DEFAULT_MODEL, PERSPECTIVES, AnnotationLog, Item, Summary,
+                                  annotate_item, finish, load_image, make_record, pending_items, run_all,
+                                  stops_cleanly, write_json_atomically)
 from data_prep.judge_client import JudgeClient, Reply, Usage
 
 log = logging.getLogger(__name__)
@@ -53,11 +57,13 @@ class BatchRecord:
 
 
 class BatchState:
-    """`<output>.batch.json`: the batches of an output file, for resuming."""
+    """`<output>.batch.json`: the batches of an output file, and the batch replies of items still to
+    be asked online (`answers`: item id -> (instruction, {perspective: Reply})), for resuming."""
 
     def __init__(self, path: str, model: str):
         self.path, self.model = path, model
         self.batches: list[BatchRecord] = []
+        self.answers: dict[str, tuple[str, dict[str, Reply]]] = {}
         if os.path.exists(path):
             with open(path, encoding="utf-8") as handle:
                 data = json.load(handle)
@@ -65,13 +71,30 @@ class BatchState:
                 raise ValueError(f"{path} belongs to a run with model {data.get('model')!r} and prompt version "
                                  f"{data.get('prompt_version')!r}, not {model!r} / {prompts.PROMPT_VERSION!r}")
             self.batches = [BatchRecord(**b) for b in data["batches"]]
+            self.answers = {item_id: (entry["instruction"],
+                                      {p: _reply_from_json(r) for p, r in entry["replies"].items()})
+                            for item_id, entry in data.get("answers", {}).items()}
 
     def save(self) -> None:
+        answers = {item_id: {"instruction": instruction, "replies": {p: _reply_to_json(r) for p, r in got.items()}}
+                   for item_id, (instruction, got) in self.answers.items()}
         write_json_atomically(self.path, {"model": self.model, "prompt_version": prompts.PROMPT_VERSION,
-                                           "batches": [dataclasses.asdict(b) for b in self.batches]})
+                                           "batches": [dataclasses.asdict(b) for b in self.batches],
+                                           "answers": answers})
 
     def open_batches(self) -> list[BatchRecord]:
         return [b for b in self.batches if b.state != "merged"]
+
+
+def _reply_to_json(reply: Reply) -> dict:
+    value = None if reply.value is None else {"score": reply.value.score, "failure": reply.value.failure}
+    return {"value": value, "texts": list(reply.texts), "usage": reply.usage.as_dict(), "error": reply.error,
+            "requests": reply.requests}
+
+
+def _reply_from_json(data: dict) -> Reply:
+    value = None if data["value"] is None else prompts.Annotation(**data["value"])
+    return Reply(value, tuple(data["texts"]), Usage.of(data["usage"]), data["error"], data["requests"])
 
 
 def annotate_batch(items: Iterable[Item], output: str, judge: JudgeClient, model: str = DEFAULT_MODEL, *,
@@ -86,39 +109,46 @@ def annotate_batch(items: Iterable[Item], output: str, judge: JudgeClient, model
         raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
     if max_requests < len(PERSPECTIVES):
         raise ValueError(f"max_requests must be at least {len(PERSPECTIVES)}")
-    summary = Summary(model)
+    summary = Summary(model, output)
     with AnnotationLog(output, model) as out:
         state = BatchState(output + ".batch.json", model)
-        for record in state.open_batches():
-            if record.state == "uploaded":  # a run stopped between upload and batch creation
+        with stops_cleanly(summary, judge):
+            for record in state.open_batches():
+                if record.state == "uploaded":  # a run stopped between upload and batch creation
+                    _start(judge, state, record, batch_url)
+
+            def unbatchable(record: dict) -> None:
+                out.append(record)
+                summary.add(record)
+
+            # Batch replies an earlier run kept for the online fallback (it was stopped or killed).
+            partial = {i: a for i, a in state.answers.items()
+                       if out.status(i) is None or (out.status(i) == "failed" and retry_failed)}
+            covered = frozenset(i for b in state.open_batches() for i in b.items) | frozenset(partial)
+            todo = pending_items(items, out, summary, retry_failed=retry_failed, limit=limit, exclude=covered)
+            chunks = _chunks(todo, model, request_model, batch_url, max_requests, max_bytes, judge, unbatchable)
+            for chunk, data in chunks:
+                uploaded, _ = judge.call(judge.openai.files.create, file=("requests.jsonl", data), purpose="batch")
+                record = BatchRecord(chunk, input_file_id=uploaded.id)
+                state.batches.append(record)
+                state.save()
                 _start(judge, state, record, batch_url)
 
-        def unbatchable(record: dict) -> None:
-            out.append(record)
-            summary.add(record)
-
-        covered = frozenset(i for b in state.open_batches() for i in b.items)
-        todo = pending_items(items, out, summary, retry_failed=retry_failed, limit=limit, exclude=covered)
-        for chunk, data in _chunks(todo, model, request_model, batch_url, max_requests, max_bytes, judge, unbatchable):
-            uploaded, _ = judge.call(judge.openai.files.create, file=("requests.jsonl", data), purpose="batch")
-            record = BatchRecord(chunk, input_file_id=uploaded.id)
-            state.batches.append(record)
-            state.save()
-            _start(judge, state, record, batch_url)
-
-        if wait:
-            partial: dict[str, tuple[str, dict[str, Reply]]] = {}
-            for record, batch in _wait_all(judge, state.open_batches(), poll_seconds, progress):
-                partial.update(_merge(judge, record, batch, out, summary, model))
-                record.state = "merged"
-                state.save()
-            if partial:
-                _fall_back(partial, items, out, summary, judge, model, request_model, fallback, concurrency, limit)
+            if wait:
+                for record, batch in _wait_all(judge, state.open_batches(), poll_seconds, progress):
+                    partial.update(_merge(judge, record, batch, out, summary, model))
+                    # The replies of the items left for the fallback are saved with the batch's "merged"
+                    # mark, in one atomic write: no state of a kill loses them.
+                    state.answers = dict(partial)
+                    record.state = "merged"
+                    state.save()
+                if partial:
+                    _fall_back(partial, items, out, summary, judge, model, request_model, fallback, concurrency, limit)
+                    state.answers = {i: a for i, a in partial.items() if out.status(i) is None}
+                    state.save()
         summary.pending_batches = len(state.open_batches())
         summary.total_done, summary.total_failed = out.counts()["done"], out.counts()["failed"]
-    summary.stats = dict(judge.stats)
-    return summary
-
+    return finish(summary, judge)
 
 def custom_id(perspective: str, item_id: str) -> str:
     return f"{perspective}:{item_id}"
@@ -287,7 +317,7 @@ def _fall_back(partial: dict[str, tuple[str, dict[str, Reply]]], items: Iterable
         for index, item in enumerate(items):
             if (limit is not None and index >= limit) or len(found) == len(partial):
                 return
-            if item.id in partial and item.id not in found:
+            if isinstance(item, Item) and item.id in partial and item.id not in found:
                 found.add(item.id)
                 yield item
 

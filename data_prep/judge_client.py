@@ -8,20 +8,26 @@ parser, retry what is transient, re-ask what is malformed.
     if reply.ok:
         reply.value      # what the parser returned
     else:
-        reply.error      # why it failed (rejected request, or malformed replies after the re-asks)
+        reply.error      # why it failed (rejected request, gave up on transport faults, or
+                         # malformed replies after the re-asks)
     reply.texts, reply.usage   # every raw reply text received and the tokens they cost
 
 Failure handling, by cause:
-  429 (rate limit), 408, 409, 5xx, timeouts, connection errors, garbled responses:  retried with
-      exponential backoff and jitter, honouring the server's Retry-After; the total wait per
-      request is capped.
-      Exhausted -> `JudgeUnavailable` is raised: the service is unwell, so the run should stop (and
-      resume later) rather than mark items failed.
+  429 (rate limit), 408, 409, 5xx, timeouts, connection errors, unreadable 200 bodies (truncated or
+      not JSON, or not a chat completion):  retried with exponential backoff and jitter, honouring
+      the server's Retry-After; the total wait per request is capped.
+      Exhausted -> the request *gives up* and waits for evidence (see _Health). The endpoint
+      answering other requests meanwhile (or, when none is left trying, the last request it
+      answered, sent again) makes it this item's problem: `ask` returns a failed Reply saying why,
+      and the run goes on. If the probe gets no answer either (or nothing was ever answered), the
+      endpoint looks down: `JudgeUnavailable` is raised by the waiting and every later request,
+      so the run stops (and resumes later) rather than mark items failed.
   401, 403, 404 and 429 "insufficient_quota":  `JudgeConfigError` at once (a wrong key, endpoint or
       deployment, or no credit: retrying cannot help).
   other 4xx (e.g. a request the model refuses):  the reply fails with the API's message.
   200 with a reply the parser rejects (or an empty one):  re-asked `reasks` times, then the reply
-      fails with the parser's message.
+      fails with the parser's message. A parser raises ValueError for anything it rejects, however
+      strange the reply (data_prep.prompts does).
 
 The retry loop is ours (the openai client is built with max_retries=0) so that it can be tested
 and counted (`JudgeClient.stats`). Every message that leaves this module has the API key blanked.
@@ -32,6 +38,8 @@ import collections
 import concurrent.futures
 import dataclasses
 import email.utils
+import functools
+import json
 import logging
 import os
 import random
@@ -40,6 +48,7 @@ import time
 from typing import Any, Callable, Generic, Iterable, Iterator, Optional, TypeVar
 
 import openai
+from openai.types.chat import ChatCompletion
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -50,6 +59,8 @@ _DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "azure": "AZURE_OPENAI_API_KEY",
 # limits and server errors.
 _TRANSIENT_STATUS = {408, 409, 429}
 _CONFIG_STATUS = {401, 403, 404}
+# Reply texts are kept whole in records up to this length (answers are a few dozen characters).
+_KEPT_CHARS = 20_000
 
 
 class JudgeError(Exception):
@@ -57,7 +68,7 @@ class JudgeError(Exception):
 
 
 class JudgeUnavailable(JudgeError):
-    """The judge could not be reached, or kept failing, for the whole retry budget."""
+    """The endpoint looks down: requests in a row gave up with no answer in between."""
 
 
 class JudgeConfigError(JudgeError):
@@ -74,6 +85,18 @@ class RequestRejected(Exception):
     def __init__(self, message: str, attempts: int = 1):
         super().__init__(message)
         self.attempts = attempts
+
+
+class _GaveUp(Exception):
+    """One request's attempts (or its wait budget) ran out on transient faults."""
+
+    def __init__(self, message: str, attempts: int):
+        super().__init__(message)
+        self.attempts = attempts
+
+
+class _UnreadableBody(Exception):
+    """A 200 answer whose body is not a chat completion (a proxy's page, a cut-off body)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,10 +198,15 @@ class Usage:
         if usage is None:
             return cls()
         get = usage.get if isinstance(usage, dict) else lambda k: getattr(usage, k, None)
-        return cls(int(get("prompt_tokens") or 0), int(get("completion_tokens") or 0))
+        return cls(_tokens(get("prompt_tokens")), _tokens(get("completion_tokens")))
 
     def as_dict(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+
+
+def _tokens(value) -> int:
+    """A token count from an API answer; anything but a non-negative integer counts as 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,12 +224,92 @@ class Reply(Generic[T]):
         return self.error is None
 
 
+class _Health:
+    """Tells a dead endpoint from requests that keep failing on their own (thread-safe).
+
+    A request that gave up waits for evidence. An answer from the endpoint to anything else means
+    it works: the request was the problem, and its item fails. When no request is left trying
+    (after `grace` seconds, in which the other workers would start their next request), one of the
+    waiting requests probes: it sends again the last request the endpoint answered. Answered, the
+    waiting requests fail alone; not answered (or nothing ever answered to probe with), the
+    endpoint is down, and every waiting and new request raises JudgeUnavailable.
+    """
+
+    def __init__(self, where: str, grace: float):
+        self.where, self.grace = where, grace
+        self._condition = threading.Condition()
+        self._answers = 0  # answers received: any response that is not a transient fault
+        self._trying = 0  # requests (probes included) sending or waiting between their attempts
+        self.down: Optional[str] = None
+
+    def enter(self) -> None:
+        with self._condition:
+            self._raise_if_down()
+            self._trying += 1
+
+    def leave(self) -> None:
+        with self._condition:
+            self._trying -= 1
+            self._condition.notify_all()
+
+    def answered(self) -> None:
+        with self._condition:
+            self._answers += 1
+            self._condition.notify_all()
+
+    def gave_up(self, reason: str, stopped: threading.Event, probe: Optional[Callable[[], bool]]) -> None:
+        """After leave(): returns when this request is shown to be the problem, raises
+        JudgeUnavailable when the endpoint looks down, JudgeStopped on stop(). probe(): sends the
+        last answered request again, True when answered (None: nothing was ever answered)."""
+        with self._condition:
+            seen, idle_since = self._answers, None
+            while self.down is None and self._answers == seen:
+                if stopped.is_set():
+                    raise JudgeStopped("stopped")
+                if self._trying:  # another request (or a probe) may still bring an answer
+                    idle_since = None
+                else:
+                    idle_since = idle_since or time.monotonic()
+                    if time.monotonic() - idle_since >= self.grace:
+                        if probe is None:
+                            self._set_down("it has not answered any request yet")
+                        elif not self._probe(probe):
+                            self._set_down("requests gave up, and the last request it answered, sent again, "
+                                           "got no answer either")
+                        continue
+                self._condition.wait(0.05)
+            self._raise_if_down(reason)
+
+    def _probe(self, probe: Callable[[], bool]) -> bool:
+        """probe() outside the lock (it counts as trying, so the other waiters keep waiting)."""
+        self._trying += 1
+        self._condition.release()
+        try:
+            return probe()
+        finally:
+            self._condition.acquire()
+            self._trying -= 1
+            self._condition.notify_all()
+
+    def _set_down(self, why: str) -> None:
+        self.down = f"{self.where} looks down: {why}"
+        self._condition.notify_all()
+
+    def _raise_if_down(self, reason: Optional[str] = None) -> None:
+        if self.down is not None:
+            raise JudgeUnavailable(self.down + (f" (last: {reason})" if reason else ""))
+
+
 class JudgeClient:
-    """Thread-safe: one instance serves all worker threads of a run."""
+    """Thread-safe: one instance serves all worker threads of a run.
+
+    evidence_grace: seconds a request that gave up waits for other requests to start when none is
+    in flight (see _Health); the workers of a run start their next request within milliseconds.
+    """
 
     def __init__(self, client: openai.OpenAI, policy: RetryPolicy = RetryPolicy(), *, where: str = "the judge",
                  secrets: Iterable[str] = (), seed: Optional[int] = None,
-                 sleep: Optional[Callable[[float], None]] = None):
+                 sleep: Optional[Callable[[float], None]] = None, evidence_grace: float = 1.0):
         self.openai = client.with_options(max_retries=0)
         self.policy = policy
         self.where = where
@@ -210,6 +318,8 @@ class JudgeClient:
         self._rng_lock = threading.Lock()
         self._stop = threading.Event()
         self._sleep = sleep
+        self._health = _Health(where, evidence_grace)
+        self._answered_body: Optional[dict] = None  # the last request answered, for probing
         self._stats_lock = threading.Lock()
         self.stats: collections.Counter = collections.Counter()
 
@@ -224,8 +334,9 @@ class JudgeClient:
         """Sends a /chat/completions body and parses the reply text with `parse` (which raises
         ValueError for a reply it rejects), re-asking malformed replies up to `reasks` times.
 
-        Raises JudgeError subclasses for run-stopping problems; everything about this one question
-        (a rejected request, replies the parser keeps rejecting) comes back in the Reply.
+        Raises JudgeError subclasses for run-stopping problems (endpoint down, bad key); everything
+        about this one question (a rejected request, a request that gave up while the endpoint
+        answered others, replies the parser keeps rejecting) comes back in the Reply.
         """
         reasks = self.policy.reasks if reasks is None else reasks
         texts, usage, requests, problems = [], Usage(), 0, []
@@ -233,14 +344,14 @@ class JudgeClient:
             if ask:
                 self._count("reasks")
             try:
-                completion, sent = self.call(self.openai.chat.completions.create, **body)
-            except RequestRejected as error:
-                return Reply(None, tuple(texts), usage, str(error), requests + error.attempts)
+                completion, sent = self._request(body)
+            except (RequestRejected, _GaveUp) as error:
+                return Reply(None, tuple(texts), usage, self.redact(str(error)), requests + error.attempts)
             requests += sent
             usage += Usage.of(getattr(completion, "usage", None))
             text, problem = _reply_text(completion)
             if text is not None:
-                texts.append(text)
+                texts.append(_kept(text))
                 try:
                     return Reply(parse(text), tuple(texts), usage, None, requests)
                 except ValueError as error:
@@ -250,25 +361,75 @@ class JudgeClient:
         error = f"no valid reply in {reasks + 1} asks; last: {problems[-1]}"
         return Reply(None, tuple(texts), usage, self.redact(error), requests)
 
+    def _request(self, body: dict) -> tuple[ChatCompletion, int]:
+        """One chat completion with retries; _GaveUp when this request alone keeps failing."""
+        self._health.enter()
+        try:
+            completion, attempts = self._attempts(self._create, (), body)
+            self._answered_body = body
+            return completion, attempts
+        except _GaveUp as error:
+            gave_up = error
+        finally:
+            self._health.leave()
+        self._count("gave_up")
+        log.warning("%s: a request gave up: %s", self.where, self.redact(str(gave_up)))
+        probe = None if self._answered_body is None else functools.partial(self._probe, self._answered_body)
+        self._health.gave_up(self.redact(str(gave_up)), self._stop, probe)  # raises if the endpoint looks down
+        raise gave_up
+
+    def _probe(self, body: dict) -> bool:
+        """Is the endpoint up? `body`, which it answered before, sent again (with retries)."""
+        self._count("probes")
+        try:
+            self._attempts(self._create, (), body)
+        except _GaveUp:
+            return False
+        except RequestRejected:
+            pass  # an answer all the same
+        return True
+
+    def _create(self, **body) -> ChatCompletion:
+        completion = self.openai.chat.completions.create(**body)
+        # The openai client returns the body as it came when its content type is not JSON (an HTML
+        # error page from a proxy), or a bare JSON value that is not an object.
+        if not isinstance(completion, ChatCompletion):
+            raise _UnreadableBody(f"the 200 answer is a {type(completion).__name__}, not a chat completion")
+        return completion
+
     # --- any API call ----------------------------------------------------------------------------
 
     def call(self, fn: Callable[..., Any], *args, **kwargs) -> tuple[Any, int]:
         """fn(*args, **kwargs) with the retry policy; returns (result, HTTP attempts made).
 
-        Also for the Files and Batches calls of Batch API mode.
+        For the Files and Batches calls of Batch API mode: no item owns them, so giving up raises
+        JudgeUnavailable.
         """
+        self._health.enter()
+        try:
+            return self._attempts(fn, args, kwargs)
+        except _GaveUp as error:
+            raise JudgeUnavailable(self.redact(f"cannot get an answer from {self.where}: {error}")) from None
+        finally:
+            self._health.leave()
+
+    def _attempts(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Any, int]:
         waited, last = 0.0, "no attempt"
         for attempt in range(1, self.policy.max_attempts + 1):
             if self._stop.is_set():
                 raise JudgeStopped("stopped")
             self._count("requests")
             try:
-                return fn(*args, **kwargs), attempt
-            except openai.APIConnectionError as error:  # timeouts included
+                result = fn(*args, **kwargs)
+            except openai.APIConnectionError as error:  # timeouts included; a body cut off mid-read too
                 kind = "timeout" if isinstance(error, openai.APITimeoutError) else "connection"
                 last, retry_after = f"{kind} error ({error})", None
             except openai.APIResponseValidationError as error:  # a garbled body, e.g. from a proxy
                 kind, last, retry_after = "invalid_response", f"invalid response ({error})", None
+            # A 200 whose body ends early (the openai client raises JSONDecodeError), is nested too
+            # deeply to decode, or is not a chat completion: a transport fault, like a disconnect.
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, _UnreadableBody) as error:
+                kind, last, retry_after = "bad_body", f"unreadable 200 answer, truncated? ({_short(error)})", None
             except openai.APIStatusError as error:
                 status = error.status_code
                 message = self.redact(_api_message(error))
@@ -277,9 +438,13 @@ class JudgeClient:
                 if status in _CONFIG_STATUS:
                     raise JudgeConfigError(f"{self.where} answered {status}: {message}") from None
                 if status not in _TRANSIENT_STATUS and status < 500:
+                    self._health.answered()  # it refused this request, but it is up
                     self._count(f"rejected_{status}")
                     raise RequestRejected(f"the API rejected the request ({status}): {message}", attempt) from None
                 kind, last, retry_after = str(status), f"HTTP {status} ({message})", _retry_after(error.response)
+            else:
+                self._health.answered()
+                return result, attempt
             self._count(f"retry_{kind}")
             if attempt == self.policy.max_attempts:
                 break
@@ -293,9 +458,8 @@ class JudgeClient:
             log.debug("%s: %s; retry %d in %.2f s", self.where, last, attempt, delay)
             self._wait(delay)
             waited += delay
-        raise JudgeUnavailable(self.redact(
-            f"cannot get an answer from {self.where} after {attempt} attempt(s) and {waited:.1f} s of waiting; "
-            f"last error: {last}"))
+        raise _GaveUp(self.redact(f"no answer after {attempt} attempt(s) and {waited:.1f} s of waiting; "
+                                  f"last error: {last}"), attempt)
 
     # --- control ---------------------------------------------------------------------------------
 
@@ -324,16 +488,29 @@ class JudgeClient:
 
 
 def _reply_text(completion) -> tuple[Optional[str], str]:
-    """(reply text, or None with the reason there is none)."""
-    choices = getattr(completion, "choices", None) or []
-    if not choices:
+    """(reply text, or None with the reason there is none). The openai client builds its objects
+    without validation, so any field may hold any JSON value."""
+    choices = getattr(completion, "choices", None)
+    if not isinstance(choices, list) or not choices:
         return None, "the reply has no choices"
-    message = choices[0].message
+    message = getattr(choices[0], "message", None)
     text = getattr(message, "content", None)
     if isinstance(text, str) and text.strip():
         return text, ""
     refusal = getattr(message, "refusal", None)
-    return None, f"empty reply (finish_reason {choices[0].finish_reason!r}{', refusal: ' + refusal if refusal else ''})"
+    finish = getattr(choices[0], "finish_reason", None)
+    return None, f"empty reply (finish_reason {finish!r}{', refusal: ' + refusal if isinstance(refusal, str) else ''})"
+
+
+def _kept(text: str) -> str:
+    """A reply text as kept in records: whole, unless it is far longer than any answer."""
+    if len(text) <= _KEPT_CHARS:
+        return text
+    return text[:_KEPT_CHARS] + f"... [{len(text) - _KEPT_CHARS:,} more characters]"
+
+
+def _short(error: BaseException) -> str:
+    return str(error)[:200]
 
 
 def _api_message(error: openai.APIStatusError) -> str:

@@ -10,7 +10,10 @@ Two file formats hold them:
        "raw": {"following": ["<reply text>", ...], ...}, "model": ..., "prompt_version": ...,
        "usage": {"prompt_tokens": ..., "completion_tokens": ...}, "via": "online" | "batch" | ...,
        "reason": "<why it failed>" (failed records only), "time": ...}
-      A later record of an id replaces an earlier one (only `--retry_failed` writes one).
+      The annotator keeps one record per id: after writing an id again (`--retry_failed`) it
+      rewrites the file atomically with the latest record of each id. A reader that finds several
+      records of an id (a run killed before that rewrite) takes the last one, as `latest_records`
+      and everything built on it do.
 
 `load_rewards` reads either and validates every entry; bad entries come back with the reason.
 """

@@ -1,3 +1,5 @@
+import json
+import re
 import threading
 import time
 
@@ -59,13 +61,17 @@ def test_retry_after_is_honoured_and_retries_are_counted():
     assert judge.stats["retry_429"] == 1 and judge.stats["retry_503"] == 1 and judge.stats["requests"] == 3
 
 
-def test_total_wait_is_capped_then_unavailable():
-    client, seen = _scripted([(503, _error("overloaded"), {"retry-after": "10"})])
+def test_total_wait_is_capped_then_the_request_gives_up():
+    overloaded = (503, _error("overloaded"), {"retry-after": "10"})
+    client, seen = _scripted([(200, _completion(GOOD), {})] + [overloaded] * 3 + [(200, _completion(GOOD), {})])
     sleeps = []
-    judge = JudgeClient(client, RetryPolicy(max_attempts=10, max_total_wait=25.0), sleep=sleeps.append)
-    with pytest.raises(JudgeUnavailable, match=r"after 3 attempt\(s\) and 2\d\.\d s of waiting; last error: HTTP 503"):
-        judge.ask(BODY, prompts.parse_annotation_reply)
-    assert len(seen) == 3 and len(sleeps) == 2 and sum(sleeps) <= 25.0
+    judge = JudgeClient(client, RetryPolicy(max_attempts=10, max_total_wait=25.0), sleep=sleeps.append,
+                        evidence_grace=0.01)
+    assert judge.ask(BODY, prompts.parse_annotation_reply).ok  # the endpoint has answered once
+    reply = judge.ask(BODY, prompts.parse_annotation_reply)
+    assert not reply.ok and reply.requests == 3 and len(seen) == 5  # the last: a probe, answered
+    assert re.fullmatch(r"no answer after 3 attempt\(s\) and 2\d\.\d s of waiting; last error: HTTP 503.*", reply.error)
+    assert len(sleeps) == 2 and sum(sleeps) <= 25.0 and judge.stats["gave_up"] == 1
 
 
 def test_auth_quota_and_bad_requests_are_not_retried_and_the_key_is_blanked():
@@ -103,13 +109,66 @@ def test_malformed_replies_are_re_asked_then_fail_with_the_reason():
     assert reply.error.startswith("no valid reply in 2 asks; last:") and "outside 0..5" in reply.error
 
 
-def test_connection_errors_are_retried_then_reported_clearly():
+def test_a_dead_endpoint_is_reported_clearly():
     endpoint = Endpoint(provider="compatible", base_url="http://127.0.0.1:9/v1", timeout=2.0)
-    judge = JudgeClient.from_endpoint(endpoint, RetryPolicy(max_attempts=3, initial_delay=0.01))
+    judge = JudgeClient.from_endpoint(endpoint, RetryPolicy(max_attempts=3, initial_delay=0.01), evidence_grace=0.05)
     start = time.time()
-    with pytest.raises(JudgeUnavailable, match=r"compatible http://127.0.0.1:9/v1 after 3 attempt.*connection error"):
+    # It never answered, and no other request could show that it works: down at the first give-up.
+    with pytest.raises(JudgeUnavailable, match=r"compatible http://127.0.0.1:9/v1 looks down: it has not answered "
+                                               r"any request yet \(last: no answer after 3 attempt.*connection error"):
         judge.ask(BODY, prompts.parse_annotation_reply)
     assert time.time() - start < 5 and judge.stats["retry_connection"] == 3
+    with pytest.raises(JudgeUnavailable, match="looks down"):  # later requests are not sent
+        judge.ask(BODY, prompts.parse_annotation_reply)
+    assert judge.stats["requests"] == 3
+
+
+def test_a_request_that_gives_up_is_checked_with_the_last_answered_one():
+    """One request keeps failing: the last request the endpoint answered is sent again. Answered,
+    the request fails alone; not answered, the endpoint is down."""
+    client, seen = _scripted([(200, _completion(GOOD), {}), (500, _error("boom"), {}), (500, _error("boom"), {}),
+                              (200, _completion(GOOD), {})] + [(503, _error("down"), {})] * 20)
+    judge = JudgeClient(client, RetryPolicy(max_attempts=2), sleep=lambda s: None, evidence_grace=0.01)
+    first = {**BODY, "model": "first"}
+    assert judge.ask(first, prompts.parse_annotation_reply).ok
+    reply = judge.ask(BODY, prompts.parse_annotation_reply)
+    assert not reply.ok and "last error: HTTP 500 (boom)" in reply.error and judge.stats["probes"] == 1
+    assert json.loads(seen[3].content)["model"] == "first"  # the probe
+    with pytest.raises(JudgeUnavailable, match="looks down: requests gave up, and the last request it answered, "
+                                               r"sent again, got no answer either \(last: .*HTTP 503 \(down\)"):
+        judge.ask(BODY, prompts.parse_annotation_reply)
+    assert len(seen) == 4 + 2 + 2 and judge.stats["probes"] == 2
+
+
+def test_unreadable_200_bodies_are_retried_like_disconnects():
+    """A body cut off halfway (the openai client raises JSONDecodeError), an HTML page from a proxy,
+    a JSON value that is no completion and a body nested past the decoder's limit: all transport
+    faults, retried; then the answer is used."""
+    good = _completion(GOOD)
+    bodies = [b'{"id": "chatcmpl-1", "choices": [{"mess', b"<html>Bad gateway</html>", b"[]",
+              b"[" * 100_000 + b"]" * 100_000, json.dumps(good).encode()]
+    seen = []
+
+    def handler(request):
+        seen.append(request)
+        body = bodies[len(seen) - 1]
+        kind = "text/html" if body.startswith(b"<") else "application/json"
+        return httpx2.Response(200, content=body, headers={"content-type": kind})
+
+    client = openai.OpenAI(api_key=KEY, base_url="http://judge.test/v1",
+                           http_client=httpx2.Client(transport=httpx2.MockTransport(handler)))
+    judge = JudgeClient(client, RetryPolicy(), sleep=lambda s: None)
+    reply = judge.ask(BODY, prompts.parse_annotation_reply)
+    assert reply.ok and reply.requests == 5 and judge.stats["retry_bad_body"] == 4 and judge.stats["reasks"] == 0
+
+
+@pytest.mark.parametrize("body", [{}, {"choices": "x"}, {"choices": [1]}, {"choices": [{"message": "x"}]},
+                                  {"choices": [{"message": {"content": 5}}], "usage": {"prompt_tokens": "a"}}])
+def test_completions_without_a_usable_message_are_re_asked(body):
+    client, seen = _scripted([(200, body, {}), (200, _completion(GOOD), {})])
+    judge = JudgeClient(client, RetryPolicy(reasks=1))
+    reply = judge.ask(BODY, prompts.parse_annotation_reply)
+    assert reply.ok and len(seen) == 2 and judge.stats["reasks"] == 1 and reply.usage == Usage(100, 10)
 
 
 def test_endpoints_read_keys_from_the_environment_only(monkeypatch):
