@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 
 from absl import app, flags
 
-from data_prep.judge_client import Endpoint, JudgeClient, RetryPolicy
+from data_prep.judge_client import Endpoint, JudgeClient, JudgeError, RetryPolicy
 from mre import evaluation
 from mre.editor import EditSettings, Editor
 from mre.models.native import load_any
@@ -52,6 +53,8 @@ _API_VERSION = flags.DEFINE_string("api_version", None, "Azure api-version.")
 _API_KEY_ENV = flags.DEFINE_string("api_key_env", None, "Variable holding the API key.")
 _TOY_JUDGE = flags.DEFINE_bool("toy_judge", False, "Serve the toy judge on 127.0.0.1 and use it.")
 _CONCURRENCY = flags.DEFINE_integer("concurrency", 8, "Items judged at once.")
+_RETRY_FAILED = flags.DEFINE_bool("retry_failed", False, "Judge again the items whose judgement "
+                                  "failed (results.jsonl keeps one line per item).")
 
 
 def parse_rewards(text: str):
@@ -121,11 +124,20 @@ def main(argv):
       name = "no reward" if scores is None else ",".join(f"{s:g}" for s in scores)
       out = _OUTPUT.value if len(rewards) == 1 else os.path.join(_OUTPUT.value,
                                                                    reward_dir_name(scores))
-      results[name] = evaluation.evaluate(
-          editor, items, judge, endpoint.request_model(_JUDGE_MODEL.value), out,
-          reward_scores=scores, concurrency=_CONCURRENCY.value, batch_size=_BATCH.value,
-          title=f"{_BENCHMARK.value} ({name})", model_id=os.path.abspath(_MODEL.value))
+      try:
+        results[name] = evaluation.evaluate(
+            editor, items, judge, endpoint.request_model(_JUDGE_MODEL.value), out,
+            reward_scores=scores, concurrency=_CONCURRENCY.value, batch_size=_BATCH.value,
+            title=f"{_BENCHMARK.value} ({name})", model_id=os.path.abspath(_MODEL.value),
+            retry_failed=_RETRY_FAILED.value)
+      except JudgeError as e:  # the judge looks down, or the key is wrong
+        sys.exit(f"error: {judge.redact(str(e))}\nedits and finished judgements are saved in "
+                 f"{out}; when the judge answers again, rerun the same command to resume")
       print(evaluation.summary_markdown(results[name], f"{_BENCHMARK.value}, reward {name}"))
+      failed = results[name]["all"]["failed"]
+      if failed:
+        print(f"{failed} item(s) could not be judged (see 'error' in {out}/results.jsonl): "
+              "rerun with --retry_failed to judge them again")
   if len(rewards) > 1:
     with open(os.path.join(_OUTPUT.value, "sweep.md"), "w") as f:
       f.write(sweep_markdown(results))

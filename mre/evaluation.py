@@ -6,7 +6,11 @@ edited), quality from the edited image alone), answering yes/no and a 0-5 score.
 perspective: the yes-rate and the mean score, overall and per category.
 
 Everything is resumable: edited images are cached as PNG (re-judging never re-edits), and judged
-items are appended to `results.jsonl` one line each (a rerun skips finished ids).
+items are appended to `results.jsonl` one line each (a rerun skips finished ids). A question the
+judge cannot answer (malformed replies after the re-asks, a request that kept failing while the
+judge answered others) fails its item, recorded with the reason per perspective, and the run goes
+on; `retry_failed` judges failed items again, and the file is then compacted to one line per id.
+A judge that looks down (data_prep.judge_client) stops the run with JudgeUnavailable.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_prep import prompts
+from data_prep.annotation import write_atomically
 from data_prep.judge_client import JudgeClient, run_concurrently
 
 PERSPECTIVES = prompts.PERSPECTIVES  # following, preserving, quality
@@ -85,7 +90,8 @@ def edit_items(editor, items: Sequence[BenchItem], images_dir: str, *, batch_siz
 
 
 def read_results(path: str) -> dict:
-  """{id: record} of a results JSONL; a torn last line (killed mid-write) is dropped."""
+  """{id: record} of a results JSONL. A torn last line (killed mid-write) is cut off, and a file
+  with several lines of an id (a run killed before compacting it) is compacted to the latest."""
   records = {}
   if not os.path.exists(path):
     return records
@@ -95,11 +101,17 @@ def read_results(path: str) -> dict:
   if len(good) != len(data):
     with open(path, "wb") as f:  # cut the torn line so appends start on a fresh line
       f.write(good)
-  for line in good.decode().splitlines():
-    if line.strip():
-      rec = json.loads(line)
-      records[rec["id"]] = rec
+  lines = [line for line in good.decode().splitlines() if line.strip()]
+  for line in lines:
+    rec = json.loads(line)
+    records[rec["id"]] = rec
+  if len(records) < len(lines):
+    _write_results(path, records)
   return records
+
+
+def _write_results(path: str, records: dict):
+  write_atomically(path, "".join(json.dumps(r) + "\n" for r in records.values()))
 
 
 def judge_item(judge: JudgeClient, model: str, item: BenchItem, edited_path: str) -> dict:
@@ -120,20 +132,36 @@ def judge_item(judge: JudgeClient, model: str, item: BenchItem, edited_path: str
 
 
 def judge_items(judge: JudgeClient, model: str, items: Sequence[BenchItem], paths: dict,
-                results_path: str, *, concurrency: int = 8) -> dict:
-  """Judges the items without a result yet, appending each to `results_path`; returns all."""
+                results_path: str, *, concurrency: int = 8, retry_failed: bool = False) -> dict:
+  """Judges the items without a result yet (and the failed ones with `retry_failed`), appending
+  each to `results_path`; returns all. If the judge looks down, the judged items are saved and
+  JudgeUnavailable raised."""
   done = read_results(results_path)
-  todo = [it for it in items if it.id not in done]
+  todo = [it for it in items
+          if it.id not in done or (retry_failed and done[it.id]["status"] == "failed")]
+  rejudged = sum(1 for it in todo if it.id in done)
   if todo:
-    with open(results_path, "a") as out, tqdm(total=len(todo), desc="judging", unit="item") as bar:
-      for item, future in run_concurrently(lambda it: judge_item(judge, model, it, paths[it.id]),
-                                           todo, concurrency):
-        rec = future.result()
-        out.write(json.dumps(rec) + "\n")
-        out.flush()
-        os.fsync(out.fileno())
-        done[item.id] = rec
-        bar.update(1)
+    try:
+      with open(results_path, "a") as out, \
+          tqdm(total=len(todo), desc="judging", unit="item") as bar:
+        jobs = run_concurrently(lambda it: judge_item(judge, model, it, paths[it.id]), todo,
+                                concurrency)
+        try:
+          for item, future in jobs:
+            rec = future.result()
+            out.write(json.dumps(rec) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+            done[item.id] = rec
+            bar.update(1)
+        except BaseException:
+          judge.stop()  # cut the other workers' retries short
+          raise
+        finally:
+          jobs.close()
+    finally:
+      if rejudged:  # one line per id: the latest judgement
+        _write_results(results_path, done)
   return {it.id: done[it.id] for it in items}
 
 
@@ -228,7 +256,7 @@ def check_provenance(out_dir: str, provenance: dict):
 
 def evaluate(editor, items: Sequence[BenchItem], judge: JudgeClient, judge_model: str,
              out_dir: str, *, reward_scores=None, concurrency: int = 8, batch_size: int = 16,
-             title: str = "", model_id: str = "") -> dict:
+             title: str = "", model_id: str = "", retry_failed: bool = False) -> dict:
   """Edits (cached), judges (resumable), and writes summary.{md,csv,json} + gallery.html.
 
   `model_id` names the model (e.g. its folder) in `provenance.json`, which guards the caches.
@@ -242,7 +270,7 @@ def evaluate(editor, items: Sequence[BenchItem], judge: JudgeClient, judge_model
   paths = edit_items(editor, items, os.path.join(out_dir, "images"), batch_size=batch_size,
                      reward=reward)
   records = judge_items(judge, judge_model, items, paths, os.path.join(out_dir, "results.jsonl"),
-                        concurrency=concurrency)
+                        concurrency=concurrency, retry_failed=retry_failed)
   summary = summarize(list(records.values()))
   write_reports(summary, records, items, paths, out_dir, title)
   return summary

@@ -1,14 +1,18 @@
-"""Evaluation end to end through the toy judge server: reports, recomputed numbers, resume, sweeps."""
+"""Evaluation end to end through the toy judge server: reports, recomputed numbers, resume, sweeps,
+and judging against a judge with faults."""
 import json
 import os
 import subprocess
 import sys
 
 import numpy as np
+import openai
 import pytest
+from PIL import Image
 
 from configs import reward
-from data_prep.judge_client import Endpoint, JudgeClient, RetryPolicy
+from data_prep.judge_client import Endpoint, JudgeClient, JudgeUnavailable, RetryPolicy
+from data_prep.toy import judge_server
 from data_prep.toy.judge_server import serve_in_thread
 from mre import evaluation, model_setup
 from mre.editor import EditSettings, Editor
@@ -103,3 +107,93 @@ def test_cached_edits_are_not_reused_for_other_settings(tmp_path, toy_data, toy_
     evaluation.evaluate(editor, items, judge, "toy", out, model_id="m1")
     with pytest.raises(ValueError, match="choose another output folder"):
       evaluation.evaluate(editor, items, judge, "toy", out, model_id="m2")
+
+
+# Judging against a faulty judge (issue 14): the same failure classes as annotation, same client.
+
+def _judged_items(toy_data, folder, n=8):
+  """n benchmark items, each with an "edited" image of its own (the original, one pixel marked)."""
+  items = evaluation.load_benchmark(BENCH, toy_data, limit=n)
+  paths = {}
+  for k, it in enumerate(items):
+    edited = it.original.copy()
+    edited[0, 0] = (k * 29 % 256, 255 - k, 7)
+    paths[it.id] = str(folder / f"{k}.png")
+    Image.fromarray(edited).save(paths[it.id])
+  return items, paths
+
+
+def _judge(server, **kw):
+  policy = RetryPolicy(max_attempts=3, initial_delay=0.001, max_delay=0.01, reasks=2)
+  client = openai.OpenAI(base_url=server.base_url, api_key="toy", timeout=kw.pop("timeout", 5))
+  return JudgeClient(client, policy, seed=0, **kw)
+
+
+def test_judging_survives_every_fault_kind_and_retries_failed_items(tmp_path, toy_data):
+  items, paths = _judged_items(toy_data, tmp_path)
+  with serve_in_thread() as server:
+    clean = evaluation.judge_items(_judge(server), "toy", items, paths,
+                                   str(tmp_path / "clean.jsonl"))
+  digests = [judge_server.image_digest(Image.open(paths[it.id])) for it in items]
+  questions = [(d, p) for d in digests for p in evaluation.PERSPECTIVES]
+  # Each kind on the first ask of one question; two questions fail on every ask.
+  transient = dict(zip(questions, judge_server.FAULT_KINDS))
+  persistent = {questions[-1]: "truncated", questions[-5]: "bool_score"}
+
+  def choose(request):
+    question = (request.edited, request.perspective)
+    if question in persistent:
+      return persistent[question]
+    return transient.get(question) if request.attempt == 1 else None
+
+  results = str(tmp_path / "results.jsonl")
+  # A timeout far above an answer's time even on a loaded machine: only the slow fault times out.
+  faults = judge_server.Faults(choose=choose, slow_seconds=1.5, retry_after_seconds=0.001)
+  with serve_in_thread(faults=faults) as server:
+    judge = _judge(server, timeout=1.0)
+    records = evaluation.judge_items(judge, "toy", items, paths, results, concurrency=4)
+    assert all(server.counts[kind] >= 1 for kind in judge_server.FAULT_KINDS)
+  assert judge.stats["retry_bad_body"] == 1 + 3 and judge.stats["gave_up"] == 1
+  failed = {it.id for it in items[-2:]}
+  for it in items:
+    for p in evaluation.PERSPECTIVES:
+      got = records[it.id][p]
+      if (digests[items.index(it)], p) in persistent:
+        assert records[it.id]["status"] == "failed"
+        assert got["error"].startswith("no answer after 3 attempt(s)" if p == "quality" else
+                                       "no valid reply in 3 asks"), got
+      else:  # every transient fault absorbed: the clean run's answer, a float score
+        assert (got["yes"], got["score"]) == (clean[it.id][p]["yes"], clean[it.id][p]["score"])
+        assert type(got["score"]) is float
+  assert {i for i, r in records.items() if r["status"] == "failed"} == failed
+  assert evaluation.summarize(list(records.values()))["all"]["failed"] == 2
+
+  # retry_failed judges the two again; results.jsonl keeps one line per id.
+  with serve_in_thread() as server:
+    again = evaluation.judge_items(_judge(server), "toy", items, paths, results, retry_failed=True)
+    assert server.counts["requests"] == 2 * 3
+  assert all(r["status"] == "ok" for r in again.values())
+  ids = [json.loads(line)["id"] for line in open(results)]
+  assert sorted(ids) == sorted(it.id for it in items)
+
+
+def test_judging_stops_when_the_judge_dies_and_resumes(tmp_path, toy_data):
+  items, paths = _judged_items(toy_data, tmp_path)
+  alive = [10]
+
+  def choose(request):
+    alive[0] -= 1
+    return "disconnect" if alive[0] < 0 else None
+
+  results = str(tmp_path / "results.jsonl")
+  with serve_in_thread(faults=judge_server.Faults(choose=choose)) as server:
+    with pytest.raises(JudgeUnavailable, match="looks down"):
+      evaluation.judge_items(_judge(server, evidence_grace=0.2), "toy", items, paths, results,
+                             concurrency=3)
+  saved = [json.loads(line) for line in open(results)]
+  assert len(saved) < len(items) and all(r["status"] == "ok" for r in saved)  # nobody blamed
+  with serve_in_thread() as server:
+    records = evaluation.judge_items(_judge(server), "toy", items, paths, results)
+    assert server.counts["requests"] == 3 * (len(items) - len(saved))
+  assert all(r["status"] == "ok" for r in records.values())
+  assert sorted(json.loads(line)["id"] for line in open(results)) == sorted(it.id for it in items)
