@@ -163,6 +163,8 @@ def _x0_from_k_output(x, model_output, sigma, prediction_type):
     """Predicted clean sample for the k-diffusion parameterisation x = x0 + sigma * eps."""
     if prediction_type == "epsilon":
         return x - sigma * model_output
+    if prediction_type == "sample":
+        return model_output
     return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
 
 
@@ -200,6 +202,9 @@ def ddim_step(
     if prediction_type == "epsilon":
         x0 = (x - beta**0.5 * model_output) / alpha_bar**0.5
         eps = model_output
+    elif prediction_type == "sample":
+        x0 = model_output
+        eps = (x - alpha_bar**0.5 * x0) / beta**0.5
     else:
         x0 = alpha_bar**0.5 * x - beta**0.5 * model_output
         eps = alpha_bar**0.5 * model_output + beta**0.5 * x
@@ -232,6 +237,8 @@ def dpmpp_2m_step(
     alpha_t, sigma_t = _alpha_sigma(sigma_next)
     if prediction_type == "epsilon":
         x0 = (x - sigma_s0 * model_output) / alpha_s0
+    elif prediction_type == "sample":
+        x0 = model_output
     else:
         x0 = alpha_s0 * x - sigma_s0 * model_output
     lambda_t = jnp.log(alpha_t) - jnp.log(sigma_t)  # +inf at the final sigma 0: exp(-h) = 0 below

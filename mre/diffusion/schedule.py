@@ -22,7 +22,7 @@ import numpy as np
 from flax import struct
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # "sample": the clean x0 itself
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 
@@ -291,13 +291,15 @@ def training_target(
     t: jax.Array,
     prediction_type: Optional[str] = None,
 ) -> jax.Array:
-    """What the network regresses: the noise ('epsilon') or the velocity ('v_prediction').
-    `prediction_type` defaults to the schedule's."""
+    """What the network regresses: the noise ('epsilon'), the velocity ('v_prediction') or the clean
+    sample itself ('sample'). `prediction_type` defaults to the schedule's."""
     prediction_type = prediction_type or schedule.prediction_type
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
         return velocity(schedule, x0, noise, t)
+    if prediction_type == "sample":
+        return x0
     raise ValueError(f"prediction_type: unsupported value {prediction_type!r}; expected one of {PREDICTION_TYPES}")
 
 
@@ -321,7 +323,8 @@ def min_snr_weight(
     """Per-example MSE weights of Min-SNR-gamma (Hang et al. 2023), as in diffusers' training scripts.
 
     The weight min(SNR, gamma) applies to the x0 error; expressed on the regressed target it becomes
-    min(SNR, gamma) / SNR for epsilon and min(SNR, gamma) / (SNR + 1) for v-prediction.
+    min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v-prediction and
+    min(SNR, gamma) itself for 'sample' (the target is x0).
     """
     prediction_type = prediction_type or schedule.prediction_type
     ratio = snr(schedule, t)
@@ -330,4 +333,6 @@ def min_snr_weight(
         return clipped / ratio
     if prediction_type == "v_prediction":
         return clipped / (ratio + 1)
+    if prediction_type == "sample":
+        return clipped
     raise ValueError(f"prediction_type: unsupported value {prediction_type!r}; expected one of {PREDICTION_TYPES}")

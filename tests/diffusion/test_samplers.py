@@ -69,6 +69,9 @@ CASES = [  # sampler, eta, extra config
     ("euler", 0.0, {"prediction_type": "v_prediction"}),
     ("ddim", 0.5, {"prediction_type": "v_prediction"}),
     ("dpmpp_2m", 0.0, {"prediction_type": "v_prediction"}),
+    ("euler", 0.0, {"prediction_type": "sample"}),  # the model predicts x0 itself
+    ("ddim", 0.5, {"prediction_type": "sample"}),
+    ("dpmpp_2m", 0.0, {"prediction_type": "sample"}),
     ("euler_ancestral", 0.0, {"timestep_spacing": "leading"}),  # init sigma sqrt(s^2 + 1)
     ("euler", 0.0, {"timestep_spacing": "trailing", "final_sigmas_type": "sigma_min"}),
     ("ddim", 0.0, {"timestep_spacing": "trailing"}),
@@ -92,6 +95,31 @@ def test_full_run_matches_diffusers(sampler, eta, extra, monkeypatch):
 
     assert np.isfinite(expected).all() and np.abs(expected).max() > 0.5  # a real, non-trivial run
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+def test_euler_ancestral_sample_prediction_equals_epsilon_run():
+    """diffusers' Euler-ancestral does not implement 'sample'; ours must follow the same path as
+    with an epsilon model whose implied x0 it is given."""
+    config = {**SD15_SCHEDULER_CONFIG}
+    schedule = schedule_from_config(config)
+    num_steps, rng = 20, np.random.default_rng(3)
+    latents = jnp.asarray(rng.standard_normal(SHAPE).astype(np.float32))
+    step_noise = jnp.asarray(rng.standard_normal((num_steps,) + SHAPE).astype(np.float32))
+    sigmas = sampling_sigmas(schedule, num_steps, "euler_ancestral")
+    timesteps = jnp.asarray(sampling_timesteps(schedule, num_steps, "euler_ancestral"))
+
+    def x0_model(model_input, t):  # the x0 that fake_model_jax's epsilon implies
+        sigma = sigmas[jnp.argmin(jnp.abs(timesteps - t))]
+        x = model_input * (sigma**2 + 1) ** 0.5
+        return x - sigma * fake_model_jax(model_input, t)
+
+    x = latents * init_noise_sigma(schedule, num_steps, "euler_ancestral")
+    expected = sample(fake_model_jax, x, schedule, num_steps, sampler="euler_ancestral",
+                      noise=step_noise, prediction_type="epsilon")
+    got = sample(x0_model, x, schedule, num_steps, sampler="euler_ancestral", noise=step_noise,
+                 prediction_type="sample")
+    assert float(jnp.abs(expected).max()) > 0.5
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=0, atol=1e-4)
 
 
 def test_ddim_class_defaults_clip_and_final_alpha(monkeypatch):

@@ -67,8 +67,10 @@ def test_add_noise_and_velocity_match_diffusers():
         np.asarray(training_target(schedule, x0, noise, t, "v_prediction")), expected_v.numpy(),
         rtol=0, atol=2e-6,
     )
+    # 'sample': the clean x0 itself.
+    np.testing.assert_array_equal(np.asarray(training_target(schedule, x0, noise, t, "sample")), x0)
     with pytest.raises(ValueError, match="prediction_type"):
-        training_target(schedule, x0, noise, t, "sample")
+        training_target(schedule, x0, noise, t, "flow_prediction")
 
 
 def test_snr_and_min_snr_weights_match_diffusers_recipe():
@@ -87,6 +89,9 @@ def test_snr_and_min_snr_weights_match_diffusers_recipe():
         np.asarray(min_snr_weight(schedule, t, 5.0, "v_prediction")),
         (clipped / (expected_snr + 1)).numpy(), rtol=1e-5,
     )
+    # The target is x0 itself: the weight on the x0 error is min(snr, gamma) unchanged.
+    np.testing.assert_allclose(
+        np.asarray(min_snr_weight(schedule, t, 5.0, "sample")), clipped.numpy(), rtol=1e-5)
     weights = np.asarray(min_snr_weight(schedule, t, 5.0))
     assert weights[0] < 0.01 and weights[-1] == 1.0  # low-noise steps are down-weighted
 
@@ -133,7 +138,7 @@ def test_export_round_trips_through_diffusers(tmp_path, extra):
     [
         ("beta_schedule", "sigmoid"),
         ("timestep_spacing", "uniform"),
-        ("prediction_type", "sample"),
+        ("prediction_type", "flow_prediction"),
         ("use_karras_sigmas", True),
         ("rescale_betas_zero_snr", True),
         ("thresholding", True),
