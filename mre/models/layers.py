@@ -12,10 +12,42 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+class GroupNorm(nnx.Module):
+  """GroupNorm over channels-last inputs [B, ..., C] with PyTorch's arithmetic (two-pass variance,
+  float32 statistics) and flax's parameter names (`scale`, `bias`).
+
+  Statistics are reduced over the spatial axes per channel first and only then per group: XLA:CPU
+  runs that about twice as fast, forward and backward, as `nnx.GroupNorm`'s reduction over a
+  [B, H, W, G, C/G] view (the ~20 norms of a toy U-Net step), with the same result to ~1e-6.
+  """
+
+  def __init__(self, channels, groups, eps, *, dtype, param_dtype, rngs):
+    del rngs  # no random initialisation
+    if channels % groups:
+      raise ValueError(f"GroupNorm: {channels} channels do not split into {groups} groups")
+    self.groups, self.eps, self.dtype = groups, eps, dtype
+    self.scale = nnx.Param(jnp.ones((channels,), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((channels,), param_dtype))
+
+  def __call__(self, x):
+    b, c = x.shape[0], x.shape[-1]
+    spatial = tuple(range(1, x.ndim - 1))
+    per_group = c // self.groups
+    count = per_group * math.prod(x.shape[1:-1])
+    xf = x.astype(jnp.float32)
+    bcast = lambda v: v.reshape((b,) + (1,) * len(spatial) + (c,))  # noqa: E731
+    to_channels = lambda v: jnp.repeat(v, per_group, axis=1)  # [B, G] -> [B, C]  # noqa: E731
+    group_sum = lambda v: v.reshape(b, self.groups, per_group).sum(-1)  # noqa: E731
+    mean = group_sum(jnp.sum(xf, axis=spatial)) / count
+    centred = xf - bcast(to_channels(mean))
+    var = group_sum(jnp.sum(centred * centred, axis=spatial)) / count
+    inv = to_channels(jax.lax.rsqrt(var + self.eps)) * self.scale[...].astype(jnp.float32)
+    out = centred * bcast(inv) + self.bias[...].astype(jnp.float32)
+    return out.astype(self.dtype or x.dtype)
+
+
 def group_norm(channels, groups, eps, *, dtype, param_dtype, rngs):
-  # Two-pass variance (mean of squared deviations) as PyTorch does; statistics are in float32.
-  return nnx.GroupNorm(channels, num_groups=groups, epsilon=eps, use_fast_variance=False,
-                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  return GroupNorm(channels, groups, eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def conv(cin, cout, kernel=3, stride=1, padding=1, *, dtype, param_dtype, rngs):
