@@ -463,7 +463,8 @@ class _EditView:
             # Too small or too thin for a toy shape: noise, or a blurred edge between two colours.
             if pixels.sum() < 8 or not ndimage.binary_erosion(pixels, structure=np.ones((3, 3), bool)).any():
                 continue
-            colour = _majority(names[pixels].tolist())
+            # Named from the component's own pixels: the holes filled above have no colour name.
+            colour = _majority(names[components == k].tolist())
             # The median wears corners off a shape that is not pixel-exact: give back the border
             # pixels nearer the shape's colour than the background's that sit in a corner of the
             # shape (two sides touching it; a noisy pixel beside a flat side touches one).

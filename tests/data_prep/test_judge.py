@@ -133,3 +133,23 @@ def test_bad_inputs_get_clear_errors():
         judge.judge("make it pop", original, original)
     with pytest.raises(ValueError, match="unknown perspective"):
         judge.judge_perspective("beauty", sample.instruction, original, original)
+
+
+def test_a_ring_shaped_blob_is_judged_not_a_crash():
+    """A model output may draw a ring: filling its hole must not leave it without a colour name
+    (the hole's pixels have none, and once outnumbered the ring's)."""
+    scene, sample = _triple("add", seed=9)
+    original = scenes.render(scene)
+    edited = original.copy()
+    free = scenes.render_labels(scene) < 0
+    # An orange ring, 2 px wide, around a larger 12x12 hole, placed on free background.
+    for top in range(0, scene.size - 16):
+        for left in range(0, scene.size - 16):
+            if free[top:top + 16, left:left + 16].all():
+                ring = np.zeros((16, 16), bool)
+                ring[:2], ring[-2:], ring[:, :2], ring[:, -2:] = True, True, True, True
+                edited[top:top + 16, left:left + 16][ring] = scenes.COLOURS["orange"]
+                verdict = judge.judge(sample.instruction, original, edited)
+                assert 0.0 <= verdict.following.score <= 5.0
+                return
+    raise AssertionError("no free 16x16 place in this scene: pick another seed")
