@@ -60,6 +60,10 @@ class UNetConfig:
   heads: tuple                      # attention heads per down block
   transformer_layers: tuple
   cross_attention_dim: int
+  # Per down block (mirrored in the up blocks): attn1 attends to the context too. diffusers'
+  # UNetMidBlock2DCrossAttn ignores it (and `mid_block_only_cross_attention`): its attn1 stays
+  # self-attention.
+  only_cross_attention: tuple = ()
   norm_num_groups: int = 32
   norm_eps: float = 1e-5
   use_linear_projection: bool = False
@@ -92,7 +96,6 @@ class UNetConfig:
     refuse(cfg, "class_embed_type", (None,), where)
     refuse(cfg, "encoder_hid_dim", (None,), where)
     refuse(cfg, "dual_cross_attention", (False,), where, False)
-    refuse(cfg, "only_cross_attention", (False,), where, False)
     refuse(cfg, "dropout", (0, 0.0), where, 0.0)
     refuse(cfg, "conv_in_kernel", (3,), where, 3)
     refuse(cfg, "conv_out_kernel", (3,), where, 3)
@@ -101,6 +104,7 @@ class UNetConfig:
     # diffusers' historical naming: `attention_head_dim` holds the number of heads when
     # `num_attention_heads` is unset (true of every SD 1.x config).
     heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
+    only_cross = cfg.get("only_cross_attention", False)
     return cls(
         in_channels=cfg["in_channels"], out_channels=cfg["out_channels"],
         block_out_channels=tuple(cfg["block_out_channels"]),
@@ -111,6 +115,8 @@ class UNetConfig:
         transformer_layers=per_block(cfg.get("transformer_layers_per_block", 1), n,
                                      "transformer_layers_per_block", where),
         cross_attention_dim=cfg["cross_attention_dim"],
+        only_cross_attention=tuple(bool(v) for v in per_block(
+            only_cross, n, "only_cross_attention", where)),
         norm_num_groups=cfg.get("norm_num_groups", 32), norm_eps=cfg.get("norm_eps", 1e-5),
         use_linear_projection=cfg.get("use_linear_projection", False),
         flip_sin_to_cos=cfg.get("flip_sin_to_cos", True), freq_shift=cfg.get("freq_shift", 0),

@@ -40,7 +40,8 @@ class UNet2DConditionModel(nnx.Module):
       down.append(DownBlock(cin, cout, temb_dim, cfg.layers_per_block[i], cfg.heads[i],
                             cfg.transformer_layers[i], cfg,
                             cross_attn=kind.startswith("CrossAttn"),
-                            add_downsample=i < len(ch) - 1, remat=remat, **kw))
+                            add_downsample=i < len(ch) - 1, remat=remat,
+                            only_cross=cfg.only_cross_attention[i], **kw))
     self.down_blocks = nnx.List(down)
     self.mid_block = MidBlock(ch[-1], temb_dim, cfg.heads[-1], cfg.transformer_layers[-1], cfg,
                               remat=remat, **kw) if cfg.has_mid_block else None
@@ -53,7 +54,8 @@ class UNet2DConditionModel(nnx.Module):
       cin = rev_ch[min(i + 1, len(ch) - 1)]
       up.append(UpBlock(cin, cout, prev, temb_dim, rev_layers[i] + 1, rev_heads[i], rev_depth[i],
                         cfg, cross_attn=kind.startswith("CrossAttn"),
-                        add_upsample=i < len(ch) - 1, remat=remat, **kw))
+                        add_upsample=i < len(ch) - 1, remat=remat,
+                        only_cross=cfg.only_cross_attention[::-1][i], **kw))
     self.up_blocks = nnx.List(up)
     self.conv_norm_out = group_norm(ch[0], cfg.norm_num_groups, cfg.norm_eps, **kw)
     self.conv_out = conv(ch[0], cfg.out_channels, **kw)

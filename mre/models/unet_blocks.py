@@ -32,18 +32,25 @@ class FeedForward(nnx.Module):
 
 
 class BasicTransformerBlock(nnx.Module):
-  """Self-attention, cross-attention to the text context, GEGLU feed-forward; pre-LayerNorm."""
+  """Self-attention, cross-attention to the text context, GEGLU feed-forward; pre-LayerNorm.
 
-  def __init__(self, dim, heads, head_dim, context_dim, *, dtype, param_dtype, rngs):
+  With `only_cross` (diffusers' `only_cross_attention`) the first attention attends to the context
+  as well: no attention over all pixels, whose cost grows with the square of their number.
+  """
+
+  def __init__(self, dim, heads, head_dim, context_dim, only_cross=False, *, dtype, param_dtype,
+               rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     ln = lambda: nnx.LayerNorm(dim, epsilon=1e-5, use_fast_variance=False, **kw)
+    self.only_cross = only_cross
     self.norm1, self.norm2, self.norm3 = ln(), ln(), ln()
-    self.attn1 = Attention(dim, heads, head_dim, **kw)
+    self.attn1 = Attention(dim, heads, head_dim, context_dim=context_dim if only_cross else None,
+                           **kw)
     self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim, **kw)
     self.ff = FeedForward(dim, **kw)
 
   def __call__(self, x, context):
-    x = x + self.attn1(self.norm1(x))
+    x = x + self.attn1(self.norm1(x), context if self.only_cross else None)
     x = x + self.attn2(self.norm2(x), context)
     return x + self.ff(self.norm3(x))
 
@@ -51,8 +58,8 @@ class BasicTransformerBlock(nnx.Module):
 class Transformer2D(nnx.Module):
   """GroupNorm, project in (1x1 conv or linear), transformer blocks over H*W tokens, project out."""
 
-  def __init__(self, channels, heads, context_dim, groups, num_layers=1, linear_proj=False, *,
-               dtype, param_dtype, rngs):
+  def __init__(self, channels, heads, context_dim, groups, num_layers=1, linear_proj=False,
+               only_cross=False, *, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.linear_proj = linear_proj
     self.norm = group_norm(channels, groups, 1e-6, **kw)
@@ -60,7 +67,7 @@ class Transformer2D(nnx.Module):
         lambda: conv(channels, channels, 1, padding=0, **kw))
     self.proj_in = make()
     self.transformer_blocks = nnx.List([
-        BasicTransformerBlock(channels, heads, channels // heads, context_dim, **kw)
+        BasicTransformerBlock(channels, heads, channels // heads, context_dim, only_cross, **kw)
         for _ in range(num_layers)])
     self.proj_out = make()
 
@@ -85,14 +92,14 @@ class DownBlock(nnx.Module):
   """ResNet (+ spatial transformer) layers, then an optional stride-2 downsampler."""
 
   def __init__(self, cin, cout, temb_dim, num_layers, heads, depth, cfg, *, cross_attn,
-               add_downsample, remat, dtype, param_dtype, rngs):
+               add_downsample, remat, only_cross=False, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.resnets = nnx.List([
         ResnetBlock2D(cin if i == 0 else cout, cout, temb_dim, cfg.norm_num_groups, cfg.norm_eps, **kw)
         for i in range(num_layers)])
     self.attentions = nnx.List([
         Transformer2D(cout, heads, cfg.cross_attention_dim, cfg.norm_num_groups, depth,
-                      cfg.use_linear_projection, **kw)
+                      cfg.use_linear_projection, only_cross, **kw)
         for _ in range(num_layers)]) if cross_attn else None
     self.downsamplers = nnx.List([Downsample2D(cout, cfg.downsample_padding, **kw)]) \
         if add_downsample else None
@@ -136,7 +143,7 @@ class UpBlock(nnx.Module):
   """ResNet (+ spatial transformer) layers over [x | skip] concatenations, then 2x upsampling."""
 
   def __init__(self, cin, cout, prev_cout, temb_dim, num_layers, heads, depth, cfg, *, cross_attn,
-               add_upsample, remat, dtype, param_dtype, rngs):
+               add_upsample, remat, only_cross=False, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     resnets = []
     for i in range(num_layers):
@@ -147,7 +154,7 @@ class UpBlock(nnx.Module):
     self.resnets = nnx.List(resnets)
     self.attentions = nnx.List([
         Transformer2D(cout, heads, cfg.cross_attention_dim, cfg.norm_num_groups, depth,
-                      cfg.use_linear_projection, **kw)
+                      cfg.use_linear_projection, only_cross, **kw)
         for _ in range(num_layers)]) if cross_attn else None
     self.upsamplers = nnx.List([Upsample2D(cout, **kw)]) if add_upsample else None
     self.resnet_call = maybe_remat(_resnet_call, "resnet" in remat)
