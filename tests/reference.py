@@ -19,14 +19,16 @@ UNET_CONFIGS = {
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8),
-    # Cross-attention only (no attention over all pixels) in chosen blocks, one norm group; the
-    # mid block keeps self-attention whatever `mid_block_only_cross_attention` says (diffusers).
+    # The toy editors' options: cross-attention only (no attention over all pixels) in chosen
+    # blocks (the mid block keeps self-attention whatever `mid_block_only_cross_attention` says,
+    # as in diffusers), one norm group, the pooled text added to the time embedding.
     "only_cross_attention": dict(
         sample_size=16, in_channels=8, out_channels=4, block_out_channels=(16, 32),
         layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=24,
         attention_head_dim=(2, 4), norm_num_groups=1, only_cross_attention=(True, False),
-        mid_block_only_cross_attention=True),
+        mid_block_only_cross_attention=True, addition_embed_type="text",
+        addition_embed_type_num_heads=4),
 }
 VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
                   down_block_types=("DownEncoderBlock2D",) * 2,

@@ -64,6 +64,8 @@ class UNetConfig:
   # UNetMidBlock2DCrossAttn ignores it (and `mid_block_only_cross_attention`): its attn1 stays
   # self-attention.
   only_cross_attention: tuple = ()
+  addition_embed_type: str | None = None   # None, or "text": the pooled context joins the time
+  addition_embed_type_num_heads: int = 64  # embedding (TextTimeEmbedding)
   norm_num_groups: int = 32
   norm_eps: float = 1e-5
   use_linear_projection: bool = False
@@ -95,6 +97,7 @@ class UNetConfig:
     refuse(cfg, "time_embedding_type", ("positional",), where, "positional")
     refuse(cfg, "class_embed_type", (None,), where)
     refuse(cfg, "encoder_hid_dim", (None,), where)
+    refuse(cfg, "addition_embed_type", (None, "text"), where)
     refuse(cfg, "dual_cross_attention", (False,), where, False)
     refuse(cfg, "dropout", (0, 0.0), where, 0.0)
     refuse(cfg, "conv_in_kernel", (3,), where, 3)
@@ -117,6 +120,8 @@ class UNetConfig:
         cross_attention_dim=cfg["cross_attention_dim"],
         only_cross_attention=tuple(bool(v) for v in per_block(
             only_cross, n, "only_cross_attention", where)),
+        addition_embed_type=cfg.get("addition_embed_type"),
+        addition_embed_type_num_heads=cfg.get("addition_embed_type_num_heads", 64),
         norm_num_groups=cfg.get("norm_num_groups", 32), norm_eps=cfg.get("norm_eps", 1e-5),
         use_linear_projection=cfg.get("use_linear_projection", False),
         flip_sin_to_cos=cfg.get("flip_sin_to_cos", True), freq_shift=cfg.get("freq_shift", 0),

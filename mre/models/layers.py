@@ -85,6 +85,45 @@ class TimestepEmbedding(nnx.Module):
     return self.linear_2(nnx.silu(self.linear_1(x)))
 
 
+class AttentionPooling(nnx.Module):
+  """diffusers' `AttentionPooling` (from DeepFloyd IF): a class token, the tokens' mean plus a
+  learned position, attends to itself and the tokens; its output is the pooled vector."""
+
+  def __init__(self, heads, dim, *, dtype, param_dtype, rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.heads, self.dtype = heads, dtype
+    self.positional_embedding = nnx.Param(
+        jax.random.normal(rngs.params(), (1, dim), param_dtype) / dim ** 0.5)
+    self.k_proj, self.q_proj, self.v_proj = (linear(dim, dim, **kw) for _ in range(3))
+
+  def __call__(self, x):
+    b, _, d = x.shape
+    cls = x.mean(axis=1, keepdims=True) + self.positional_embedding[...].astype(x.dtype)
+    tokens = jnp.concatenate([cls, x], axis=1)
+    split = lambda t: t.reshape(b, t.shape[1], self.heads, d // self.heads)  # noqa: E731
+    q, k, v = split(self.q_proj(cls)), split(self.k_proj(tokens)), split(self.v_proj(tokens))
+    # diffusers scales q and k by dim**-0.25 each; the product is the usual dim**-0.5.
+    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
+                                       scale=(d // self.heads) ** -0.5)
+    return out.reshape(b, d)
+
+
+class TextTimeEmbedding(nnx.Module):
+  """diffusers' `TextTimeEmbedding` (`addition_embed_type="text"`): the text context, pooled by
+  attention, projected to the time-embedding width and added to the time embedding, so the
+  instruction reaches every ResNet block, not only the attention layers."""
+
+  def __init__(self, text_dim, temb_dim, heads, *, dtype, param_dtype, rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.norm1 = nnx.LayerNorm(text_dim, epsilon=1e-5, use_fast_variance=False, **kw)
+    self.pool = AttentionPooling(heads, text_dim, **kw)
+    self.proj = linear(text_dim, temb_dim, **kw)
+    self.norm2 = nnx.LayerNorm(temb_dim, epsilon=1e-5, use_fast_variance=False, **kw)
+
+  def __call__(self, context):
+    return self.norm2(self.proj(self.pool(self.norm1(context))))
+
+
 class Attention(nnx.Module):
   """Multi-head attention with diffusers' parameter names; self-attention when `context` is None.
 

@@ -27,6 +27,10 @@ class RewardUNet(UNet2DConditionModel):
 
   def __init__(self, config, reward: RewardConfig, *, text_dim=None, dtype=jnp.float32,
                param_dtype=jnp.float32, remat=(), rngs: nnx.Rngs):
+    config = config if isinstance(config, UNetConfig) else UNetConfig.from_dict(config)
+    if reward.form == "released" and config.addition_embed_type is not None:
+      # The release ignores `addition_embed_type`; its `add_embedding` is the score embedding.
+      config = dataclasses.replace(config, addition_embed_type=None)
     super().__init__(config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
     cfg, r = self.config, reward
     self.reward_config = r
@@ -119,8 +123,10 @@ def reward_unet_from_stage1(stage1: UNet2DConditionModel, reward: RewardConfig, 
 
 
 def has_reward(tensors: dict, cfg: dict) -> bool:
-  return CONFIG_KEY in cfg or any(k.startswith(("add_embedding.", "add_embedding2.", "text_linear",
-                                                "proj_deal.")) for k in tensors)
+  # `add_embedding.linear_1`: the release's score embedding; a plain U-Net with
+  # addition_embed_type "text" has an `add_embedding` too (norm1, pool, proj, norm2).
+  released = ("add_embedding.linear_", "add_embedding2.", "text_linear", "proj_deal.")
+  return CONFIG_KEY in cfg or any(k.startswith(released) for k in tensors)
 
 
 def reward_config_of(tensors: dict, cfg: dict) -> RewardConfig:
@@ -128,12 +134,12 @@ def reward_config_of(tensors: dict, cfg: dict) -> RewardConfig:
   if CONFIG_KEY in cfg:
     return RewardConfig(**cfg[CONFIG_KEY])
   has = lambda prefix: any(k.startswith(prefix) for k in tensors)
-  if not (has("add_embedding.") or has("text_linear") or has("proj_deal.")):
+  if not (has("add_embedding.linear_") or has("text_linear") or has("proj_deal.")):
     raise ValueError("this U-Net checkpoint has no reward modules (neither our `mre_reward` "
                      "config entry nor the released `add_embedding`/`proj_deal`/`ca` tensors)")
-  return RewardConfig(form="released", use_scores=has("add_embedding"),
+  return RewardConfig(form="released", use_scores=has("add_embedding.linear_"),
                       use_texts=has("text_linear"), inject_latent=has("proj_deal."),
-                      inject_unet=has("add_embedding.") or has("text_linear2."))
+                      inject_unet=has("add_embedding.linear_") or has("text_linear2."))
 
 
 def load_reward_unet(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, remat=(),

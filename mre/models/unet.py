@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mre.models.config import UNetConfig
-from mre.models.layers import TimestepEmbedding, conv, group_norm, sinusoidal_embedding
+from mre.models.layers import (TextTimeEmbedding, TimestepEmbedding, conv, group_norm,
+                               sinusoidal_embedding)
 from mre.models.unet_blocks import DownBlock, MidBlock, UpBlock
 
 REMAT_CHOICES = ("resnet", "transformer")
@@ -33,6 +34,9 @@ class UNet2DConditionModel(nnx.Module):
     temb_dim = 4 * ch[0]
     self.conv_in = conv(cfg.in_channels, ch[0], **kw)
     self.time_embedding = TimestepEmbedding(ch[0], temb_dim, **kw)
+    if cfg.addition_embed_type == "text":
+      self.add_embedding = TextTimeEmbedding(cfg.cross_attention_dim, temb_dim,
+                                             cfg.addition_embed_type_num_heads, **kw)
 
     down, cout = [], ch[0]
     for i, kind in enumerate(cfg.down_block_types):
@@ -71,6 +75,8 @@ class UNet2DConditionModel(nnx.Module):
     sample = sample.astype(self.dtype)
     context = context.astype(self.dtype)
     emb = self.time_embed(timesteps, sample.shape[0])
+    if self.config.addition_embed_type == "text":
+      emb = emb + self.add_embedding(context)
     if extra_time_emb is not None:
       emb = emb + extra_time_emb.astype(emb.dtype)
     if self.config.center_input_sample:
