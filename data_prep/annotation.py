@@ -33,6 +33,8 @@ from tqdm import tqdm
 
 from data_prep import prompts, rewards
 from data_prep.judge_client import JudgeClient, JudgeError, Reply, Usage, run_concurrently
+from mre import jsonl
+from mre.jsonl import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -291,12 +293,10 @@ class AnnotationLog:
                     f"{record.get('prompt_version')!r}; this run is {self.model!r} / {self.prompt_version!r}. "
                     "Scores from different judges or prompts are not comparable: write to another file.")
             self._keep(record)
-        if os.path.exists(self.path) and os.path.getsize(self.path) > intact:
+        torn = jsonl.cut_torn_tail(self.path, intact)
+        if torn:
             log.warning("%s: cutting off a torn last line (%d bytes) left by an interrupted run; its item "
-                        "is annotated again", self.path, os.path.getsize(self.path) - intact)
-            with open(self.path, "r+b") as handle:
-                handle.truncate(intact)
-                os.fsync(handle.fileno())
+                        "is annotated again", self.path, torn)
 
     def _keep(self, record: dict) -> None:
         if record["id"] in self.records:
@@ -610,19 +610,3 @@ def import_released(path: str, output: str, model: str = "released") -> dict[str
 
 def write_json_atomically(path: str, data) -> None:
     write_atomically(path, _json_text(data, indent=1))
-
-
-def write_atomically(path: str, text: str) -> None:
-    """Replaces `path` with `text`: written and fsynced next to it, then renamed over it, and the
-    rename made durable by syncing the folder."""
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)

@@ -22,10 +22,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from typing import Any
 
 from data_prep import prompts
+from mre import jsonl
 
 PERSPECTIVES = prompts.PERSPECTIVES
 MAX_SCORE = 5.0
@@ -118,30 +118,9 @@ def read_records(path: str) -> tuple[list[dict], int]:
 
     An unterminated or unparsable *last* line is a write cut short (a killed run): it is left out,
     and the returned length ends before it so a writer can cut it off. A bad line anywhere else is
-    not something a crash leaves, so it raises ValueError.
+    not something a crash leaves, so it raises ValueError (see `mre.jsonl.read_records`).
     """
-    if not os.path.exists(path):
-        return [], 0
-    with open(path, "rb") as handle:
-        data = handle.read()
-    records, offset, lines = [], 0, data.split(b"\n")
-    for number, line in enumerate(lines, start=1):
-        is_last = number == len(lines)
-        if is_last and not line:
-            break  # the file ends with a newline
-        try:
-            if is_last:
-                raise ValueError("no line end")
-            record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("id"), str):
-                raise ValueError("not a record with a string 'id'")
-        except ValueError as error:
-            if is_last or (number == len(lines) - 1 and not lines[-1]):
-                break  # the torn tail: `offset` stays before it
-            raise ValueError(f"{path}:{number}: not an annotation record ({error})") from None
-        records.append(record)
-        offset += len(line) + 1
-    return records, offset
+    return jsonl.read_records(path, "an annotation record")
 
 
 def latest_records(path: str) -> dict[str, dict]:

@@ -28,8 +28,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_prep import prompts
-from data_prep.annotation import write_atomically
 from data_prep.judge_client import JudgeClient, run_concurrently
+from mre import jsonl
 
 PERSPECTIVES = prompts.PERSPECTIVES  # following, preserving, quality
 
@@ -92,26 +92,16 @@ def edit_items(editor, items: Sequence[BenchItem], images_dir: str, *, batch_siz
 def read_results(path: str) -> dict:
   """{id: record} of a results JSONL. A torn last line (killed mid-write) is cut off, and a file
   with several lines of an id (a run killed before compacting it) is compacted to the latest."""
-  records = {}
-  if not os.path.exists(path):
-    return records
-  with open(path, "rb") as f:
-    data = f.read()
-  good = data if data.endswith(b"\n") or not data else data[:data.rfind(b"\n") + 1]
-  if len(good) != len(data):
-    with open(path, "wb") as f:  # cut the torn line so appends start on a fresh line
-      f.write(good)
-  lines = [line for line in good.decode().splitlines() if line.strip()]
-  for line in lines:
-    rec = json.loads(line)
-    records[rec["id"]] = rec
-  if len(records) < len(lines):
+  found, intact = jsonl.read_records(path, "a results record")
+  jsonl.cut_torn_tail(path, intact)  # so that appends start on a fresh line
+  records = {rec["id"]: rec for rec in found}
+  if len(records) < len(found):
     _write_results(path, records)
   return records
 
 
 def _write_results(path: str, records: dict):
-  write_atomically(path, "".join(json.dumps(r) + "\n" for r in records.values()))
+  jsonl.write_atomically(path, "".join(json.dumps(r) + "\n" for r in records.values()))
 
 
 def judge_item(judge: JudgeClient, model: str, item: BenchItem, edited_path: str) -> dict:
