@@ -16,7 +16,7 @@ Failure handling, by cause:
   429 (rate limit), 408, 409, 5xx, timeouts, connection errors, unreadable 200 bodies (truncated or
       not JSON, or not a chat completion):  retried with exponential backoff and jitter, honouring
       the server's Retry-After; the total wait per request is capped.
-      Exhausted -> the request *gives up* and waits for evidence (see _Health). The endpoint
+      Exhausted -> the request *gives up* and waits for evidence (see EndpointHealth). The endpoint
       answering other requests meanwhile (or, when none is left trying, the last request it
       answered, sent again) makes it this item's problem: `ask` returns a failed Reply saying why,
       and the run goes on. If the probe gets no answer either (or nothing was ever answered), the
@@ -41,42 +41,31 @@ import email.utils
 import functools
 import json
 import logging
-import os
 import random
 import threading
 import time
-from typing import Any, Callable, Generic, Iterable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
 import openai
 from openai.types.chat import ChatCompletion
 
+from data_prep.judge_endpoint import DEFAULT_MODEL, PROVIDERS, Endpoint
+from data_prep.judge_errors import JudgeConfigError, JudgeError, JudgeStopped, JudgeUnavailable
+from data_prep.judge_health import EndpointHealth
+from data_prep.judge_replies import Reply, Usage, kept_text, reply_text
+
+__all__ = [  # the client's whole interface, wherever each piece is defined
+    "DEFAULT_MODEL", "PROVIDERS", "Endpoint", "JudgeClient", "JudgeConfigError", "JudgeError", "JudgeStopped",
+    "JudgeUnavailable", "Reply", "RequestRejected", "RetryPolicy", "Usage", "run_concurrently",
+]
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-PROVIDERS = ("openai", "azure", "compatible")
-_DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "azure": "AZURE_OPENAI_API_KEY", "compatible": "OPENAI_API_KEY"}
 # Status codes worth retrying: timeouts, conflicts (OpenAI answers 409 to some overloads), rate
 # limits and server errors.
 _TRANSIENT_STATUS = {408, 409, 429}
 _CONFIG_STATUS = {401, 403, 404}
-# Reply texts are kept whole in records up to this length (answers are a few dozen characters).
-_KEPT_CHARS = 20_000
-
-
-class JudgeError(Exception):
-    """A problem that stops a whole run, not one item."""
-
-
-class JudgeUnavailable(JudgeError):
-    """The endpoint looks down: requests in a row gave up with no answer in between."""
-
-
-class JudgeConfigError(JudgeError):
-    """The endpoint, key, deployment or account is wrong: no retry can help."""
-
-
-class JudgeStopped(JudgeError):
-    """`JudgeClient.stop()` was called while a request waited."""
 
 
 class RequestRejected(Exception):
@@ -121,190 +110,11 @@ class RetryPolicy:
         return ceiling * (0.5 + 0.5 * u)
 
 
-@dataclasses.dataclass(frozen=True)
-class Endpoint:
-    """Where the judge is: OpenAI, Azure OpenAI, or any OpenAI-compatible server (vLLM, Ollama).
-
-    The API key is read from the environment only: `api_key_env` names the variable (default
-    OPENAI_API_KEY, or AZURE_OPENAI_API_KEY for Azure). A compatible server may need no key.
-    """
-
-    provider: str = "openai"
-    base_url: Optional[str] = None  # openai (optional) and compatible (required)
-    azure_endpoint: Optional[str] = None  # https://<resource>.openai.azure.com
-    azure_deployment: Optional[str] = None  # the deployment name; sent as the request's model
-    api_version: Optional[str] = None  # Azure's api-version, e.g. 2024-10-21
-    api_key_env: Optional[str] = None
-    timeout: float = 120.0  # seconds per HTTP attempt
-
-    def __post_init__(self):
-        if self.provider not in PROVIDERS:
-            raise ValueError(f"unknown provider {self.provider!r}; expected one of {PROVIDERS}")
-        if self.provider == "azure" and not (self.azure_endpoint and self.api_version):
-            raise ValueError("the azure provider needs azure_endpoint and api_version")
-        if self.provider == "compatible" and not self.base_url:
-            raise ValueError("the compatible provider needs base_url (e.g. http://localhost:8000/v1)")
-
-    @property
-    def key_env(self) -> str:
-        return self.api_key_env or _DEFAULT_KEY_ENV[self.provider]
-
-    def api_key(self) -> str:
-        key = os.environ.get(self.key_env, "").strip()
-        if key:
-            return key
-        if self.provider == "compatible" and not self.api_key_env:
-            return "EMPTY"  # vLLM's and Ollama's convention for "no key"
-        raise JudgeConfigError(f"no API key: set the environment variable {self.key_env}")
-
-    @property
-    def batch_url(self) -> str:
-        """The `url` of Batch API lines and the batch's `endpoint` (Azure leaves out the /v1)."""
-        return "/chat/completions" if self.provider == "azure" else "/v1/chat/completions"
-
-    def request_model(self, model: str) -> str:
-        """The `model` a request body carries: Azure routes by deployment name."""
-        return (self.azure_deployment or model) if self.provider == "azure" else model
-
-    def describe(self) -> str:
-        if self.provider == "azure":
-            return f"Azure OpenAI {self.azure_endpoint} (deployment {self.azure_deployment}, api {self.api_version})"
-        return f"{self.provider} {self.base_url or 'https://api.openai.com/v1'}"
-
-    def create_client(self, **options) -> openai.OpenAI:
-        """An openai client that never retries by itself (JudgeClient does)."""
-        common = dict(api_key=self.api_key(), timeout=self.timeout, max_retries=0, **options)
-        if self.provider == "azure":
-            return openai.AzureOpenAI(azure_endpoint=self.azure_endpoint, azure_deployment=self.azure_deployment,
-                                      api_version=self.api_version, **common)
-        return openai.OpenAI(base_url=self.base_url, **common)
-
-
-@dataclasses.dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    def __add__(self, other: "Usage") -> "Usage":
-        return Usage(self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens)
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    @classmethod
-    def of(cls, usage) -> "Usage":
-        """From an API usage object or dict (missing -> zero)."""
-        if usage is None:
-            return cls()
-        get = usage.get if isinstance(usage, dict) else lambda k: getattr(usage, k, None)
-        return cls(_tokens(get("prompt_tokens")), _tokens(get("completion_tokens")))
-
-    def as_dict(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
-
-
-def _tokens(value) -> int:
-    """A token count from an API answer; anything but a non-negative integer counts as 0."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
-
-
-@dataclasses.dataclass(frozen=True)
-class Reply(Generic[T]):
-    """The outcome of one judged question, over all its attempts and re-asks."""
-
-    value: Optional[T]  # the parser's result; None when failed
-    texts: tuple[str, ...] = ()  # every reply text received, rejected ones included
-    usage: Usage = Usage()  # tokens of every answered request (all are billed)
-    error: Optional[str] = None
-    requests: int = 0  # HTTP requests sent
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-class _Health:
-    """Tells a dead endpoint from requests that keep failing on their own (thread-safe).
-
-    A request that gave up waits for evidence. An answer from the endpoint to anything else means
-    it works: the request was the problem, and its item fails. When no request is left trying
-    (after `grace` seconds, in which the other workers would start their next request), one of the
-    waiting requests probes: it sends again the last request the endpoint answered. Answered, the
-    waiting requests fail alone; not answered (or nothing ever answered to probe with), the
-    endpoint is down, and every waiting and new request raises JudgeUnavailable.
-    """
-
-    def __init__(self, where: str, grace: float):
-        self.where, self.grace = where, grace
-        self._condition = threading.Condition()
-        self._answers = 0  # answers received: any response that is not a transient fault
-        self._trying = 0  # requests (probes included) sending or waiting between their attempts
-        self.down: Optional[str] = None
-
-    def enter(self) -> None:
-        with self._condition:
-            self._raise_if_down()
-            self._trying += 1
-
-    def leave(self) -> None:
-        with self._condition:
-            self._trying -= 1
-            self._condition.notify_all()
-
-    def answered(self) -> None:
-        with self._condition:
-            self._answers += 1
-            self._condition.notify_all()
-
-    def gave_up(self, reason: str, stopped: threading.Event, probe: Optional[Callable[[], bool]]) -> None:
-        """After leave(): returns when this request is shown to be the problem, raises
-        JudgeUnavailable when the endpoint looks down, JudgeStopped on stop(). probe(): sends the
-        last answered request again, True when answered (None: nothing was ever answered)."""
-        with self._condition:
-            seen, idle_since = self._answers, None
-            while self.down is None and self._answers == seen:
-                if stopped.is_set():
-                    raise JudgeStopped("stopped")
-                if self._trying:  # another request (or a probe) may still bring an answer
-                    idle_since = None
-                else:
-                    idle_since = idle_since or time.monotonic()
-                    if time.monotonic() - idle_since >= self.grace:
-                        if probe is None:
-                            self._set_down("it has not answered any request yet")
-                        elif not self._probe(probe):
-                            self._set_down("requests gave up, and the last request it answered, sent again, "
-                                           "got no answer either")
-                        continue
-                self._condition.wait(0.05)
-            self._raise_if_down(reason)
-
-    def _probe(self, probe: Callable[[], bool]) -> bool:
-        """probe() outside the lock (it counts as trying, so the other waiters keep waiting)."""
-        self._trying += 1
-        self._condition.release()
-        try:
-            return probe()
-        finally:
-            self._condition.acquire()
-            self._trying -= 1
-            self._condition.notify_all()
-
-    def _set_down(self, why: str) -> None:
-        self.down = f"{self.where} looks down: {why}"
-        self._condition.notify_all()
-
-    def _raise_if_down(self, reason: Optional[str] = None) -> None:
-        if self.down is not None:
-            raise JudgeUnavailable(self.down + (f" (last: {reason})" if reason else ""))
-
-
 class JudgeClient:
     """Thread-safe: one instance serves all worker threads of a run.
 
     evidence_grace: seconds a request that gave up waits for other requests to start when none is
-    in flight (see _Health); the workers of a run start their next request within milliseconds.
+    in flight (see EndpointHealth); the workers of a run start their next request within milliseconds.
     """
 
     def __init__(self, client: openai.OpenAI, policy: RetryPolicy = RetryPolicy(), *, where: str = "the judge",
@@ -318,7 +128,7 @@ class JudgeClient:
         self._rng_lock = threading.Lock()
         self._stop = threading.Event()
         self._sleep = sleep
-        self._health = _Health(where, evidence_grace)
+        self._health = EndpointHealth(where, evidence_grace)
         self._answered_body: Optional[dict] = None  # the last request answered, for probing
         self._stats_lock = threading.Lock()
         self.stats: collections.Counter = collections.Counter()
@@ -349,9 +159,9 @@ class JudgeClient:
                 return Reply(None, tuple(texts), usage, self.redact(str(error)), requests + error.attempts)
             requests += sent
             usage += Usage.of(getattr(completion, "usage", None))
-            text, problem = _reply_text(completion)
+            text, problem = reply_text(completion)
             if text is not None:
-                texts.append(_kept(text))
+                texts.append(kept_text(text))
                 try:
                     return Reply(parse(text), tuple(texts), usage, None, requests)
                 except ValueError as error:
@@ -485,28 +295,6 @@ class JudgeClient:
     def _count(self, name: str) -> None:
         with self._stats_lock:
             self.stats[name] += 1
-
-
-def _reply_text(completion) -> tuple[Optional[str], str]:
-    """(reply text, or None with the reason there is none). The openai client builds its objects
-    without validation, so any field may hold any JSON value."""
-    choices = getattr(completion, "choices", None)
-    if not isinstance(choices, list) or not choices:
-        return None, "the reply has no choices"
-    message = getattr(choices[0], "message", None)
-    text = getattr(message, "content", None)
-    if isinstance(text, str) and text.strip():
-        return text, ""
-    refusal = getattr(message, "refusal", None)
-    finish = getattr(choices[0], "finish_reason", None)
-    return None, f"empty reply (finish_reason {finish!r}{', refusal: ' + refusal if isinstance(refusal, str) else ''})"
-
-
-def _kept(text: str) -> str:
-    """A reply text as kept in records: whole, unless it is far longer than any answer."""
-    if len(text) <= _KEPT_CHARS:
-        return text
-    return text[:_KEPT_CHARS] + f"... [{len(text) - _KEPT_CHARS:,} more characters]"
 
 
 def _short(error: BaseException) -> str:
