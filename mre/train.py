@@ -25,7 +25,7 @@ from mre.models import native, pretrained
 from mre.models.pretrained import tokenize
 from mre.models.vae import AutoencoderKL
 from mre.train_step import SplitModel, StepContext, TrainState, make_optimizer, make_train_step
-from mre.validation import ValidationGrid, save_grid
+from mre.validation import ValidationGrid, ValidationJudge, save_grid
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training recipe, e.g. "
                                           "configs/reward.py:toy.", lock_config=True)
@@ -76,8 +76,28 @@ def export_model(pipe, ema: dict, workdir: str):
   return out
 
 
+def ensure_stage1(config):
+  """Trains the stage-1 editor first when the recipe names one (`config.stage1`, the toy reward
+  recipe does) and its export, `config.model.pretrained`, is not on disk yet."""
+  stage1 = config.get("stage1")
+  if stage1 is None or not config.model.pretrained or os.path.isdir(config.model.pretrained):
+    return
+  export = os.path.join(stage1.workdir, "export")
+  if os.path.abspath(export) != os.path.abspath(config.model.pretrained):
+    raise ValueError(f"config.model.pretrained={config.model.pretrained!r} does not exist and is "
+                     f"not the export of config.stage1 ({export}): set one to the other")
+  msg = (f"stage 1 first: no stage-1 editor at {config.model.pretrained}, so training it "
+         f"({stage1.train.steps} steps in {stage1.workdir}); stage 2 then starts from it")
+  logging.info(msg)
+  print(msg)
+  summary = train(stage1)
+  if summary.get("stopped"):
+    raise SystemExit(f"stage 1 stopped ({summary['stopped']}); rerun the command to resume it")
+
+
 def train(config) -> dict:
   """Runs (or resumes) the training run described by `config`; returns a summary dict."""
+  ensure_stage1(config)
   model_setup.check_pretrained(config)
   sharding.maybe_initialize_distributed(config.distributed)
   workdir = os.path.abspath(config.workdir)
@@ -140,6 +160,14 @@ def train(config) -> dict:
     logging.info("resumed from %s at step %d", ckpt.directory, start_step)
     print(f"resuming from step {start_step} ({ckpt.directory})")
 
+  export_dir = os.path.join(workdir, "export")
+  if start_step >= t.steps and (not t.export or native.is_native(export_dir)):
+    ckpt.close()
+    data.close()
+    print(f"nothing to do: {workdir} is already at step {start_step} of {t.steps}")
+    return {"workdir": workdir, "step": start_step, "resumed_from": start_step, "history": [],
+            "validation": [], **({"export": export_dir} if t.export else {})}
+
   # --- the compiled step ---
   example = sharding.global_batch(mesh, data.peek(), leading_unsharded=1)
   batch_shardings = jax.tree.map(lambda x: x.sharding, example)
@@ -157,9 +185,10 @@ def train(config) -> dict:
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
     writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
   grid = _validation_grid(config, pipe, source) if (t.validate_every and lead) else None
+  judged = _validation_judge(config, pipe, source) if (t.validate_every and lead) else None
   global_batch_size = per_host * jax.process_count() * t.grad_accum
 
-  history, pending, step = [], None, start_step
+  history, validations, pending, step = [], [], None, start_step
   last_time, last_step = time.time(), start_step
 
   def record(step_no, metrics):
@@ -205,13 +234,14 @@ def train(config) -> dict:
           stopped = f"signal {stop.signum}" if stop.requested else "preemption notice"
           break
         if grid is not None and step % t.validate_every == 0:
-          _validate(grid, state, step, workdir, writer)
+          validations.append(_validate(grid, judged, state, step, workdir, writer))
       if pending is not None:
         record(*pending)
   finally:  # also on errors (e.g. NonFiniteError): finish pending saves, stop workers
     ckpt.close()
     data.close()
-  summary = {"workdir": workdir, "step": step, "resumed_from": start_step, "history": history}
+  summary = {"workdir": workdir, "step": step, "resumed_from": start_step, "history": history,
+             "validation": validations}
   if stopped:
     msg = f"stopped at step {step} on {stopped}; checkpoint saved, rerun the command to resume"
     logging.warning(msg)
@@ -219,7 +249,7 @@ def train(config) -> dict:
     summary["stopped"] = stopped
     return summary
   if grid is not None and t.steps % t.validate_every:
-    _validate(grid, state, step, workdir, writer)
+    validations.append(_validate(grid, judged, state, step, workdir, writer))
   if t.export and lead:
     summary["export"] = export_model(pipe, jax.device_get(state.ema), workdir)
   if writer:
@@ -241,12 +271,40 @@ def _validation_grid(config, pipe, source):
   return ValidationGrid(pipe, originals, instructions, references, t.val_rewards, settings)
 
 
-def _validate(grid, state, step, workdir, writer):
-  image = grid.render(jax.device_get(state.ema))
+def _validation_judge(config, pipe, source):
+  """Judged validation edits, for datasets with a judge (the toy world) and `val_judge_items`."""
+  t = config.train
+  if not (t.val_judge_items and source.judge is not None):
+    return None
+  originals, instructions, _ = source.validation_items(t.val_judge_items, config.data.resolution)
+  settings = EditSettings(steps=t.val_steps, sampler=t.val_sampler, text_scale=t.val_text_scale,
+                          image_scale=t.val_image_scale, seed=config.seed,
+                          resolution=config.data.resolution)
+  return ValidationJudge(pipe, originals, instructions, source.judge, settings)
+
+
+def _validate(grid, judged, state, step, workdir, writer) -> dict:
+  """Renders the grid and, with a judge, measures the yes-rates; returns the metrics record."""
+  ema = jax.device_get(state.ema)
+  image = grid.render(ema)
   path = save_grid(image, os.path.join(workdir, "validation", f"step_{step:06d}.png"))
   if writer:
     writer.add_image("validation/" + grid.header(), image, step, dataformats="HWC")
   logging.info("validation grid (%s) -> %s", grid.header(), path)
+  record = {"step": step, "validation": {}}
+  if judged is not None:
+    metrics = judged.metrics(ema)
+    record["validation"] = metrics
+    if writer:
+      for k, v in metrics.items():
+        writer.add_scalar(f"val/{k}", v, step)
+    line = " ".join(f"{p} {metrics[p + '_yes']:.0%} ({metrics[p + '_score']:.2f})"
+                    for p in ("following", "preserving", "quality"))
+    tqdm.write(f"step {step} validation, {len(judged.instructions)} judged edits"
+               f"{' at reward ' + ','.join(f'{v:g}' for v in judged.reward) if judged.editor.is_reward else ''}"
+               f": yes-rate (mean score) {line}")
+    logging.info("step %d validation: %s", step, metrics)
+  return record
 
 
 class _QuietLibraries(std_logging.Filter):

@@ -1,7 +1,8 @@
-"""A fixed validation set edited during training, at several reward settings, as one image grid.
+"""Validation during training: a fixed set edited at several reward settings, as one image grid,
+and, for datasets that come with a judge (the toy world), judged edits as numbers.
 
-Rows are validation items; columns are the original, the edit at each reward setting (one column for
-a stage-1 model), and the reference edit when the dataset has one.
+Grid rows are validation items; columns are the original, the edit at each reward setting (one
+column for a stage-1 model), and the reference edit when the dataset has one.
 """
 from __future__ import annotations
 
@@ -44,6 +45,48 @@ class ValidationGrid:
     cols = ["original"] + (["edit"] if self.rewards == [None] else
                            [f"reward {','.join(f'{v:g}' for v in r)}" for r in self.rewards])
     return " | ".join(cols + (["reference"] if self.references is not None else []))
+
+
+PERSPECTIVES = ("following", "preserving", "quality")
+
+
+class ValidationJudge:
+  """Edits a fixed set of validation items and judges them in process.
+
+  `judge(instruction, original_uint8, edited_uint8)` returns an object with `.verdicts`, three
+  (following, preserving, quality) verdicts that have `.yes` and `.score` (the toy judge does).
+  A reward model is edited at `reward` (perfect by default), as at evaluation.
+  """
+
+  def __init__(self, pipe, originals: np.ndarray, instructions: Sequence[str], judge,
+               settings: EditSettings, reward=(5.0, 5.0, 5.0), batch_size: int = 64):
+    self.editor = Editor(pipe, settings)
+    self.originals, self.instructions = originals, list(instructions)
+    self.judge, self.reward, self.batch_size = judge, tuple(reward), batch_size
+
+  def metrics(self, params: dict) -> dict:
+    """{"<perspective>_yes": yes-rate, "<perspective>_score": mean score} of the current params."""
+    pipe = self.editor.pipe
+    nnx.update(pipe.unet, params["unet"])
+    if "text_encoder" in params:
+      nnx.update(pipe.text_encoder, params["text_encoder"])
+    originals_u8 = to_uint8(self.originals)
+    yes, score = [], []
+    for start in range(0, len(self.instructions), self.batch_size):
+      chunk = slice(start, start + self.batch_size)
+      texts = self.instructions[chunk]
+      reward = (self.editor.reward_inputs(len(texts), scores=self.reward)
+                if self.editor.is_reward else None)
+      edited = to_uint8(self.editor.edit_arrays(self.originals[chunk], texts, reward=reward))
+      for text, original, image in zip(texts, originals_u8[chunk], edited):
+        verdicts = self.judge(text, original, image).verdicts
+        yes.append([float(v.yes) for v in verdicts])
+        score.append([float(v.score) for v in verdicts])
+    yes, score = np.mean(yes, axis=0), np.mean(score, axis=0)
+    out = {}
+    for i, p in enumerate(PERSPECTIVES):
+      out[f"{p}_yes"], out[f"{p}_score"] = float(yes[i]), float(score[i])
+    return out
 
 
 def save_grid(grid: np.ndarray, path: str, scale: int = 4):

@@ -28,6 +28,7 @@ TINY = {
     "model.scratch.text_hidden": 32, "model.scratch.text_layers": 1,
     "model.scratch.text_heads": 2, "model.reward.score_dim": 16, "model.reward.heads": 2,
     "model.reward.form": "released", "model.reward.attn_dropout": 0.1,
+    "model.pretrained": "",  # from scratch (the recipe's default starts from stage 1)
 }
 STEPS = 16
 
