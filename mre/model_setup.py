@@ -15,6 +15,7 @@ from flax import nnx
 from mre.models import pretrained
 from mre.models.clip_text import CLIPTextModel
 from mre.models.config import read_json
+from mre.models import native
 from mre.models.native import load_any
 from mre.models.pixel import PixelSpace
 from mre.models.reward import RewardConfig
@@ -60,7 +61,10 @@ def scratch_unet_config(config, channels: int, context_dim: int) -> dict:
           "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
           "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attn[::-1]],
           "cross_attention_dim": context_dim, "attention_head_dim": s.heads,
-          "norm_num_groups": s.norm_groups}
+          "norm_num_groups": s.norm_groups, "only_cross_attention": s.only_cross_attention,
+          # diffusers' TextTimeEmbedding: the pooled instruction joins the time embedding
+          **({"addition_embed_type": "text", "addition_embed_type_num_heads": s.text_heads}
+             if s.text_time_embedding else {})}
 
 
 def scratch_makers(config, tokenizer) -> dict:
@@ -135,7 +139,9 @@ def build_pretrained(config) -> pretrained.Pipeline:
   dtype, pdtype = dtype_of(config.model.dtype), dtype_of(config.model.param_dtype)
   remat = tuple(config.model.remat)
   unet_dir = os.path.join(path, "unet")
-  if config.stage == "ip2p" and read_json(unet_dir).get("in_channels") == 4:  # SD 1.5: widen
+  if native.is_native(path):  # an mre checkpoint (e.g. a toy stage-1 export): as it is
+    pipe = load_any(path, dtype=dtype, param_dtype=pdtype, remat=remat)
+  elif config.stage == "ip2p" and read_json(unet_dir).get("in_channels") == 4:  # SD 1.5: widen
     pipe = pretrained.load_pipeline(path, dtype=dtype, param_dtype=pdtype, remat=remat,
                                     unet=ip2p_unet_from_sd15(unet_dir, dtype=dtype,
                                                              param_dtype=pdtype, remat=remat))
