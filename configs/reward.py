@@ -3,12 +3,15 @@
   python -m mre.train --config=configs/reward.py --config.model.pretrained=/models/ip2p \\
       --config.workdir=runs/reward
   python -m mre.train --config=configs/reward.py:toy      # the toy world on a CPU, offline
+      (trains the stage-1 toy editor first, into runs/ip2p_toy, unless it is there already)
 
 Ablations: --config.model.reward.use_texts=False (scores only), .use_scores=False (texts only),
 .inject_unet=False (latent injection only), .inject_latent=False (U-Net injection only),
 .form=released (the public checkpoint's module layout), .dropout_prob=0.1 (enables reward guidance).
 """
-from configs import common
+import os
+
+from configs import common, ip2p
 
 
 def get_config(arg=None):
@@ -30,4 +33,9 @@ def get_config(arg=None):
   c.train.checkpoint_every = 500
   if variant == "toy":
     common.apply_toy(c)
+    # As in the paper, stage 2 fine-tunes a trained stage-1 editor: the toy one in runs/ip2p_toy,
+    # trained first by this command when its export is not there yet (`train.ensure_stage1`).
+    c.stage1 = ip2p.get_config("toy")
+    c.model.pretrained = os.path.join(c.stage1.workdir, "export")
+    common.apply_toy_stage2(c)
   return c

@@ -21,7 +21,10 @@ def test_recipes_hold_the_papers_numbers():
   s1 = ip2p.get_config()
   assert s1.train.lr == 1e-4 and not s1.model.reward.enabled and s1.train.ema_decay == 0.9999
   toy = reward.get_config("toy")
-  assert toy.model.pretrained == "" and toy.model.train_text_encoder
+  assert toy.model.train_text_encoder and toy.stage1.stage == "ip2p"
+  # Stage 2 of the toy world starts from the stage-1 toy editor's export.
+  assert toy.model.pretrained == os.path.join(toy.stage1.workdir, "export")
+  assert ip2p.get_config("toy").model.pretrained == ""
   with pytest.raises(ValueError, match="unknown config variant"):
     reward.get_config("tiny")
   assert set(common.VARIANTS) == {"full", "toy"}
