@@ -1,12 +1,22 @@
 """The paper's claim replayed in the toy world: `python -m mre.experiments.toy_replication`.
 
-On the same flawed toy training data, with the same steps and seed, it trains (a) the
-InstructPix2Pix baseline without rewards (configs/ip2p.py:toy) and (b) the reward-conditioned model
-(configs/reward.py:toy), evaluates both on held-out toy scenes with the toy judge, and writes the
-table (yes-rate and mean score per perspective) and an image grid. The claim holds in the toy world
-when (b) at reward (5,5,5) beats (a) on every perspective. (b) is also evaluated at (1,1,1): a
-reward that asks for flaws should bring them back. Reruns resume (training checkpoints, cached
-edits, judged items).
+As in the paper, the reward model is a fine-tune of an already trained InstructPix2Pix editor:
+
+  stage 1   the InstructPix2Pix-style toy editor, trained from scratch without rewards on the flawed
+            toy_edit triplets (as InstructPix2Pix was trained on its flawed generated data);
+  (a)       stage 1 trained further without rewards,
+  (b)       stage 1 trained further with the multi-reward condition (paper form),
+            on the same annotated triplets, with the same recipe, steps and seed.
+
+Every model edits the held-out test scenes (all five categories) and the toy judge answers the
+three evaluation questions in process. The table gives, per row, the yes-rate and the mean score of
+each perspective with 95% bootstrap intervals over test items, overall and per category. The claim
+holds when (b) at reward (5,5,5) beats (a) on all three perspectives with non-overlapping yes-rate
+intervals. Control rows evaluate (b) with one perspective's score lowered to 1 (and all three):
+each should bring back its own perspective's flaws more than the others'. `--ablations` adds the
+paper's ablations (scores only, texts only, latent injection only, U-Net injection only) and
+reward guidance. Reruns resume: training from checkpoints, evaluation from cached edits and
+judgements.
 """
 from __future__ import annotations
 
@@ -14,113 +24,105 @@ import json
 import os
 import time
 
-import numpy as np
 from absl import app, flags
-from PIL import Image
 
-from configs import ip2p, reward
-from data_prep.judge_client import Endpoint, JudgeClient, RetryPolicy
-from data_prep.toy.judge_server import serve_in_thread
-from mre import evaluation, train
+from mre import train
 from mre.data.train_input import default_data_dir
-from mre.editor import EditSettings, Editor
-from mre.models.native import load_any
+from mre.experiments import report
+from mre.experiments.recipes import ABLATIONS, stage1_config, stage2_config
+from mre.experiments.toy_eval import EVAL_SETTINGS, evaluate_row, load_items
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/toy_replication", "Where both runs and reports go.")
-_STEPS = flags.DEFINE_integer("steps", 1200, "Training steps of each model.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/toy_replication", "Where the runs and reports go.")
+_SEED = flags.DEFINE_integer("seed", 0, "Training seed of every run (stage 1 and stage 2).")
+_STAGE1_STEPS = flags.DEFINE_integer("stage1_steps", None, "Stage-1 steps (default: the recipe's).")
+_STAGE2_STEPS = flags.DEFINE_integer("stage2_steps", None, "Stage-2 steps of (a) and (b) "
+                                     "(default: the recipe's).")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data_dir ('' = ~/tensorflow_datasets).")
-_ITEMS = flags.DEFINE_integer("eval_items", 280, "Held-out test edits judged per model.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of both runs.")
+_ITEMS = flags.DEFINE_integer("eval_items", 0, "Test edits judged per row (0 = all 560).")
+_ABLATIONS = flags.DEFINE_bool("ablations", False, "Also train and evaluate the ablations and "
+                               "reward guidance (a longer run).")
 
-SETTINGS = dict(steps=20, sampler="ddim", text_scale=2.0, image_scale=1.0, seed=42)
-
-
-def configure(get_config, workdir, steps, data_dir, seed):
-  c = get_config("toy")
-  c.workdir, c.train.steps, c.seed = workdir, steps, seed
-  c.data.data_dir = data_dir
-  c.train.validate_every = 0
-  return c
+CONTROL = ((1, 5, 5), (5, 1, 5), (5, 5, 1), (1, 1, 1))
 
 
-def table(rows: dict) -> str:
-  head = ["model"] + [f"{p} {k}" for p in evaluation.PERSPECTIVES for k in ("yes-rate", "score")]
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for name, s in rows.items():
-    a = s["all"]
-    lines.append("| " + " | ".join([name] + [c for p in evaluation.PERSPECTIVES for c in (
-        f"{a[p]['yes_rate']:.1%}", f"{a[p]['score']:.2f}")]) + " |")
-  return "\n".join(lines) + "\n"
-
-
-def grid(items, columns: list[dict], n=8, scale=4) -> np.ndarray:
-  """Rows: items; columns: original, then each model's edit (paths by id)."""
-  rows = []
-  for it in items[:n]:
-    cells = [it.original] + [np.asarray(Image.open(c[it.id]).convert("RGB")) for c in columns]
-    rows.append(np.concatenate(cells, axis=1))
-  img = np.concatenate(rows, axis=0)
-  return np.kron(img, np.ones((scale, scale, 1), np.uint8))
-
-
-def replicate(workdir, steps, data_dir, eval_items, seed) -> dict:
-  start = time.time()
-  data_dir = data_dir or default_data_dir()
-  timings = {}
-  runs = {"baseline": configure(ip2p.get_config, os.path.join(workdir, "baseline"), steps,
-                                data_dir, seed),
-          "reward": configure(reward.get_config, os.path.join(workdir, "reward"), steps,
-                              data_dir, seed)}
-  for name, cfg in runs.items():
-    t0 = time.time()
-    train.train(cfg)
-    timings[f"train {name}"] = time.time() - t0
-  cfg = runs["reward"]
-  items = evaluation.load_benchmark(f"toy_edit/{cfg.data.config}", data_dir, "test")
-  # Every category equally: the test split lists the scenes' five edits together.
-  items = items[:eval_items]
-  evals, paths = {}, {}
+def _train(cfg, timings: dict, name: str) -> str:
+  """Trains (or resumes) one run and returns its exported editor."""
   t0 = time.time()
-  with serve_in_thread() as server:
-    judge = JudgeClient.from_endpoint(Endpoint(provider="compatible", base_url=server.base_url),
-                                      RetryPolicy())
-    for name, scores in [("baseline", None), ("reward", (5, 5, 5)), ("reward", (1, 1, 1))]:
-      pipe = load_any(os.path.join(runs[name].workdir, "export"))
-      editor = Editor(pipe, EditSettings(resolution=cfg.data.resolution, **SETTINGS))
-      label = "(a) InstructPix2Pix baseline" if scores is None else \
-          f"(b) reward model at ({','.join(map(str, scores))})"
-      out = os.path.join(workdir, "eval", name if scores is None else
-                         f"{name}_{'-'.join(map(str, scores))}")
-      evals[label] = evaluation.evaluate(editor, items, judge, "toy-judge", out,
-                                         reward_scores=scores, batch_size=64, title=label,
-                                         model_id=f"{runs[name].workdir} ({steps} steps)")
-      paths[label] = {it.id: os.path.join(out, "images", evaluation.safe_name(it.id) + ".png")
-                      for it in items}
-  timings["evaluate"] = time.time() - t0
-  total = time.time() - start
-  md = table(evals)
-  a, b = evals["(a) InstructPix2Pix baseline"]["all"], evals["(b) reward model at (5,5,5)"]["all"]
-  holds = all(b[p]["score"] > a[p]["score"] for p in evaluation.PERSPECTIVES)
-  Image.fromarray(grid(items, list(paths.values()))).save(os.path.join(workdir, "grid.png"))
-  report = {"table": md, "claim_holds_on_scores": holds, "seconds": total, "timings": timings,
-            "steps": steps, "eval_items": len(items), "summaries": evals}
-  with open(os.path.join(workdir, "replication.md"), "w") as f:
-    f.write(md + f"\nclaim (b at 5,5,5 beats a on every perspective's mean score): {holds}\n"
-            f"total time {total / 60:.1f} min ({steps} steps per model, {len(items)} test edits)\n")
+  summary = train.train(cfg)
+  if summary.get("stopped"):
+    raise SystemExit(f"{name} stopped ({summary['stopped']}); rerun the command to resume")
+  timings[f"train {name}"] = round(time.time() - t0, 1)
+  return os.path.join(cfg.workdir, "export")
+
+
+def replicate(workdir: str, *, seed: int = 0, stage1_steps=None, stage2_steps=None,
+              data_dir: str = "", eval_items: int = 0, ablations: bool = False,
+              overrides=None) -> dict:
+  """Runs the whole replication; returns the report (also written to `workdir`).
+
+  `overrides` ({"train.batch_per_device": 8, ...}) apply to every run (tests use tiny settings).
+  """
+  start, timings = time.time(), {}
+  workdir = os.path.abspath(workdir)
+  data_dir = data_dir or default_data_dir()
+  common = dict(seed=seed, data_dir=data_dir, overrides=overrides or {})
+  s1 = stage1_config(os.path.join(workdir, "stage1"), steps=stage1_steps, **common)
+  stage1 = _train(s1, timings, "stage 1")
+  runs = {"baseline": stage2_config(os.path.join(workdir, "baseline"), stage1, rewards=False,
+                                    steps=stage2_steps, **common),
+          "reward": stage2_config(os.path.join(workdir, "reward"), stage1, rewards=True,
+                                  steps=stage2_steps, **common)}
+  if ablations:
+    for name, fields in ABLATIONS.items():
+      runs[name] = stage2_config(os.path.join(workdir, name), stage1, rewards=True,
+                                 steps=stage2_steps, extra=fields, **common)
+  exports = {name: _train(cfg, timings, name) for name, cfg in runs.items()}
+  exports["stage1"] = stage1
+
+  t0 = time.time()
+  items = load_items(s1, data_dir, eval_items)
+  rows = {}
+  evaluate = lambda label, run, **kw: evaluate_row(  # noqa: E731
+      exports[run], items, os.path.join(workdir, "eval", label), s1.data.resolution, **kw)
+  rows["stage 1"] = evaluate("stage1", "stage1")
+  rows["(a) baseline"] = evaluate("baseline", "baseline")
+  rows["(b) reward 5,5,5"] = evaluate("reward_5-5-5", "reward", reward=(5, 5, 5))
+  for scores in CONTROL:
+    tag = ",".join(map(str, scores))
+    rows[f"(b) reward {tag}"] = evaluate(f"reward_{tag.replace(',', '-')}", "reward",
+                                         reward=scores)
+  if ablations:
+    for name in ABLATIONS:
+      if name == "reward_dropout":
+        rows["(b) reward dropout 0.1, 5,5,5"] = evaluate(name, name, reward=(5, 5, 5))
+        for scale in (1.5, 3.0):
+          rows[f"(b) reward dropout 0.1, reward guidance {scale:g}"] = evaluate(
+              f"{name}_guidance_{scale:g}", name, reward=(5, 5, 5), reward_scale=scale)
+      else:
+        rows[f"(b) {name.replace('_', ' ')}"] = evaluate(name, name, reward=(5, 5, 5))
+  timings["evaluate"] = round(time.time() - t0, 1)
+  timings["total"] = round(time.time() - start, 1)
+
+  result = report.build(rows, items, workdir, timings=timings, settings={
+      "seed": seed, "stage1_steps": s1.train.steps,
+      "stage2_steps": runs["reward"].train.steps, "eval_items": len(items),
+      "eval": EVAL_SETTINGS, "batch": s1.train.batch_per_device, "resolution": s1.data.resolution})
   with open(os.path.join(workdir, "replication.json"), "w") as f:
-    json.dump(report, f, indent=1)
-  return report
+    json.dump(result, f, indent=1)
+  with open(os.path.join(workdir, "replication.md"), "w") as f:
+    f.write(result["markdown"])
+  return result
 
 
 def main(argv):
   del argv
   train.quiet_library_logs()
-  report = replicate(_WORKDIR.value, _STEPS.value, _DATA_DIR.value, _ITEMS.value, _SEED.value)
-  print(report["table"])
-  print(f"grid: columns original | (a) baseline | (b) reward 5,5,5 | (b) reward 1,1,1 -> "
-        f"{os.path.join(_WORKDIR.value, 'grid.png')}")
-  print(f"claim holds (every perspective's mean score): {report['claim_holds_on_scores']}; "
-        f"total {report['seconds'] / 60:.1f} min; {report['timings']}")
+  result = replicate(_WORKDIR.value, seed=_SEED.value, stage1_steps=_STAGE1_STEPS.value,
+                     stage2_steps=_STAGE2_STEPS.value, data_dir=_DATA_DIR.value,
+                     eval_items=_ITEMS.value, ablations=_ABLATIONS.value)
+  print(result["markdown"])
+  print(f"reports: {os.path.join(os.path.abspath(_WORKDIR.value), 'replication.md')} and "
+        "replication.json; grids: grid.png, control_grid.png")
 
 
 if __name__ == "__main__":

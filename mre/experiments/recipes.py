@@ -1,0 +1,50 @@
+"""The training configs of the toy replication: stage 1, and stage 2 with or without rewards.
+
+Both stage-2 runs come from the same recipe (`configs/reward.py:toy`): (a) only switches the reward
+off, so the two differ in nothing but the reward condition.
+"""
+from __future__ import annotations
+
+from configs import ip2p, reward
+
+# The paper's ablations (and our reward guidance), as overrides of run (b).
+ABLATIONS = {
+    "scores_only": {"model.reward.use_texts": False},
+    "texts_only": {"model.reward.use_scores": False},
+    "latent_injection_only": {"model.reward.inject_unet": False},
+    "unet_injection_only": {"model.reward.inject_latent": False},
+    "reward_dropout": {"model.reward.dropout_prob": 0.1},
+}
+
+
+def set_field(config, key: str, value):
+  """config["a.b.c"] = value for a dotted key (the config stays locked: typos raise)."""
+  node = config
+  *path, leaf = key.split(".")
+  for part in path:
+    node = node[part]
+  node[leaf] = value
+
+
+def _finish(config, workdir, steps, seed, data_dir, overrides, extra=None):
+  config.workdir, config.seed = workdir, seed
+  config.data.data_dir = data_dir
+  if steps is not None:
+    config.train.steps = steps
+  for key, value in {**(extra or {}), **overrides}.items():
+    set_field(config, key, value)
+  return config
+
+
+def stage1_config(workdir, *, steps=None, seed=0, data_dir="", overrides=None):
+  """The InstructPix2Pix-style toy editor, from scratch, without rewards (`configs/ip2p.py:toy`)."""
+  return _finish(ip2p.get_config("toy"), workdir, steps, seed, data_dir, overrides or {})
+
+
+def stage2_config(workdir, stage1_export, *, rewards: bool, steps=None, seed=0, data_dir="",
+                  overrides=None, extra=None):
+  """Stage 1 trained further (`configs/reward.py:toy`), with or without the reward condition."""
+  c = reward.get_config("toy")
+  c.model.pretrained = stage1_export
+  c.model.reward.enabled = rewards
+  return _finish(c, workdir, steps, seed, data_dir, overrides or {}, extra)

@@ -1,0 +1,87 @@
+"""One row of the toy replication: an editor edits the test items and the toy judge judges them.
+
+Edits are cached as PNG and judgements appended to `results.jsonl` one line per item, guarded by a
+provenance file, so an interrupted evaluation resumes and a changed model or setting is refused
+(the machinery of `mre.evaluation`). The judge runs in process: the same measurements the toy
+judge server answers with, without HTTP.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from data_prep.toy import judge as toy_judge
+from mre import evaluation
+from mre.editor import EditSettings, Editor
+from mre.experiments import stats
+from mre.models.native import load_any
+
+# Edit settings of every row: DDIM, 20 steps, s_T 2, s_I 1 (what the toy editors are measured at).
+EVAL_SETTINGS = dict(steps=20, sampler="ddim", text_scale=2.0, image_scale=1.0, seed=42)
+
+
+def load_items(config, data_dir: str, limit: int = 0):
+  """The test items of the config's toy_edit dataset (the split lists each scene's 5 edits
+  together, so any prefix holds every category about equally)."""
+  return evaluation.load_benchmark(f"toy_edit/{config.data.config}", data_dir, "test",
+                                   limit=limit or None)
+
+
+def judge_record(item: evaluation.BenchItem, edited_path: str) -> dict:
+  edited = np.asarray(Image.open(edited_path).convert("RGB"))
+  verdict = toy_judge.judge(item.instruction, item.original, edited)
+  record = {"id": item.id, "category": item.category, "instruction": item.instruction,
+            "status": "ok"}
+  for name, v in zip(stats.PERSPECTIVES, verdict.verdicts):
+    record[name] = {"yes": bool(v.yes), "score": float(v.score), "failure": v.failure}
+  return record
+
+
+def judge_items(items, paths: dict, results_path: str) -> dict:
+  """Judges the items not in `results_path` yet (one appended line each); returns all records."""
+  done = evaluation.read_results(results_path)
+  todo = [it for it in items if it.id not in done]
+  if todo:
+    with open(results_path, "a") as out:
+      for item in tqdm(todo, desc="judging", unit="item", leave=False):
+        record = judge_record(item, paths[item.id])
+        out.write(json.dumps(record) + "\n")
+        out.flush()
+        done[item.id] = record
+  return {it.id: done[it.id] for it in items}
+
+
+def evaluate_row(export: str, items, out_dir: str, resolution: int, *,
+                 reward: Optional[tuple] = None, reward_scale: Optional[float] = None,
+                 batch_size: int = 70) -> dict:
+  """{"summary": per-category stats with 95% intervals, "paths": {id: edited PNG}}.
+
+  `reward` is the score condition of a reward model (texts: "nothing wrong"); `reward_scale`
+  adds reward guidance (a model trained with reward dropout).
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  settings = EditSettings(resolution=resolution, reward_scale=reward_scale, **EVAL_SETTINGS)
+  evaluation.check_provenance(out_dir, {"model": os.path.abspath(export),
+                                        # a retrained model is another model
+                                        "model_time": os.path.getmtime(
+                                            os.path.join(export, "mre_model.json")),
+                                        "settings": dataclasses.asdict(settings),
+                                        "reward": reward, "judge": "toy judge, in process"})
+  results_path = os.path.join(out_dir, "results.jsonl")
+  paths = {it.id: os.path.join(out_dir, "images", evaluation.safe_name(it.id) + ".png")
+           for it in items}
+  if not all(os.path.exists(p) for p in paths.values()):
+    editor = Editor(load_any(export), settings)
+    make_reward = None
+    if reward is not None and editor.is_reward:
+      make_reward = lambda n: editor.reward_inputs(n, scores=tuple(reward))  # noqa: E731
+    paths = evaluation.edit_items(editor, items, os.path.join(out_dir, "images"),
+                                  batch_size=batch_size, reward=make_reward)
+  records = judge_items(items, paths, results_path)
+  return {"summary": stats.summarize_with_ci(list(records.values())), "paths": paths}

@@ -1,0 +1,86 @@
+"""The whole replication at a few steps (stage 1 -> (a), (b) -> evaluation -> tables with
+intervals), so the machinery cannot rot; and the statistics it reports, checked by hand."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mre.experiments import stats, toy_replication
+from tests.test_train import TINY
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_items():
+  rng = np.random.default_rng(0)
+  small = (rng.random(40) < 0.6).astype(float)
+  large = (rng.random(4000) < 0.6).astype(float)
+  lo_s, hi_s = stats.bootstrap_ci(small)
+  lo_l, hi_l = stats.bootstrap_ci(large)
+  assert lo_s <= small.mean() <= hi_s and lo_l <= large.mean() <= hi_l
+  assert hi_l - lo_l < 0.25 * (hi_s - lo_s)  # ~10x the items: ~1/sqrt(10) the width
+  assert 0.50 < lo_l < 0.60 < hi_l < 0.70
+  assert stats.bootstrap_ci(np.ones(30)) == (1.0, 1.0)
+
+
+def test_summary_and_separation():
+  recs = [{"category": "local" if i % 2 else "add", "status": "ok",
+           **{p: {"yes": i % 3 == 0, "score": float(i % 6)} for p in stats.PERSPECTIVES}}
+          for i in range(60)] + [{"category": "add", "status": "failed"}]
+  s = stats.summarize_with_ci(recs)
+  assert s["all"]["n"] == 60 and s["all"]["failed"] == 1 and s["local"]["n"] == 30
+  assert s["all"]["following"]["yes_rate"] == pytest.approx(20 / 60)
+  assert s["all"]["quality"]["score"] == pytest.approx(np.mean([i % 6 for i in range(60)]))
+  high = {"yes_rate": 0.9, "yes_rate_ci": [0.85, 0.95]}
+  low = {"yes_rate": 0.5, "yes_rate_ci": [0.4, 0.6]}
+  assert stats.separated(high, low) and not stats.separated(low, high)
+  assert not stats.separated({"yes_rate_ci": [0.55, 0.9]}, low)
+
+
+def test_replication_runs_end_to_end_and_resumes(tmp_path, toy_data):
+  overrides = {k: v for k, v in TINY.items()}
+  overrides.update({"model.pretrained": "", "train.warmup_steps": 1,
+                    "train.grad_accum": 1, "train.validate_every": 3})
+  workdir = str(tmp_path / "replication")
+  result = toy_replication.replicate(workdir, seed=3, stage1_steps=4, stage2_steps=2,
+                                     data_dir=toy_data, overrides=overrides)
+  rows = result["rows"]
+  names = ["stage 1", "(a) baseline", "(b) reward 5,5,5", "(b) reward 1,5,5",
+           "(b) reward 5,1,5", "(b) reward 5,5,1", "(b) reward 1,1,1"]
+  assert list(rows) == names
+  n = result["settings"]["eval_items"]
+  assert n == 20  # the tiny test split: 4 scenes x 5 categories
+  for name in names:
+    a = rows[name]["all"]
+    assert a["n"] == n and a["failed"] == 0
+    for p in stats.PERSPECTIVES:
+      lo, hi = a[p]["yes_rate_ci"]
+      assert 0.0 <= lo <= a[p]["yes_rate"] <= hi <= 1.0
+      lo, hi = a[p]["score_ci"]
+      assert 0.0 <= lo <= a[p]["score"] <= hi <= 5.0
+    assert {"local", "remove", "add", "background", "global"} <= set(rows[name])
+  # The table is the judged results, recomputed here from the stored judgements.
+  with open(os.path.join(workdir, "eval", "baseline", "results.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert len(records) == n
+  yes = np.mean([r["following"]["yes"] for r in records])
+  assert rows["(a) baseline"]["all"]["following"]["yes_rate"] == pytest.approx(yes)
+  saved = json.load(open(os.path.join(workdir, "replication.json")))
+  assert saved["rows"]["(b) reward 5,5,5"] == json.loads(json.dumps(rows["(b) reward 5,5,5"]))
+  assert set(saved["claim"]["perspectives"]) == set(stats.PERSPECTIVES)
+  assert isinstance(saved["claim"]["holds"], bool)
+  for image in ("grid.png", "control_grid.png"):
+    assert os.path.getsize(os.path.join(workdir, image)) > 0
+  assert "| (b) reward 5,5,5 |" in open(os.path.join(workdir, "replication.md")).read()
+  # Stage 2 started from stage 1's export: (a) and (b) hold the stage-1 weights' descendants.
+  summary = json.load(open(os.path.join(workdir, "reward", "train_summary.json")))
+  assert summary["step"] == 2 and summary["validation"]
+  # A rerun trains nothing and re-edits nothing: everything is resumed from disk.
+  cached = os.path.join(workdir, "eval", "reward_5-5-5", "images")
+  stamps = {f: os.path.getmtime(os.path.join(cached, f)) for f in os.listdir(cached)}
+  export = os.path.join(workdir, "reward", "export", "mre_model.json")
+  export_stamp = os.path.getmtime(export)
+  again = toy_replication.replicate(workdir, seed=3, stage1_steps=4, stage2_steps=2,
+                                    data_dir=toy_data, overrides=overrides)
+  assert again["rows"] == json.loads(json.dumps(rows))
+  assert {f: os.path.getmtime(os.path.join(cached, f)) for f in os.listdir(cached)} == stamps
+  assert os.path.getmtime(export) == export_stamp
