@@ -1,9 +1,9 @@
 """Benchmark evaluation with a judge: edit every item, ask the three questions, summarise.
 
-The flow of the paper's Real-Edit evaluation (DESIGN.md section 4): each edited image is judged from
-three perspectives, one request each (following and preserving from (instruction, original,
-edited), quality from the edited image alone), answering yes/no and a 0-5 score. Reported per
-perspective: the yes-rate and the mean score, overall and per category.
+The flow of the paper's Real-Edit evaluation (docs/recipes.md, "Real-Edit judging flow"): each
+edited image is judged from three perspectives, one request each (following and preserving from
+(instruction, original, edited), quality from the edited image alone), answering yes/no and a 0-5
+score. Reported per perspective: the yes-rate and the mean score, overall and per category.
 
 Everything is resumable: edited images are cached as PNG (re-judging never re-edits), and judged
 items are appended to `results.jsonl` one line each (a rerun skips finished ids). A question the

@@ -2,9 +2,10 @@
 
 The step: VAE latents of the edited image (a posterior sample, scaled) are noised; the U-Net sees
 [noisy latents | latents of the original image (posterior mode, unscaled)], the instruction's CLIP
-context and, for stage 2, the reward. InstructPix2Pix conditioning dropout (DESIGN.md section 2),
-optional reward dropout, gradient accumulation as a scan over micro-batches, AdamW with global-norm
-clipping, EMA, and a guard that keeps the old state and reports when loss or gradients are not finite.
+context and, for stage 2, the reward. InstructPix2Pix conditioning dropout (docs/method.md,
+"Conditioning dropout"), optional reward dropout, gradient accumulation as a scan over
+micro-batches, AdamW with global-norm clipping, EMA, and a guard that keeps the old state and
+reports when loss or gradients are not finite.
 """
 from __future__ import annotations
 

@@ -99,7 +99,7 @@ def test_widen_conv_in_keeps_old_channels_and_zeroes_new():
   np.testing.assert_array_equal(out[:, 4:], 0)
 
 
-# --- the released form against a PyTorch reference written from DESIGN.md section 3 ---------------
+# --- the released form against a PyTorch reference written from docs/released_reward_form.md ------
 
 class _Fn(torch.nn.Module):
   """A function as a torch module, so it can replace a U-Net child for the reference run."""
