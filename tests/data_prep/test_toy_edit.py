@@ -1,7 +1,7 @@
 import collections
 import importlib.util
+import os
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -69,15 +69,32 @@ def test_test_split_has_every_category_per_scene_and_perfect_targets(data_dir):
     assert len(per_scene) == 4 and all(c == set(instructions.CATEGORIES) for c in per_scene.values())
 
 
-def test_generation_is_deterministic_and_built_once(data_dir):
+def test_generation_is_deterministic_and_built_once(data_dir, monkeypatch):
     config = next(c for c in toy_edit.CONFIGS if c.name == "tiny")
     a, b = builder_module.train_example(config, 7), builder_module.train_example(config, 7)
     assert a["edited"] == b["edited"] and a["instruction"] == b["instruction"]
     record = next(r for r in toy_edit.data_source(data_dir, "tiny", "train") if r["id"] == b"train_000007")
     assert record["instruction"].decode() == a["instruction"]
-    start = time.time()
-    toy_edit.ensure_built(data_dir, "tiny")  # already there: no rebuild
-    assert time.time() - start < 1.0
+    # Already there: no rebuild. Generating would call the builder's split generators, and
+    # writing would touch the prepared files; neither may happen.
+    before = _files(data_dir)
+    calls = []
+    monkeypatch.setattr(builder_module.Builder, "_split_generators",
+                        lambda self, dl_manager: calls.append(1) or {})
+    toy_edit.ensure_built(data_dir, "tiny")
+    assert not calls
+    assert _files(data_dir) == before
+
+
+def _files(directory):
+    """{path: (size, mtime_ns, inode)} of every file under `directory` (lock files aside)."""
+    out = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            if not name.endswith(".lock"):
+                stat = os.stat(os.path.join(root, name))
+                out[os.path.join(root, name)] = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    return out
 
 
 def test_configs_and_bad_names():
