@@ -59,7 +59,7 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata=None):
   """Writes tensors (numpy, C order) as one .safetensors file, names sorted like the library."""
   header, chunks, offset = {}, [], 0
   for name in sorted(tensors):
-    arr = np.ascontiguousarray(tensors[name])
+    arr = np.asarray(tensors[name])  # not ascontiguousarray: it turns a scalar into shape [1]
     raw = arr.tobytes()
     header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
                     "data_offsets": [offset, offset + len(raw)]}
