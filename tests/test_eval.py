@@ -1,7 +1,10 @@
 """Evaluation end to end through the toy judge server: reports, recomputed numbers, resume, sweeps,
 and judging against a judge with faults."""
+import csv
+import html
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -44,6 +47,71 @@ def _recompute(path):
                      for p in evaluation.PERSPECTIVES}
 
 
+def _recompute_rows(path):
+  """{group: [n, failed, yes-rate, score, ...]} from a results JSONL, written out independently of
+  evaluation.summarize: "all" and one group per category, perspectives in the fixed order."""
+  recs = [json.loads(line) for line in open(path)]
+  groups = {"all": recs}
+  for r in recs:
+    groups.setdefault(r["category"], []).append(r)
+  rows = {}
+  for name, group in groups.items():
+    ok = [r for r in group if r["status"] == "ok"]
+    row = [len(ok), len(group) - len(ok)]
+    for p in ("following", "preserving", "quality"):
+      row += [sum(r[p]["yes"] for r in ok) / len(ok), sum(r[p]["score"] for r in ok) / len(ok)]
+    rows[name] = row
+  return rows
+
+
+def _markdown_rows(text):
+  """{first cell: other cells} of the data rows of a markdown table."""
+  lines = [line for line in text.splitlines() if line.startswith("|")]
+  cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines[2:]]
+  return {row[0]: row[1:] for row in cells}
+
+
+def _formatted(values):
+  """Yes-rates and scores as the reports print them."""
+  return [f"{v:.1%}" if i % 2 == 0 else f"{v:.2f}" for i, v in enumerate(values)]
+
+
+def _check_reports(out, items):
+  """summary.md, summary.csv and gallery.html hold what results.jsonl says, row by row."""
+  expected = _recompute_rows(os.path.join(out, "results.jsonl"))
+  table = _markdown_rows(open(os.path.join(out, "summary.md")).read())
+  assert set(table) == set(expected)
+  for name, row in expected.items():
+    assert table[name] == [str(row[0]), str(row[1])] + _formatted(row[2:]), name
+  with open(os.path.join(out, "summary.csv")) as f:
+    header, *lines = list(csv.reader(f))
+  assert header == evaluation.HEADER
+  assert {line[0] for line in lines} == set(expected)
+  for line in lines:
+    row = expected[line[0]]
+    assert [int(line[1]), int(line[2])] == row[:2], line
+    np.testing.assert_allclose([float(v) for v in line[3:]], row[2:], rtol=1e-12, err_msg=line[0])
+  # The gallery: one row per item, its verdicts as judged, and images that decode to the edit size.
+  page = open(os.path.join(out, "gallery.html")).read()
+  rows = re.findall(r"<tr><td>(.*?)</tr>", page)
+  assert len(rows) == len(items)
+  records = {json.loads(line)["id"]: json.loads(line)
+             for line in open(os.path.join(out, "results.jsonl"))}
+  for it, row in zip(items, rows):
+    assert row.startswith(html.escape(it.id) + "<br>") and html.escape(it.instruction) in row
+    rec = records[it.id]
+    for p in evaluation.PERSPECTIVES:
+      verdict = (f"{p}: {'yes' if rec[p]['yes'] else 'no'}, {rec[p]['score']:.1f}"
+                 if "yes" in rec[p] else f"{p}: failed (")
+      assert verdict in row, (it.id, p)
+    original, edited = re.findall(r"<img src='([^']+)'>", row)
+    original = np.asarray(Image.open(os.path.join(out, html.unescape(original))).convert("RGB"))
+    np.testing.assert_array_equal(original, it.original)
+    edited = np.asarray(Image.open(os.path.join(out, html.unescape(edited))).convert("RGB"))
+    assert edited.shape == it.original.shape
+    assert edited.reshape(-1, 3).std(axis=0).max() > 0  # an image, not one flat colour
+
+
 def test_evaluate_through_the_judge_server_and_resume(tmp_path, toy_data, toy_model):
   pipe, _ = toy_model
   items = evaluation.load_benchmark(BENCH, toy_data, limit=6)
@@ -62,9 +130,7 @@ def test_evaluate_through_the_judge_server_and_resume(tmp_path, toy_data, toy_mo
       assert summary["all"][p]["yes_rate"] == pytest.approx(yes)
       assert summary["all"][p]["score"] == pytest.approx(score)
     assert json.load(open(os.path.join(out, "summary.json"))) == json.loads(json.dumps(summary))
-    for f in ("summary.md", "summary.csv", "gallery.html"):
-      assert os.path.getsize(os.path.join(out, f)) > 100
-    assert sum(1 for _ in open(os.path.join(out, "summary.csv"))) == 1 + len(summary)
+    _check_reports(out, items)
 
     # A kill mid-run leaves finished lines and a torn one; the rerun judges only what is missing
     # and does not re-edit cached images.
@@ -91,8 +157,12 @@ def test_eval_cli_runs_a_reward_sweep_with_the_toy_judge(tmp_path, toy_data, toy
                      env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert sorted(os.listdir(out)) == ["reward_1-1-1", "reward_5-5-5", "sweep.md"]
-  table = open(os.path.join(out, "sweep.md")).read()
-  assert "| 5,5,5 |" in table and "| 1,1,1 |" in table
+  # One row per setting, each the overall numbers of its own results.jsonl.
+  table = _markdown_rows(open(os.path.join(out, "sweep.md")).read())
+  assert set(table) == {"5,5,5", "1,1,1"}
+  for name, folder in (("5,5,5", "reward_5-5-5"), ("1,1,1", "reward_1-1-1")):
+    assert table[name] == _formatted(_recompute_rows(os.path.join(out, folder,
+                                                                  "results.jsonl"))["all"][2:])
   assert "evaluated 4 items x 2 setting(s)" in r.stdout
 
 
