@@ -43,9 +43,15 @@ def test_each_failure_mode_hits_its_own_perspective_only():
         assert row.yes_rates[own] <= 0.2, row
         others = [s for k, s in enumerate(row.mean_scores) if k != own]
         assert min(others) >= 4.7, row
-    table = judge_report.markdown(rows)
-    assert table.splitlines()[0].startswith("| flaw | perspective | samples |")
-    assert "| noise | quality |" in table
+    table = judge_report.markdown(rows).splitlines()
+    assert table[0] == "| flaw | perspective | samples | following | preserving | quality |"
+    assert len(table) == 2 + len(rows)
+    for line, row in zip(table[2:], rows):  # each line holds its row's numbers, its own one bold
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[:3] == [row.mode, row.perspective, str(row.count)]
+        for k, (cell, score) in enumerate(zip(cells[3:], row.mean_scores)):
+            bold = row.perspective == PERSPECTIVES[k]
+            assert cell == (f"**{score:.2f}**" if bold else f"{score:.2f}"), (row.mode, k)
 
 
 def _triple(category, seed=0, size=32):
