@@ -59,7 +59,9 @@ def lr_schedule(cfg) -> optax.Schedule:
     return optax.constant_schedule(t.lr)
   if t.lr_schedule == "cosine":
     warmup = min(t.warmup_steps, max(t.steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(0.0, t.lr, max(warmup, 1), max(t.steps, warmup + 1),
+    if warmup == 0:  # the peak at step 0 (a 1-step optax warm-up would spend step 0 at lr 0)
+      return optax.cosine_decay_schedule(t.lr, max(t.steps, 1), alpha=0.05)
+    return optax.warmup_cosine_decay_schedule(0.0, t.lr, warmup, max(t.steps, warmup + 1),
                                               end_value=t.lr * 0.05)
   raise ValueError(f"train.lr_schedule={t.lr_schedule!r} is not 'constant' or 'cosine'")
 
@@ -102,6 +104,7 @@ def micro_loss(ctx: StepContext, params, batch, key):
   unet, text_encoder, vae = ctx.modules(params)
   k_post, k_noise, k_t, k_cond, k_reward, k_dropout = jax.random.split(key, 6)
   nnx.reseed(unet, default=k_dropout, dropout=k_dropout)
+  unet.train()  # built in eval mode; the released form's attention dropout is for training
   b = batch["instruction_ids"].shape[0]
 
   if "original_latent" in batch:  # precomputed by the frozen VAE (mre/data/latent_cache.py)
@@ -111,8 +114,11 @@ def micro_loss(ctx: StepContext, params, batch, key):
   else:
     target_latents = vae.scale_latents(vae.encode(batch["edited"]).sample(k_post))
     image_latents = vae.encode(batch["original"]).mode()
-  noise = jax.random.normal(k_noise, target_latents.shape, jnp.float32)
-  t = jax.random.randint(k_t, (b,), 0, ctx.schedule.num_train_timesteps)
+  # A batch may fix the noise and the timesteps (tests compare k micro-batches with one batch).
+  noise = batch["noise"] if "noise" in batch else jax.random.normal(k_noise, target_latents.shape,
+                                                                    jnp.float32)
+  t = batch["timesteps"] if "timesteps" in batch else jax.random.randint(
+      k_t, (b,), 0, ctx.schedule.num_train_timesteps)
   noisy = add_noise(ctx.schedule, target_latents, noise, t)
 
   context = text_encoder(batch["instruction_ids"])[0]

@@ -1,0 +1,385 @@
+"""The train step itself (mre/train_step.py): conditioning and reward dropout, the null reward, EMA,
+learning-rate schedules and gradient accumulation.
+
+The dropout tests run `micro_loss` eagerly with stand-in modules: the U-Net records what the step
+feeds it, so the dropout masks of 20,000 samples are observed directly, at no compilation cost.
+The other tests build a tiny from-scratch editor (8 px, a 2-level U-Net) and jit the real step.
+"""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from configs import reward as reward_recipe
+from mre import model_setup
+from mre.diffusion.schedule import schedule_from_config
+from mre.editor import EditSettings, Editor
+from mre.models.pixel import PixelSpace
+from mre.models.pretrained import tokenize
+from mre.models.reward import NULL_SCORE
+from mre.train_step import (SplitModel, StepContext, TrainState, ema_decay, lr_schedule,
+                            make_optimizer, make_train_step, micro_loss)
+
+N = 20_000  # samples for the statistical tests: 5 binomial sd of a 5% rate is 0.0077
+TINY = {"data.resolution": 8, "model.scratch.unet_channels": (8, 16), "model.scratch.heads": 2,
+        "model.scratch.attention_from_level": 0, "model.scratch.text_hidden": 16,
+        "model.scratch.text_layers": 1, "model.scratch.text_heads": 2,
+        "model.reward.score_dim": 8, "model.reward.heads": 2, "model.reward.attn_dropout": 0.0,
+        "train.snr_gamma": 0.0}
+WORDS = ["make", "the", "square", "circle", "red", "blue", "green", "bigger", "move", "left"]
+
+
+def _config(**overrides):
+  c = reward_recipe.get_config("toy")
+  for key, value in {**TINY, **overrides}.items():
+    node = c
+    *path, leaf = key.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def _within(rate, p, n, sds=5.0):
+  """|rate - p| within `sds` binomial standard deviations of n draws at probability p."""
+  return abs(rate - p) <= sds * math.sqrt(p * (1 - p) / n)
+
+
+# --- stand-ins: what the step feeds the U-Net, observed -------------------------------------------
+
+def _recording_unet(calls):
+  class Recorder(nnx.Module):
+    def __call__(self, sample, t, context, **kwargs):
+      calls.append({"sample": np.asarray(sample), "context": np.asarray(context),
+                    **{k: jax.tree.map(np.asarray, v) for k, v in kwargs.items()}})
+      return jnp.zeros(sample.shape[:-1] + (1,), sample.dtype)
+  return Recorder()
+
+
+def _stub_text(ids):
+  """Token ids -> (context [n, 77, 1]: the ids, pooled [n, 2]: their sum); empty ids are 0."""
+  ids = jnp.asarray(ids, jnp.float32)
+  return ids[..., None], jnp.repeat(ids.sum(-1, keepdims=True), 2, axis=-1)
+
+
+def _observed(cfg, reward_form=None, n=N, seed=0):
+  """Runs micro_loss eagerly on n samples and returns the U-Net's inputs.
+
+  Instruction ids are ones and the empty prompt's zeros, the image latent is ones, reward texts are
+  twos and scores 4: whatever the step dropped shows as zeros (or NULL_SCORE) in the record.
+  """
+  calls = []
+  ctx = StepContext(unet=None, text_encoder=None, vae=None, frozen={},
+                    schedule=schedule_from_config(model_setup.scheduler_config(cfg)),
+                    empty_ids=jnp.zeros((1, 77), jnp.int32), reward_form=reward_form, cfg=cfg)
+  ctx.modules = lambda params: (_recording_unet(calls), _stub_text, PixelSpace())
+  batch = {"instruction_ids": jnp.ones((n, 77), jnp.int32),
+           "original_latent": jnp.ones((n, 1, 1, 1), jnp.float32),
+           "edited_mean": jnp.zeros((n, 1, 1, 1), jnp.float32),
+           "edited_logvar": jnp.full((n, 1, 1, 1), -30.0, jnp.float32)}
+  if reward_form is not None:
+    slots = 3 if reward_form == "paper" else 1
+    batch["reward_ids"] = jnp.full((n, slots, 77), 2, jnp.int32)
+    batch["reward_scores"] = jnp.full((n, 3), 4.0, jnp.float32)
+  loss = micro_loss(ctx, {}, batch, jax.random.key(seed))
+  assert np.isfinite(float(loss)) and len(calls) == 1
+  return calls[0]
+
+
+def _cond_masks(seen):
+  context, image = seen["context"][..., 0], seen["sample"][:, 0, 0, 1]
+  drop_text, drop_image = np.all(context == 0, axis=1), image == 0
+  # Each sample sees either its own condition or the empty one, nothing in between.
+  assert np.all(drop_text | np.all(context == 1, axis=1))
+  assert np.all(drop_image | (image == 1))
+  return drop_text, drop_image
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1])
+def test_conditioning_dropout_drops_text_image_and_both_at_p_each(p):
+  """InstructPix2Pix: p of the samples lose the text only, p the image only, p both (not p^2)."""
+  drop_text, drop_image = _cond_masks(_observed(_config(**{"train.cond_dropout": p})))
+  rates = {"text only": np.mean(drop_text & ~drop_image),
+           "image only": np.mean(~drop_text & drop_image),
+           "both": np.mean(drop_text & drop_image)}
+  for name, rate in rates.items():
+    assert _within(rate, p, N), f"{name}: {rate:.4f}, expected {p} +- 5 sd"
+  assert _within(np.mean(~drop_text & ~drop_image), 1 - 3 * p, N)
+
+
+def test_no_conditioning_dropout_at_p_zero():
+  drop_text, drop_image = _cond_masks(_observed(_config(**{"train.cond_dropout": 0.0}), n=512))
+  assert not drop_text.any() and not drop_image.any()
+
+
+def _reward_masks(seen, slots):
+  scores, text = seen["reward"].scores, seen["reward"].text
+  assert text.shape == (scores.shape[0], slots, 2)
+  dropped = np.all(scores == NULL_SCORE, axis=1)
+  # A whole reward is replaced, scores and every text slot together, or nothing of it.
+  np.testing.assert_array_equal(scores[~dropped], 4.0)
+  np.testing.assert_array_equal(text[~dropped], 2 * 77)   # the reward texts' pooled stand-in
+  np.testing.assert_array_equal(text[dropped], 0.0)       # the empty prompt's
+  return dropped
+
+
+@pytest.mark.parametrize("form,prob", [("paper", 0.1), ("released", 0.3)])
+def test_reward_dropout_is_per_sample_at_the_configured_rate(form, prob):
+  cfg = _config(**{"model.reward.form": form, "model.reward.dropout_prob": prob,
+                   "train.cond_dropout": 0.1})
+  seen = _observed(cfg, reward_form=form)
+  dropped = _reward_masks(seen, 3 if form == "paper" else 1)
+  assert _within(dropped.mean(), prob, N), dropped.mean()
+  # Drawn per sample and independently of the conditioning dropout.
+  drop_text, _ = _cond_masks(seen)
+  joint = 0.2 * prob  # P(text dropped) = 2p = 0.2
+  assert _within(np.mean(dropped & drop_text), joint, N), (np.mean(dropped & drop_text), joint)
+
+
+def test_no_reward_dropout_at_prob_zero():
+  seen = _observed(_config(**{"model.reward.dropout_prob": 0.0}), reward_form="paper", n=512)
+  assert not _reward_masks(seen, 3).any()
+
+
+# --- a tiny real editor ---------------------------------------------------------------------------
+
+def _pipeline(cfg, tmp_path):
+  return model_setup.build_scratch(cfg, WORDS, str(tmp_path / "tokenizer"), abstract=False)
+
+
+def _context(cfg, pipe, reward_form="released"):
+  """The StepContext as mre/train.py builds it (text encoder trained, as in the toy recipes)."""
+  unet, text, vae = (SplitModel.of(m) for m in (pipe.unet, pipe.text_encoder, pipe.vae))
+  ctx = StepContext(unet=unet, text_encoder=text, vae=vae, frozen={"vae": vae.params},
+                    schedule=schedule_from_config(pipe.scheduler_config),
+                    empty_ids=jnp.asarray(tokenize(pipe.tokenizer, [""])),
+                    reward_form=reward_form, cfg=cfg)
+  return ctx, {"unet": unet.params, "text_encoder": text.params}
+
+
+def _batch(pipe, n, seed=0, res=8):
+  rs = np.random.RandomState(seed)
+  texts = [" ".join(rs.choice(WORDS, 4)) for _ in range(n)]
+  return {"original": jnp.asarray(rs.uniform(-1, 1, (n, res, res, 3)), jnp.float32),
+          "edited": jnp.asarray(rs.uniform(-1, 1, (n, res, res, 3)), jnp.float32),
+          "instruction_ids": jnp.asarray(tokenize(pipe.tokenizer, texts)),
+          "reward_ids": jnp.asarray(tokenize(pipe.tokenizer, texts[::-1]))[:, None],
+          "reward_scores": jnp.asarray(rs.uniform(0, 5, (n, 3)), jnp.float32),
+          "noise": jnp.asarray(rs.randn(n, res, res, 3), jnp.float32),
+          "timesteps": jnp.asarray(rs.randint(0, 1000, n), jnp.int32)}
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+  """A tiny released-form editor (attention dropout 0: the default is set per test)."""
+  cfg = _config(**{"model.reward.form": "released"})
+  return _pipeline(cfg, tmp_path_factory.mktemp("released"))
+
+
+@pytest.mark.parametrize("form", ["paper", "released"])
+def test_trainer_null_reward_equals_the_editors(form, tmp_path, released):
+  cfg = _config(**{"model.reward.form": form, "model.reward.dropout_prob": 0.9})
+  pipe = released if form == "released" else _pipeline(cfg, tmp_path)
+  slots = 3 if form == "paper" else 1
+  calls = []
+  ctx, params = _context(cfg, pipe, reward_form=form)
+  unet, text, vae = ctx.modules(params)
+  ctx.modules = lambda p: (_recording_unet(calls), text, vae)
+  n = 16
+  batch = _batch(pipe, n)
+  batch["reward_ids"] = jnp.repeat(batch["reward_ids"], slots, axis=1)
+  micro_loss(ctx, params, batch, jax.random.key(1))
+  got = calls[0]["reward"]
+  dropped = np.all(got.scores == NULL_SCORE, axis=1)
+  assert 0 < dropped.sum() < n
+  null = Editor(pipe, EditSettings(steps=2, resolution=8)).null_reward(n)
+  np.testing.assert_array_equal(got.scores[dropped], np.asarray(null.scores)[dropped])
+  assert got.text.shape == null.text.shape == (n, slots, 16)
+  np.testing.assert_allclose(got.text[dropped], np.asarray(null.text)[dropped], atol=1e-6, rtol=0)
+  # ...and it is not some other text's features: the kept rewards differ from it.
+  assert np.abs(got.text[~dropped] - np.asarray(null.text)[~dropped]).max() > 1e-3
+
+
+def test_released_attention_dropout_is_on_in_the_train_step(released):
+  """The release's BERT-style dropout applies in training (README: "dropout 0.1 in training
+  only"): with noise and timesteps fixed, the loss then depends on the step key; without it not."""
+  cfg = _config(**{"model.reward.form": "released", "train.cond_dropout": 0.0})
+  batch = _batch(released, 4)
+  losses = {}
+  for rate in (0.0, 0.5):
+    unet = nnx.clone(released.unet)
+    unet.ca.dropout.rate = rate
+    ctx, params = _context(cfg, dataclasses.replace(released, unet=unet))
+    loss = jax.jit(lambda p, k, ctx=ctx: micro_loss(ctx, p, batch, k))
+    losses[rate] = [float(loss(params, jax.random.key(k))) for k in (0, 1)]
+  np.testing.assert_allclose(*losses[0.0], rtol=1e-5)  # only the posterior's 3e-7 noise differs
+  assert abs(losses[0.5][0] - losses[0.5][1]) > 1e-3 * abs(losses[0.5][0]), losses
+
+
+def _state(params, step=0, tx=None, ema=None):
+  return TrainState(step=jnp.int32(step), params=params,
+                    ema=jax.tree.map(jnp.copy, params) if ema is None else ema,
+                    opt_state=(tx.init(params) if tx is not None else None),
+                    rng=jax.random.key_data(jax.random.key(0)))
+
+
+def _leaves(tree):
+  return [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+
+
+def _gradient_keeper():
+  """An 'optimizer' that leaves the parameters alone and keeps the gradient as its state."""
+  zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+  return optax.GradientTransformation(zeros, lambda grads, state, params=None: (zeros(grads),
+                                                                               grads))
+
+
+def test_k_micro_batches_equal_one_batch_k_times_larger(released):
+  """4 micro-batches of 2 (a scan) and one batch of 8 (no loop): the same loss and gradient, with
+  the noise and timesteps fixed by the batch and no dropout of any kind."""
+  cfg = _config(**{"model.reward.form": "released", "train.cond_dropout": 0.0})
+  ctx, params = _context(cfg, released)
+  tx = _gradient_keeper()
+  step = jax.jit(make_train_step(ctx, tx))
+  batch = _batch(released, 8)
+  results = {}
+  for accum in (1, 4):
+    shaped = jax.tree.map(lambda x: x.reshape((accum, 8 // accum) + x.shape[1:]), batch)
+    state, metrics = step(_state(params, tx=tx), shaped)
+    assert bool(metrics["finite"])
+    results[accum] = (float(metrics["loss"]), float(metrics["grad_norm"]), state.opt_state)
+  loss, norm, grads = results[1]
+  got_loss, got_norm, got_grads = results[4]
+  np.testing.assert_allclose(got_loss, loss, rtol=2e-5)
+  np.testing.assert_allclose(got_norm, norm, rtol=2e-5)
+  assert norm > 1e-3
+  flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+  scale = max(np.abs(np.asarray(g)).max() for g in jax.tree.leaves(grads))
+  nonzero = 0
+  for (path, want), got in zip(flat, jax.tree.leaves(got_grads)):
+    want, got = np.asarray(want), np.asarray(got)
+    # Relative to the leaf, with a floor for gradients that are exactly zero but for rounding
+    # (attention key biases: softmax ignores a bias added to every key).
+    tol = 1e-5 * np.abs(want).max() + 1e-6 * scale
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol, err_msg=jax.tree_util.keystr(path))
+    nonzero += np.abs(want).max() > 1e-6 * scale
+  assert nonzero > 50  # the U-Net, the reward modules and the text encoder all have gradients
+  # Not a vacuous comparison: another batch of the same size gives another loss.
+  other = _batch(released, 8, seed=1)
+  _, metrics = step(_state(params, tx=tx), jax.tree.map(lambda x: x[None], other))
+  assert abs(float(metrics["loss"]) - loss) > 1e-3 * loss
+
+
+# --- EMA and learning rate, on a one-parameter-matrix stand-in U-Net ----------------------------
+
+class _LinearUNet(nnx.Module):
+  def __init__(self):
+    self.w = nnx.Param(jnp.asarray([[0.5], [-0.3]], jnp.float32))  # [noisy | image] -> 1 channel
+
+  def __call__(self, sample, t, context, **kwargs):
+    return sample @ self.w[...]
+
+
+class _Text(nnx.Module):
+  def __call__(self, ids):
+    return _stub_text(ids)
+
+
+def _linear_context(cfg):
+  unet, text = SplitModel.of(_LinearUNet()), SplitModel.of(_Text())
+  vae = SplitModel.of(PixelSpace())
+  ctx = StepContext(unet=unet, text_encoder=text, vae=vae,
+                    frozen={"text_encoder": text.params, "vae": vae.params},
+                    schedule=schedule_from_config(model_setup.scheduler_config(cfg)),
+                    empty_ids=jnp.zeros((1, 77), jnp.int32), reward_form=None, cfg=cfg)
+  rs = np.random.RandomState(0)
+  batch = {"instruction_ids": jnp.ones((1, 4, 77), jnp.int32),
+           "original_latent": jnp.asarray(rs.randn(1, 4, 2, 2, 1), jnp.float32),
+           "edited_mean": jnp.asarray(rs.randn(1, 4, 2, 2, 1), jnp.float32),
+           "edited_logvar": jnp.full((1, 4, 2, 2, 1), -30.0, jnp.float32)}
+  return ctx, {"unet": unet.params}, batch
+
+
+def test_ema_decay_warms_up_like_diffusers():
+  decay = lambda s, m=0.9999: float(ema_decay(jnp.int32(s), m))
+  np.testing.assert_allclose(decay(0), 1 / 10, rtol=1e-6)
+  np.testing.assert_allclose(decay(1), 2 / 11, rtol=1e-6)
+  np.testing.assert_allclose(decay(10), 11 / 20, rtol=1e-6)
+  np.testing.assert_allclose(decay(10 ** 7), 0.9999, rtol=1e-7)  # capped at the configured decay
+  np.testing.assert_allclose(decay(10 ** 7, 0.995), 0.995, rtol=1e-7)
+  assert all(decay(s) < decay(s + 1) for s in (0, 1, 10, 100, 1000))
+
+
+def test_the_step_updates_the_ema_with_the_decay_of_its_step():
+  cfg = _config(**{"train.ema_decay": 0.999})
+  ctx, params, batch = _linear_context(cfg)
+  tx = optax.sgd(0.1)
+  step = jax.jit(make_train_step(ctx, tx))
+  ema0 = jax.tree.map(lambda x: x + 1.0, params)  # apart from the parameters, to see the mix
+  for s, d in [(0, 0.1), (1, 2 / 11), (10, 0.55), (10 ** 6, 0.999)]:
+    state, metrics = step(_state(params, step=s, tx=tx, ema=ema0), batch)
+    assert int(state.step) == s + 1 and bool(metrics["finite"])
+    (new,), (ema,), (old_ema,) = _leaves(state.params), _leaves(state.ema), _leaves(ema0)
+    assert np.abs(new - _leaves(params)[0]).max() > 1e-4  # the parameters did move
+    np.testing.assert_allclose(ema, d * old_ema + (1 - d) * new, rtol=1e-6, atol=1e-7,
+                               err_msg=f"step {s}")
+
+
+def _lr(kind, warmup, steps=100, lr=1e-3):
+  return lr_schedule(_config(**{"train.lr_schedule": kind, "train.warmup_steps": warmup,
+                                "train.steps": steps, "train.lr": lr}))
+
+
+def test_constant_schedule_with_and_without_warmup():
+  f = _lr("constant", 0)
+  assert [float(f(s)) for s in (0, 1, 50, 100, 10 ** 6)] == pytest.approx([1e-3] * 5, rel=1e-6)
+  f = _lr("constant", 10)
+  np.testing.assert_allclose([float(f(s)) for s in (0, 5, 10, 11, 100)],
+                             [0.0, 5e-4, 1e-3, 1e-3, 1e-3], rtol=1e-6, atol=1e-12)
+
+
+def test_cosine_schedule_with_warmup():
+  f = _lr("cosine", 10, steps=110)
+  end = 0.05 * 1e-3  # the recipe's floor: 5% of the peak
+  np.testing.assert_allclose([float(f(s)) for s in (0, 5, 10)], [0.0, 5e-4, 1e-3], rtol=1e-6,
+                             atol=1e-12)
+  np.testing.assert_allclose(float(f(60)), end + (1e-3 - end) / 2, rtol=1e-5)  # half way down
+  np.testing.assert_allclose(float(f(35)), end + (1e-3 - end) * (1 + math.cos(math.pi / 4)) / 2,
+                             rtol=1e-5)
+  np.testing.assert_allclose([float(f(s)) for s in (110, 500)], [end, end], rtol=1e-5)
+  values = [float(f(s)) for s in range(10, 111)]
+  assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_cosine_schedule_without_warmup_starts_at_the_peak():
+  f = _lr("cosine", 0, steps=100)
+  end = 0.05 * 1e-3
+  np.testing.assert_allclose([float(f(s)) for s in (0, 50, 100)],
+                             [1e-3, end + (1e-3 - end) / 2, end], rtol=1e-5)
+
+
+def test_unknown_schedule_is_refused():
+  with pytest.raises(ValueError, match="is not 'constant' or 'cosine'"):
+    _lr("linear", 0)
+
+
+@pytest.mark.parametrize("kind,warmup,first_lr", [("constant", 0, 1e-3), ("cosine", 0, 1e-3),
+                                                  ("constant", 10, 0.0), ("cosine", 10, 0.0)])
+def test_the_optimizer_and_the_logged_lr_follow_the_schedule(kind, warmup, first_lr):
+  """Adam's first update is lr * g / (|g| + eps): the learning rate of step 0, element-wise."""
+  cfg = _config(**{"train.lr_schedule": kind, "train.warmup_steps": warmup, "train.steps": 100,
+                   "train.lr": 1e-3, "train.weight_decay": 0.0, "train.clip": 0.0})
+  ctx, params, batch = _linear_context(cfg)
+  tx = make_optimizer(cfg)
+  step = jax.jit(make_train_step(ctx, tx))
+  state, metrics = step(_state(params, tx=tx), batch)
+  np.testing.assert_allclose(float(metrics["lr"]), first_lr, rtol=1e-6, atol=1e-12)
+  moved = np.abs(_leaves(state.params)[0] - _leaves(params)[0])
+  np.testing.assert_allclose(moved, first_lr, rtol=1e-3, atol=1e-9)
+  state, metrics = step(state, batch)
+  np.testing.assert_allclose(float(metrics["lr"]), float(lr_schedule(cfg)(1)), rtol=1e-6)
