@@ -306,7 +306,7 @@ def _linear_context(cfg):
 
 
 def test_ema_decay_warms_up_as_one_plus_step_over_ten_plus_step():
-  # (diffusers' EMAModel uses the same curve one update later: its first update has decay 0.)
+  # (diffusers' EMAModel gives the same values from its second update on; its first has decay 0.)
   decay = lambda s, m=0.9999: float(ema_decay(jnp.int32(s), m))
   np.testing.assert_allclose(decay(0), 1 / 10, rtol=1e-6)
   np.testing.assert_allclose(decay(1), 2 / 11, rtol=1e-6)
