@@ -46,6 +46,9 @@ def base_config():
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "toy_edit"          # a TFDS dataset of this project (toy_edit, reward_edit, ...)
+  # Imported before the dataset is opened: each registers its datasets' builder, vocabulary and
+  # judge (mre/data/registry.py), which the trainer cannot import itself.
+  c.data.modules = ("data_prep.toy_edit",)
   c.data.config = ""                # its builder config
   c.data.data_dir = ""              # TFDS data_dir ("" = ~/tensorflow_datasets)
   c.data.split = "train"

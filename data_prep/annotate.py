@@ -30,7 +30,7 @@ import sys
 from absl import app, flags, logging
 
 from data_prep import annotation, annotation_batch
-from data_prep.judge_client import PROVIDERS, Endpoint, JudgeClient, JudgeError, RetryPolicy
+from mre.judging.client import PROVIDERS, Endpoint, JudgeClient, JudgeError, RetryPolicy
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", None, "the annotation JSONL (appended to; resumes)")

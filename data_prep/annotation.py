@@ -5,7 +5,7 @@
     summary = annotate(items, "rewards.jsonl", judge, model="gpt-4o", concurrency=16)
     print(summary.format())
 
-Each item gets one request per perspective (`data_prep.prompts`, annotation form); its record
+Each item gets one request per perspective (`mre.judging.prompts`, annotation form); its record
 (format: `data_prep.rewards`) is appended to the output JSONL as one line, flushed and fsynced, once
 all three replies are valid, or as a failed record with the reason. A rerun skips every id the file
 already holds, so a killed run resumes where it stopped; a torn last line is cut off and its item
@@ -31,9 +31,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data_prep import prompts, rewards
-from data_prep.judge_client import JudgeClient, JudgeError, Reply, Usage, run_concurrently
+from data_prep import rewards
 from mre import jsonl
+from mre.judging import prompts
+from mre.judging.client import JudgeClient, JudgeError, Reply, Usage, run_concurrently
 from mre.jsonl import write_atomically
 
 log = logging.getLogger(__name__)

@@ -33,11 +33,11 @@ from typing import Iterable, Iterator, Optional
 
 from tqdm import tqdm
 
-from data_prep import prompts
 from data_prep.annotation import (DEFAULT_MODEL, PERSPECTIVES, AnnotationLog, Item, Summary,
                                   annotate_item, finish, load_image, make_record, pending_items, run_all,
                                   stops_cleanly, write_json_atomically)
-from data_prep.judge_client import JudgeClient, Reply, Usage
+from mre.judging import prompts
+from mre.judging.client import JudgeClient, Reply, Usage
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import json
 import math
 from typing import Any
 
-from data_prep import prompts
 from mre import jsonl
+from mre.judging import prompts
 
 PERSPECTIVES = prompts.PERSPECTIVES
 MAX_SCORE = 5.0

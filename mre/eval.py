@@ -19,9 +19,10 @@ import time
 
 from absl import app, flags
 
-from data_prep.judge_client import Endpoint, JudgeClient, JudgeError, RetryPolicy
 from mre import evaluation
+from mre.data import registry
 from mre.editor import EditSettings, Editor
+from mre.judging.client import Endpoint, JudgeClient, JudgeError, RetryPolicy
 from mre.models.native import load_any
 from mre.models.reward import parse_scores
 
@@ -51,7 +52,8 @@ _AZURE_ENDPOINT = flags.DEFINE_string("azure_endpoint", None, "Azure OpenAI endp
 _AZURE_DEPLOYMENT = flags.DEFINE_string("azure_deployment", None, "Azure deployment.")
 _API_VERSION = flags.DEFINE_string("api_version", None, "Azure api-version.")
 _API_KEY_ENV = flags.DEFINE_string("api_key_env", None, "Variable holding the API key.")
-_TOY_JUDGE = flags.DEFINE_bool("toy_judge", False, "Serve the toy judge on 127.0.0.1 and use it.")
+_TOY_JUDGE = flags.DEFINE_bool("toy_judge", False, "Serve the toy judge on 127.0.0.1 and use it "
+                                "(the judge the benchmark's dataset registers: toy_edit).")
 _CONCURRENCY = flags.DEFINE_integer("concurrency", 8, "Items judged at once.")
 _RETRY_FAILED = flags.DEFINE_bool("retry_failed", False, "Judge again the items whose judgement "
                                   "failed (results.jsonl keeps one line per item).")
@@ -88,8 +90,11 @@ def sweep_markdown(results: dict) -> str:
 @contextlib.contextmanager
 def judge_endpoint():
   if _TOY_JUDGE.value:
-    from data_prep.toy.judge_server import serve_in_thread  # pylint: disable=import-outside-toplevel
-    with serve_in_thread() as server:
+    hooks = registry.hooks_for(_BENCHMARK.value, _DATA_DIR.value)
+    if hooks is None or hooks.serve_judge is None:
+      raise app.UsageError(f"--toy_judge: benchmark {_BENCHMARK.value} comes with no judge to serve "
+                           "(the toy world's toy_edit does)")
+    with hooks.serve_judge() as server:
       yield Endpoint(provider="compatible", base_url=server.base_url)
     return
   provider = _PROVIDER.value or ("azure" if _AZURE_ENDPOINT.value else

@@ -10,7 +10,7 @@ items are appended to `results.jsonl` one line each (a rerun skips finished ids)
 judge cannot answer (malformed replies after the re-asks, a request that kept failing while the
 judge answered others) fails its item, recorded with the reason per perspective, and the run goes
 on; `retry_failed` judges failed items again, and the file is then compacted to one line per id.
-A judge that looks down (data_prep.judge_client) stops the run with JudgeUnavailable.
+A judge that looks down (mre.judging.client) stops the run with JudgeUnavailable.
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data_prep import prompts
-from data_prep.judge_client import JudgeClient, run_concurrently
 from mre import jsonl
+from mre.judging import prompts
+from mre.judging.client import JudgeClient, run_concurrently
 
 PERSPECTIVES = prompts.PERSPECTIVES  # following, preserving, quality
 

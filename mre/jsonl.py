@@ -1,6 +1,6 @@
 """JSONL files of records that runs append one line at a time and may be killed while writing.
 
-Annotation (`data_prep.annotation`) and evaluation (`mre.evaluation`) both keep their results this
+Annotation (the annotator) and evaluation (`mre.evaluation`) both keep their results this
 way: one JSON object with a string "id" per line, appended, flushed and fsynced. A run killed
 mid-write leaves at most one torn line, the last one (unterminated, or cut short before its
 newline). `read_records` leaves that line out and says where the intact part ends, so that a writer
@@ -9,7 +9,8 @@ record to it. A bad line anywhere else is not something a crash leaves, so it is
 lines are skipped. `write_atomically` replaces a whole file (to compact it to one record per id)
 so that a kill leaves the old file or the new one, never a mix.
 
-This module needs nothing but the standard library: both `mre` and `data_prep` import it.
+This module needs nothing but the standard library: the library and the data scripts both
+import it.
 """
 from __future__ import annotations
 

@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 
 from configs import reward
-from data_prep.judge_client import Endpoint, JudgeClient, JudgeUnavailable, RetryPolicy
 from data_prep.toy import judge_server
 from data_prep.toy.judge_server import serve_in_thread
 from mre import evaluation, model_setup
 from mre.editor import EditSettings, Editor
+from mre.judging.client import Endpoint, JudgeClient, JudgeUnavailable, RetryPolicy
 from mre.models.native import save_native
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,5 +12,5 @@ with no data, weights or API to download:
     vocabulary    the closed word list of instructions and judge texts (`vocabulary`)
 
 The dataset built from it is `data_prep.toy_edit` (TFDS); the prompts both judges answer are in
-`data_prep.prompts`.
+`mre.judging.prompts`.
 """

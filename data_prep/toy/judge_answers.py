@@ -6,8 +6,8 @@ import time
 import uuid
 from typing import Optional
 
-from data_prep import prompts
 from data_prep.toy import judge
+from mre.judging import prompts
 
 
 class RequestError(Exception):

@@ -13,7 +13,7 @@ import hashlib
 import json
 from typing import Callable, Optional
 
-from data_prep import prompts
+from mre.judging import prompts
 
 
 # Every kind of injected fault, by what a client has to do about it.
@@ -50,7 +50,7 @@ _NESTING = 5_000  # lists deep: far past json's recursion limit, and within prom
 class ChatRequest:
     """What a fault chooser sees of one chat request."""
 
-    form: Optional[str]  # annotation | evaluation (None: not a prompt of data_prep.prompts)
+    form: Optional[str]  # annotation | evaluation (None: not a prompt of mre.judging.prompts)
     perspective: Optional[str]
     instruction: Optional[str]
     edited: Optional[str]  # image_digest of the last image (the edited one), which tells items apart
@@ -60,7 +60,7 @@ class ChatRequest:
 
 def describe_request(body) -> tuple[Optional[str], Optional[str], Optional[str], Optional[str]]:
     """(form, perspective, instruction, edited image digest) of a chat body; None where it is not a
-    request of data_prep.prompts (answer_chat gives those their 400)."""
+    request of mre.judging.prompts (answer_chat gives those their 400)."""
     form = perspective = instruction = edited = None
     try:
         parts = [part for message in body["messages"] if message.get("role") == "user"

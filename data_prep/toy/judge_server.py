@@ -5,7 +5,7 @@ unchanged against it or against GPT-4o.
     # then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="toy")
 
 Endpoints (127.0.0.1 only, no authentication):
-  POST /v1/chat/completions     one judge request built by `data_prep.prompts` (one perspective);
+  POST /v1/chat/completions     one judge request built by `mre.judging.prompts` (one perspective);
                                 the reply is the annotation JSON or the evaluation dict string.
   POST /v1/files                multipart upload (purpose, file)
   GET  /v1/files/{id}           file object;  GET /v1/files/{id}/content: the bytes
@@ -39,11 +39,11 @@ from typing import Iterator, Optional
 import numpy as np
 from absl import app, flags
 
-from data_prep import prompts
 from data_prep.toy.judge_answers import RequestError, answer_chat, completion_body, error_body
 from data_prep.toy.judge_faults import (ANSWER_FAULTS, BENIGN_FAULTS, FAULT_KINDS, PERSISTENT_KINDS,
                                         TRANSPORT_FAULTS, ChatRequest, Faults, describe_request, faulty_reply,
                                         image_digest)
+from mre.judging import prompts
 
 __all__ = [  # what tests and the evaluator use, wherever it is defined
     "ANSWER_FAULTS", "BENIGN_FAULTS", "FAULT_KINDS", "MODEL", "PERSISTENT_KINDS", "TRANSPORT_FAULTS",

@@ -3,6 +3,9 @@
     from data_prep import toy_edit
     toy_edit.ensure_built("/data/tfds", "32px")                  # once; later calls return at once
     source = toy_edit.data_source("/data/tfds", "32px", "train")  # random access, uint8 images
+
+Importing it registers the dataset's hooks (builder, vocabulary, judge, judge server) in
+`mre.data.registry`, where the trainer and `mre.eval` look them up.
 """
 from __future__ import annotations
 
@@ -12,8 +15,11 @@ import os
 
 import tensorflow_datasets as tfds
 
+from data_prep.toy import judge
+from data_prep.toy.vocabulary import vocabulary
 from data_prep.toy_edit import toy_edit_dataset_builder
 from data_prep.toy_edit.toy_edit_dataset_builder import CONFIGS, DEFAULT_CONFIG, Builder, ToyEditConfig
+from mre.data import registry
 
 NAME = "toy_edit"
 FILE_FORMAT = "array_record"
@@ -61,5 +67,17 @@ def _lock(path: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _serve_judge():
+    # Imported when asked for: the server module defines its command-line flags on import.
+    from data_prep.toy.judge_server import serve_in_thread  # pylint: disable=import-outside-toplevel
+    return serve_in_thread()
+
+
+# What the trainer and `mre.eval` find through the registry (they do not import the toy world).
+HOOKS = registry.register(registry.DatasetHooks(
+    NAME, default_config=DEFAULT_CONFIG, build=ensure_built, vocabulary=vocabulary, judge=judge.judge,
+    serve_judge=_serve_judge))
+
+
 __all__ = ["NAME", "CONFIGS", "DEFAULT_CONFIG", "Builder", "ToyEditConfig", "dataset_name", "ensure_built",
-           "data_source", "toy_edit_dataset_builder"]
+           "data_source", "toy_edit_dataset_builder", "HOOKS"]

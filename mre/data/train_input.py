@@ -1,7 +1,8 @@
 """The trainer's view of a dataset: the TFDS source, batches shaped for accumulation, validation items.
 
 Any dataset of the project with the toy_edit feature names works (`config.data.name`, `.config`);
-the toy world is built on first use when `config.data.build_if_missing` is set.
+one whose module registers a builder (the toy world) is built on first use when
+`config.data.build_if_missing` is set (`mre.data.registry`).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from mre.data import latent_cache
+from mre.data import latent_cache, registry
 from mre.data.pipeline import EditPipeline, FeatureKeys, PipelineConfig
 from mre.models.pretrained import tokenize
 
@@ -56,25 +57,24 @@ class Source:
 
 
 def open_dataset(config) -> Source:
+  """The dataset `config.data` names, built first when it has a builder and `build_if_missing`
+  is set; its vocabulary and judge come from its hooks (`mre.data.registry`), when it has them."""
   d = config.data
   data_dir = d.data_dir or default_data_dir()
-  vocabulary = judge = None
-  name = d.name
-  if d.name == "toy_edit":
-    from data_prep import toy_edit  # pylint: disable=import-outside-toplevel
-    from data_prep.toy.vocabulary import vocabulary as toy_vocabulary  # pylint: disable=import-outside-toplevel
-    config_name = d.config or toy_edit.DEFAULT_CONFIG
-    if d.build_if_missing:
-      if jax.process_index() == 0:
-        toy_edit.ensure_built(data_dir, config_name)
-      if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-        multihost_utils.sync_global_devices("toy_edit built")
-    from data_prep.toy.judge import judge as toy_judge  # pylint: disable=import-outside-toplevel
-    name, vocabulary, judge = toy_edit.dataset_name(config_name), toy_vocabulary(), toy_judge
-  elif d.config:
-    name = f"{d.name}/{d.config}"
-  return Source(name, data_dir, d.split, d.val_split, vocabulary, judge)
+  hooks = registry.hooks_for(d.name, data_dir, modules=tuple(d.get("modules", ())))
+  if hooks is None:
+    return Source(f"{d.name}/{d.config}" if d.config else d.name, data_dir, d.split, d.val_split,
+                  vocabulary=None, judge=None)
+  config_name = d.config or hooks.default_config
+  if d.build_if_missing and hooks.build is not None:
+    if jax.process_index() == 0:
+      hooks.build(data_dir, config_name)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices(f"{d.name} built")
+  vocabulary = hooks.vocabulary() if hooks.vocabulary is not None else None
+  return Source(hooks.tfds_name(config_name), data_dir, d.split, d.val_split, vocabulary,
+                hooks.judge)
 
 
 class TokenizeFn:

@@ -13,9 +13,10 @@ import openai
 import pytest
 from PIL import Image
 
-from data_prep import annotation, annotation_batch, prompts, rewards, toy_edit
-from data_prep.judge_client import Endpoint, JudgeClient, JudgeUnavailable, RetryPolicy
+from data_prep import annotation, annotation_batch, rewards, toy_edit
 from data_prep.toy import judge, judge_server
+from mre.judging import prompts
+from mre.judging.client import Endpoint, JudgeClient, JudgeUnavailable, RetryPolicy
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KEY = "sk-toy-7f3a9c1e5b-secret-key"

@@ -7,8 +7,8 @@ import httpx2
 import openai
 import pytest
 
-from data_prep import prompts
-from data_prep.judge_client import (Endpoint, JudgeClient, JudgeConfigError, JudgeUnavailable, RetryPolicy, Usage,
+from mre.judging import prompts
+from mre.judging.client import (Endpoint, JudgeClient, JudgeConfigError, JudgeUnavailable, RetryPolicy, Usage,
                                     run_concurrently)
 
 KEY = "sk-test-0123456789-never-to-be-seen"

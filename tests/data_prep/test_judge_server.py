@@ -7,8 +7,8 @@ import numpy as np
 import openai
 import pytest
 
-from data_prep import prompts
 from data_prep.toy import flaws, instructions, judge, judge_server, scenes
+from mre.judging import prompts
 
 
 def _triples(count, seed=21):

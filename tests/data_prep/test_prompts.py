@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from data_prep import prompts
+from mre.judging import prompts
 
 
 @pytest.mark.parametrize("form", prompts.FORMS)

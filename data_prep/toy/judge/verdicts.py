@@ -5,8 +5,8 @@ import dataclasses
 
 import numpy as np
 
-from data_prep import prompts
 from data_prep.toy import instructions
+from mre.judging import prompts
 
 PERSPECTIVES = ("following", "preserving", "quality")
 NOTHING_WRONG = prompts.NOTHING_WRONG  # "no negative aspects", ... (the paper's texts)

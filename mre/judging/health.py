@@ -5,7 +5,7 @@ import threading
 import time
 from typing import Callable, Optional
 
-from data_prep.judge_errors import JudgeStopped, JudgeUnavailable
+from mre.judging.errors import JudgeStopped, JudgeUnavailable
 
 
 class EndpointHealth:

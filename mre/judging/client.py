@@ -27,7 +27,7 @@ Failure handling, by cause:
   other 4xx (e.g. a request the model refuses):  the reply fails with the API's message.
   200 with a reply the parser rejects (or an empty one):  re-asked `reasks` times, then the reply
       fails with the parser's message. A parser raises ValueError for anything it rejects, however
-      strange the reply (data_prep.prompts does).
+      strange the reply (mre.judging.prompts does).
 
 The retry loop is ours (the openai client is built with max_retries=0) so that it can be tested
 and counted (`JudgeClient.stats`). Every message that leaves this module has the API key blanked.
@@ -49,10 +49,10 @@ from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 import openai
 from openai.types.chat import ChatCompletion
 
-from data_prep.judge_endpoint import DEFAULT_MODEL, PROVIDERS, Endpoint
-from data_prep.judge_errors import JudgeConfigError, JudgeError, JudgeStopped, JudgeUnavailable
-from data_prep.judge_health import EndpointHealth
-from data_prep.judge_replies import Reply, Usage, kept_text, reply_text
+from mre.judging.endpoint import DEFAULT_MODEL, PROVIDERS, Endpoint
+from mre.judging.errors import JudgeConfigError, JudgeError, JudgeStopped, JudgeUnavailable
+from mre.judging.health import EndpointHealth
+from mre.judging.replies import Reply, Usage, kept_text, reply_text
 
 __all__ = [  # the client's whole interface, wherever each piece is defined
     "DEFAULT_MODEL", "PROVIDERS", "Endpoint", "JudgeClient", "JudgeConfigError", "JudgeError", "JudgeStopped",

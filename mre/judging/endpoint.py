@@ -7,7 +7,7 @@ from typing import Optional
 
 import openai
 
-from data_prep.judge_errors import JudgeConfigError
+from mre.judging.errors import JudgeConfigError
 
 PROVIDERS = ("openai", "azure", "compatible")
 DEFAULT_MODEL = "gpt-4o"  # the paper's judge

@@ -117,7 +117,7 @@ def identify(text: str) -> tuple[str, str, Optional[str]]:
     marker = _MARKER.search(text)
     if marker is None:
         raise ValueError("the prompt has no 'Judge prompt <version>: <form> / <perspective>' marker line "
-                         "(build it with data_prep.prompts)")
+                         "(build it with mre.judging.prompts)")
     perspective = {v: k for k, v in PERSPECTIVE_NAMES.items()}[marker["perspective"]]
     instruction = _INSTRUCTION.search(text)
     return marker["form"], perspective, instruction["instruction"] if instruction else None
