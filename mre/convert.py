@@ -13,7 +13,7 @@ import time
 
 from absl import app, flags, logging
 
-from mre.models import native, pretrained
+from mre.model_io import diffusers_folder, folders, native_format
 
 _FROM = flags.DEFINE_string("from", None, "Source folder (diffusers pipeline or mre checkpoint).")
 _TO = flags.DEFINE_string("to", None, "Destination folder (created; must not hold a model).")
@@ -28,12 +28,12 @@ def convert(src: str, dst: str, to_format: str | None = None, overwrite: bool = 
     raise ValueError("--from and --to are the same folder")
   if os.path.isdir(dst) and os.listdir(dst) and not overwrite:
     raise FileExistsError(f"{dst} is not empty; pass --overwrite to write into it")
-  pipe = native.load_any(src)
-  to_format = to_format or ("diffusers" if native.is_native(src) else "mre")
+  pipe = folders.load_any(src)
+  to_format = to_format or ("diffusers" if native_format.is_native(src) else "mre")
   if to_format == "mre":
-    native.save_native(pipe, dst)
+    native_format.save_native(pipe, dst)
   else:
-    pretrained.save_pipeline(pipe, dst)
+    diffusers_folder.save_pipeline(pipe, dst)
   return to_format
 
 

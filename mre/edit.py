@@ -18,7 +18,7 @@ from absl import app, flags, logging
 from tqdm import tqdm
 
 from mre.editor import EditSettings, Editor, load_image
-from mre.models.native import load_any
+from mre.model_io.folders import load_any
 from mre.models.reward import parse_scores
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

@@ -17,9 +17,9 @@ from flax import nnx
 from PIL import Image
 
 from mre.diffusion import make_edit_sampler, schedule_from_config
-from mre.models.pretrained import Pipeline, tokenize
 from mre.models.reward import NULL_SCORE, PERFECT_SCORES, RewardInputs, join_texts
 from mre.models.reward_unet import RewardUNet
+from mre.pipeline import Pipeline, tokenize
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ from mre import evaluation
 from mre.data import registry
 from mre.editor import EditSettings, Editor
 from mre.judging.client import Endpoint, JudgeClient, JudgeError, RetryPolicy
-from mre.models.native import load_any
+from mre.model_io.folders import load_any
 from mre.models.reward import parse_scores
 
 _MODEL = flags.DEFINE_string("model", None, "mre checkpoint or diffusers pipeline folder.")

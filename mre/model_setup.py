@@ -7,21 +7,23 @@ with a tokenizer over the dataset's closed vocabulary (the toy world).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax.numpy as jnp
 from flax import nnx
 
-from mre.models import pretrained
+from mre.model_io import native_format
+from mre.model_io.diffusers_folder import ip2p_unet_from_sd15, load_pipeline, load_tokenizer
+from mre.model_io.folders import load_any
+from mre.model_io.word_tokenizer import write_word_tokenizer
 from mre.models.clip_text import CLIPTextModel
 from mre.models.config import read_json
-from mre.models import native
-from mre.models.native import load_any
 from mre.models.pixel import PixelSpace
 from mre.models.reward import RewardConfig
-from mre.models.reward_unet import (RewardUNet, ip2p_unet_from_sd15, reward_unet_from_stage1)
-from mre.models.tokenizer import write_word_tokenizer
+from mre.models.reward_unet import RewardUNet, reward_unet_from_stage1
 from mre.models.unet import UNet2DConditionModel
+from mre.pipeline import Pipeline
 
 FAMILIES = ("instructpix2pix",)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -67,12 +69,21 @@ def scratch_unet_config(config, channels: int, context_dim: int) -> dict:
              if s.text_time_embedding else {})}
 
 
-def scratch_makers(config, tokenizer) -> dict:
-  """Zero-argument constructors of the from-scratch U-Net and text encoder (random weights).
+@dataclasses.dataclass
+class Models:
+  """What the trainer starts from, built in one pass (`build_models`).
 
-  The trainer calls them inside `jax.jit` with sharded outputs, so the parameters are created
-  directly on their devices; `build_scratch` calls them under `nnx.eval_shape` (no compute).
+  pipe: the editor's pieces. From scratch its U-Net and text encoder hold shapes only
+    (`nnx.eval_shape`): the trainer creates their parameters sharded, with `makers`.
+  makers: zero-argument constructors of the from-scratch U-Net and text encoder (random weights,
+    `config.seed`), which the trainer calls inside `jax.jit` with sharded outputs so the
+    parameters are created directly on their devices; empty for a pretrained start.
   """
+  pipe: Pipeline
+  makers: dict
+
+
+def _scratch_makers(config, tokenizer) -> dict:
   s = config.model.scratch
   if not s.pixel_space:
     raise ValueError("model.scratch.pixel_space=False (a from-scratch autoencoder) is not built; "
@@ -101,17 +112,26 @@ def scratch_makers(config, tokenizer) -> dict:
   return {"unet": make_unet, "text_encoder": make_text}
 
 
-def build_scratch(config, vocab_words, tokenizer_dir: str, *, abstract=True) -> pretrained.Pipeline:
-  """The toy editor: tokenizer over the dataset vocabulary, pixel space, tiny U-Net and CLIP.
-
-  With `abstract` the modules hold shapes only (the trainer materialises them sharded)."""
-  tokenizer = pretrained.load_tokenizer(write_word_tokenizer(
+def scratch_models(config, vocab_words, tokenizer_dir: str) -> Models:
+  """The toy editor: tokenizer over the dataset vocabulary, pixel space, tiny U-Net and CLIP, the
+  networks as shapes plus their makers (see `Models`)."""
+  tokenizer = load_tokenizer(write_word_tokenizer(
       tokenizer_dir, vocab_words, max_length=config.model.scratch.max_tokens))
-  makers = scratch_makers(config, tokenizer)
-  make = nnx.eval_shape if abstract else (lambda f: f())
-  return pretrained.Pipeline(unet=make(makers["unet"]), vae=PixelSpace({"channels": 3}),
-                             text_encoder=make(makers["text_encoder"]), tokenizer=tokenizer,
-                             scheduler_config=scheduler_config(config), model_index={})
+  makers = _scratch_makers(config, tokenizer)
+  pipe = Pipeline(unet=nnx.eval_shape(makers["unet"]), vae=PixelSpace({"channels": 3}),
+                  text_encoder=nnx.eval_shape(makers["text_encoder"]), tokenizer=tokenizer,
+                  scheduler_config=scheduler_config(config), model_index={})
+  return Models(pipe, makers)
+
+
+def build_scratch(config, vocab_words, tokenizer_dir: str, *, abstract=True) -> Pipeline:
+  """The toy editor's pieces (`scratch_models`); with `abstract=False` the networks get their
+  random weights at once, unsharded (tests and tools that edit with an untrained model)."""
+  models = scratch_models(config, vocab_words, tokenizer_dir)
+  if not abstract:
+    models.pipe.unet = models.makers["unet"]()
+    models.pipe.text_encoder = models.makers["text_encoder"]()
+  return models.pipe
 
 
 def _missing(config, path):
@@ -133,20 +153,20 @@ def check_pretrained(config):
     raise _missing(config, config.model.pretrained)
 
 
-def build_pretrained(config) -> pretrained.Pipeline:
+def build_pretrained(config) -> Pipeline:
   path = config.model.pretrained
   check_pretrained(config)
   dtype, pdtype = dtype_of(config.model.dtype), dtype_of(config.model.param_dtype)
   remat = tuple(config.model.remat)
   unet_dir = os.path.join(path, "unet")
-  if native.is_native(path):  # an mre checkpoint (e.g. a toy stage-1 export): as it is
+  if native_format.is_native(path):  # an mre checkpoint (e.g. a toy stage-1 export): as it is
     pipe = load_any(path, dtype=dtype, param_dtype=pdtype, remat=remat)
   elif config.stage == "ip2p" and read_json(unet_dir).get("in_channels") == 4:  # SD 1.5: widen
-    pipe = pretrained.load_pipeline(path, dtype=dtype, param_dtype=pdtype, remat=remat,
-                                    unet=ip2p_unet_from_sd15(unet_dir, dtype=dtype,
-                                                             param_dtype=pdtype, remat=remat))
+    pipe = load_pipeline(path, dtype=dtype, param_dtype=pdtype, remat=remat,
+                         unet=ip2p_unet_from_sd15(unet_dir, dtype=dtype, param_dtype=pdtype,
+                                                  remat=remat))
   elif config.stage == "ip2p":
-    pipe = pretrained.load_pipeline(path, dtype=dtype, param_dtype=pdtype, remat=remat)
+    pipe = load_pipeline(path, dtype=dtype, param_dtype=pdtype, remat=remat)
   else:
     pipe = load_any(path, dtype=dtype, param_dtype=pdtype, remat=remat)
   r = reward_config(config)
@@ -158,11 +178,13 @@ def build_pretrained(config) -> pretrained.Pipeline:
   return pipe
 
 
-def build_models(config, vocab_words=None, tokenizer_dir=None) -> pretrained.Pipeline:
+def build_models(config, vocab_words=None, tokenizer_dir=None) -> Models:
+  """Everything the trainer needs to start: from `model.pretrained`, or from scratch (the toy world,
+  whose tokenizer is built over `vocab_words` in `tokenizer_dir`)."""
   check_pretrained(config)
   if config.model.pretrained:
-    return build_pretrained(config)
+    return Models(build_pretrained(config), makers={})
   if vocab_words is None:
     raise ValueError("a from-scratch model (model.pretrained='') needs the dataset's vocabulary; "
                      "only the toy world provides one")
-  return build_scratch(config, vocab_words, tokenizer_dir)
+  return scratch_models(config, vocab_words, tokenizer_dir)

@@ -21,9 +21,9 @@ from mre import checkpointing, model_setup, sharding
 from mre.data import latent_cache, train_input
 from mre.diffusion.schedule import schedule_from_config
 from mre.editor import EditSettings
-from mre.models import native, pretrained
-from mre.models.pretrained import tokenize
+from mre.model_io import diffusers_folder, native_format
 from mre.models.vae import AutoencoderKL
+from mre.pipeline import tokenize
 from mre.train_step import SplitModel, StepContext, TrainState, make_optimizer, make_train_step
 from mre.validation import ValidationGrid, ValidationJudge, save_grid
 
@@ -67,12 +67,12 @@ def export_model(pipe, ema: dict, workdir: str):
   if "text_encoder" in ema:
     nnx.update(pipe.text_encoder, ema["text_encoder"])
   out = os.path.join(workdir, "export")
-  native.save_native(pipe, out)
+  native_format.save_native(pipe, out)
   diffusers_dir = os.path.join(workdir, "export_diffusers")
   if isinstance(pipe.vae, AutoencoderKL):
-    pretrained.save_pipeline(pipe, diffusers_dir)
+    diffusers_folder.save_pipeline(pipe, diffusers_dir)
   else:  # pixel space has no diffusers counterpart; the U-Net alone still exports
-    pretrained.save_unet(pipe.unet, os.path.join(diffusers_dir, "unet"))
+    diffusers_folder.save_unet(pipe.unet, os.path.join(diffusers_dir, "unet"))
   return out
 
 
@@ -110,11 +110,10 @@ def train(config) -> dict:
 
   # --- data and models ---
   source = train_input.open_dataset(config)
-  pipe = model_setup.build_models(config, vocab_words=source.vocabulary,
-                                  tokenizer_dir=os.path.join(workdir, "tokenizer"))
+  models = model_setup.build_models(config, vocab_words=source.vocabulary,
+                                    tokenizer_dir=os.path.join(workdir, "tokenizer"))
+  pipe, makers = models.pipe, models.makers
   reward_cfg = model_setup.reward_config(config)
-  makers = ({} if config.model.pretrained else
-            model_setup.scratch_makers(config, pipe.tokenizer))
   min_size = config.mesh.fsdp_min_size
   unet, unet_params = _materialize(pipe.unet, mesh, min_size, makers.get("unet"))
   text, text_params = _materialize(pipe.text_encoder, mesh, min_size, makers.get("text_encoder"))
@@ -161,7 +160,7 @@ def train(config) -> dict:
     print(f"resuming from step {start_step} ({ckpt.directory})")
 
   export_dir = os.path.join(workdir, "export")
-  if start_step >= t.steps and (not t.export or native.is_native(export_dir)):
+  if start_step >= t.steps and (not t.export or native_format.is_native(export_dir)):
     ckpt.close()
     data.close()
     print(f"nothing to do: {workdir} is already at step {start_step} of {t.steps}")

@@ -62,7 +62,7 @@ def make_tiny_pipeline_dir(root):
                          StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel)
   from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-  from mre.models.tokenizer import write_word_tokenizer
+  from mre.model_io.word_tokenizer import write_word_tokenizer
   root = Path(root)
   tok_dir = write_word_tokenizer(str(root / "tok"), TOKEN_WORDS)
   tokenizer = CLIPTokenizer.from_pretrained(tok_dir)

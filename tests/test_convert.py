@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 
-from mre.models import native, weights
+from mre.model_io import native_format, safetensors_io
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,16 +21,16 @@ def test_convert_round_trip(tmp_path, tiny_pipeline_dir):
   mre_dir, back_dir = str(tmp_path / "mre"), str(tmp_path / "back")
   r = _run(f"--from={tiny_pipeline_dir}", f"--to={mre_dir}")
   assert r.returncode == 0, r.stderr[-2000:]
-  assert "wrote mre checkpoint" in r.stdout and native.is_native(mre_dir)
+  assert "wrote mre checkpoint" in r.stdout and native_format.is_native(mre_dir)
   r = _run(f"--from={mre_dir}", f"--to={back_dir}")
   assert r.returncode == 0, r.stderr[-2000:]
   for sub, fname in [("unet", "diffusion_pytorch_model.safetensors"),
                      ("vae", "diffusion_pytorch_model.safetensors")]:
-    a = weights.read_state_dict(os.path.join(tiny_pipeline_dir, sub))
-    b = weights.read_safetensors(os.path.join(back_dir, sub, fname))
+    a = safetensors_io.read_state_dict(os.path.join(tiny_pipeline_dir, sub))
+    b = safetensors_io.read_safetensors(os.path.join(back_dir, sub, fname))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-  a = weights.read_state_dict(os.path.join(tiny_pipeline_dir, "text_encoder"))
-  b = weights.read_state_dict(os.path.join(back_dir, "text_encoder"))
+  a = safetensors_io.read_state_dict(os.path.join(tiny_pipeline_dir, "text_encoder"))
+  b = safetensors_io.read_state_dict(os.path.join(back_dir, "text_encoder"))
   assert all(np.array_equal(v, b["text_model." + k if not k.startswith("text_model.") else k])
              for k, v in a.items() if "position_ids" not in k)
   from diffusers import StableDiffusionInstructPix2PixPipeline

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from mre.editor import EditSettings, Editor, fit_size
-from mre.models import pretrained
+from mre.model_io import diffusers_folder
 from mre.models.reward import RewardConfig
 from mre.models.reward_unet import reward_unet_from_stage1
 from tests.reference import nhwc, torch
@@ -32,7 +32,7 @@ def test_edit_matches_the_diffusers_pipeline(tiny_pipeline_dir):
   want = ref(prompt, image=img, num_inference_steps=6, guidance_scale=7.5,
              image_guidance_scale=1.5, latents=noise, output_type="np").images
 
-  pipe = pretrained.load_pipeline(tiny_pipeline_dir)
+  pipe = diffusers_folder.load_pipeline(tiny_pipeline_dir)
   pipe.scheduler_config = dict(ref.scheduler.config)
   editor = Editor(pipe, EditSettings(steps=6, sampler="euler", resolution=16))
   x = np.asarray(img, np.float32)[None] / 127.5 - 1
@@ -86,7 +86,7 @@ def test_cli_errors_are_clear(tmp_path, tiny_pipeline_dir):
 
 
 def test_reward_model_edits_follow_the_reward(tmp_path, tiny_pipeline_dir):
-  pipe = pretrained.load_pipeline(tiny_pipeline_dir)
+  pipe = diffusers_folder.load_pipeline(tiny_pipeline_dir)
   stage1_unet = pipe.unet
   img = [_image(3)]
   settings = EditSettings(steps=3, resolution=16, seed=1)
@@ -102,7 +102,7 @@ def test_reward_model_edits_follow_the_reward(tmp_path, tiny_pipeline_dir):
   pipe.unet = reward_unet_from_stage1(stage1_unet, RewardConfig(form="released"), seed=0)
   pipe.unet.eval()
   folder = str(tmp_path / "reward_pipe")
-  pretrained.save_pipeline(pipe, folder)
+  diffusers_folder.save_pipeline(pipe, folder)
   img[0].save(tmp_path / "in.png")
   outs = []
   for scores in ["5,5,5", "0,0,0"]:
@@ -115,7 +115,7 @@ def test_reward_model_edits_follow_the_reward(tmp_path, tiny_pipeline_dir):
 
 
 def test_reward_guidance_adds_a_branch_with_the_null_reward(tiny_pipeline_dir):
-  pipe = pretrained.load_pipeline(tiny_pipeline_dir)
+  pipe = diffusers_folder.load_pipeline(tiny_pipeline_dir)
   pipe.unet = reward_unet_from_stage1(pipe.unet, RewardConfig(form="released", dropout_prob=0.1),
                                       seed=0)
   img = [_image(4)]
@@ -127,4 +127,4 @@ def test_reward_guidance_adds_a_branch_with_the_null_reward(tiny_pipeline_dir):
   b = np.asarray(guided.edit(img, ["make it darker"])[0], np.float32)
   assert np.abs(a - b).max() > 2  # the fourth branch changes the result
   with pytest.raises(ValueError, match="reward-conditioned model"):
-    Editor(pretrained.load_pipeline(tiny_pipeline_dir), EditSettings(reward_scale=2.0))
+    Editor(diffusers_folder.load_pipeline(tiny_pipeline_dir), EditSettings(reward_scale=2.0))

@@ -19,7 +19,7 @@ from data_prep.toy.judge_server import serve_in_thread
 from mre import evaluation, model_setup
 from mre.editor import EditSettings, Editor
 from mre.judging.client import Endpoint, JudgeClient, JudgeUnavailable, RetryPolicy
-from mre.models.native import save_native
+from mre.model_io.native_format import save_native
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = "toy_edit/tiny"

@@ -1,5 +1,6 @@
 """The import graph points one way: the library (`mre/`) never imports the data scripts
-(`data_prep/`); only the toy replication (`mre/experiments/`), a script itself, may."""
+(`data_prep/`); only the toy replication (`mre/experiments/`), a script itself, may. And the
+networks (`mre/models/`) import no file formats (`mre/model_io/` reads and writes weights)."""
 import ast
 import glob
 import os
@@ -43,3 +44,12 @@ def test_the_check_sees_imports_inside_functions(tmp_path):
                   "  importlib.import_module('data_prep.toy_edit')\n")
   assert [n for n in _imports(str(path)) if n.startswith("data_prep")] == [
       "data_prep.toy", "data_prep.toy_edit"]
+
+
+def test_the_networks_import_networks_only():
+  """`mre/models/` holds networks; reading and writing weights is `mre/model_io/`."""
+  allowed = {"__future__", "dataclasses", "json", "math", "os", "typing", "jax", "flax", "numpy"}
+  for path in sorted(glob.glob(os.path.join(ROOT, "mre", "models", "*.py"))):
+    for name in _imports(path):
+      top = name.split(".")[0]
+      assert top in allowed or name.startswith("mre.models"), (os.path.relpath(path, ROOT), name)

@@ -17,7 +17,7 @@ import pytest
 
 from configs import reward
 from mre import train
-from mre.models.native import load_any
+from mre.model_io.folders import load_any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
@@ -232,8 +232,8 @@ def test_stage2_from_a_pipeline_folder_with_and_without_cached_latents(tmp_path,
 def test_latent_cache_resumes_a_partial_build(tmp_path, toy_data, tiny_pipeline_dir):
   import tensorflow_datasets as tfds
   from mre.data import latent_cache
-  from mre.models import pretrained
-  vae = pretrained.load_vae(os.path.join(tiny_pipeline_dir, "vae"))
+  from mre.model_io import diffusers_folder
+  vae = diffusers_folder.load_vae(os.path.join(tiny_pipeline_dir, "vae"))
   source = tfds.data_source("toy_edit/tiny", split="train", data_dir=toy_data)
   full = str(tmp_path / "full")
   latent_cache.build(vae, source, full, 16, batch_size=16)

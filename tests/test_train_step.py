@@ -20,8 +20,8 @@ from mre import model_setup
 from mre.diffusion.schedule import schedule_from_config
 from mre.editor import EditSettings, Editor
 from mre.models.pixel import PixelSpace
-from mre.models.pretrained import tokenize
 from mre.models.reward import NULL_SCORE
+from mre.pipeline import tokenize
 from mre.train_step import (SplitModel, StepContext, TrainState, ema_decay, lr_schedule,
                             make_optimizer, make_train_step, micro_loss)
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from mre.data import latent_cache, registry
 from mre.data.pipeline import EditPipeline, FeatureKeys, PipelineConfig
-from mre.models.pretrained import tokenize
+from mre.pipeline import tokenize
 
 # InstructPix2Pix's random crop: resize the short side to 256..288, crop 256.
 RANDOM_CROP_UPSCALE = 288 / 256

@@ -20,7 +20,7 @@ from data_prep.toy import judge as toy_judge
 from mre import evaluation
 from mre.editor import EditSettings, Editor
 from mre.experiments import stats
-from mre.models.native import load_any
+from mre.model_io.folders import load_any
 
 # Edit settings of every row: DDIM, 20 steps, s_T 2, s_I 1 (what the toy editors are measured at).
 EVAL_SETTINGS = dict(steps=20, sampler="ddim", text_scale=2.0, image_scale=1.0, seed=42)

@@ -1,7 +1,8 @@
 """Building blocks shared by the U-Net and the autoencoder (NHWC layout throughout).
 
 Attribute names mirror the diffusers PyTorch modules (`conv1`, `time_emb_proj`, `to_out.0`, ...), so
-that a parameter's NNX path *is* its diffusers state-dict name; `mre/models/weights.py` relies on it.
+that a parameter's NNX path *is* its diffusers state-dict name; `mre/model_io/torch_state_dict.py`
+relies on it.
 """
 from __future__ import annotations
 

@@ -1,22 +1,19 @@
-"""The U-Net conditioned on multi-reward (paper or released form), and how to make and load one."""
+"""The U-Net conditioned on multi-reward (paper or released form), and stage 2's starting point.
+
+Its checkpoint layouts (ours and the released one) are read and written by `mre.model_io.reward_layout`.
+"""
 from __future__ import annotations
 
 import dataclasses
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from mre.models import weights
-from mre.models.config import UNetConfig, read_json
+from mre.models.config import UNetConfig
 from mre.models.layers import TimestepEmbedding, linear
 from mre.models.reward import (BertCrossLayer, PaperReward, ProjDeal, RewardConfig, RewardInputs,
                                score_sinusoid)
 from mre.models.unet import UNet2DConditionModel
-
-CONFIG_KEY = "mre_reward"  # where our exported config.json records the reward settings
-TEXT_DIM_KEY = "mre_reward_text_dim"
-
 
 class RewardUNet(UNet2DConditionModel):
   """`__call__(sample, timesteps, context, *, reward: RewardInputs)`; a UNet2DConditionModel else.
@@ -91,27 +88,7 @@ class RewardUNet(UNet2DConditionModel):
     return super().__call__(sample, timesteps, context, extra_time_emb=extra, after_conv_in=after)
 
 
-# --- making and loading ---------------------------------------------------------------------------
-
-def widen_conv_in(tensors: dict, in_channels: int = 8) -> dict:
-  """SD 1.5 -> InstructPix2Pix: `conv_in` takes [noisy latent | image latent]; new inputs start at 0."""
-  w = tensors["conv_in.weight"]
-  if w.shape[1] >= in_channels:
-    raise ValueError(f"conv_in already has {w.shape[1]} input channels (asked for {in_channels})")
-  pad = np.zeros((w.shape[0], in_channels - w.shape[1]) + w.shape[2:], w.dtype)
-  return {**tensors, "conv_in.weight": np.concatenate([w, pad], axis=1)}
-
-
-def ip2p_unet_from_sd15(folder: str, *, in_channels=8, dtype=jnp.float32, param_dtype=jnp.float32,
-                        remat=()):
-  """The stage-1 starting point: an SD 1.5 `unet/` folder with `conv_in` widened to 8 channels."""
-  raw = {**read_json(folder), "in_channels": in_channels}
-  unet = nnx.eval_shape(lambda: UNet2DConditionModel(raw, dtype=dtype, param_dtype=param_dtype,
-                                                     remat=remat, rngs=nnx.Rngs(0)))
-  weights.load_state_dict(unet, widen_conv_in(weights.read_state_dict(folder), in_channels),
-                          where=f"SD U-Net in {folder}")
-  return weights.materialize_non_params(unet)
-
+# --- stage 2's starting point ---------------------------------------------------------------------
 
 def reward_unet_from_stage1(stage1: UNet2DConditionModel, reward: RewardConfig, *, seed=0,
                             text_dim=None, dtype=None, param_dtype=jnp.float32, remat=()):
@@ -120,59 +97,3 @@ def reward_unet_from_stage1(stage1: UNet2DConditionModel, reward: RewardConfig, 
                      param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(seed))
   nnx.update(model, nnx.state(stage1, nnx.Param))
   return model
-
-
-def has_reward(tensors: dict, cfg: dict) -> bool:
-  # `add_embedding.linear_1`: the release's score embedding; a plain U-Net with
-  # addition_embed_type "text" has an `add_embedding` too (norm1, pool, proj, norm2).
-  released = ("add_embedding.linear_", "add_embedding2.", "text_linear", "proj_deal.")
-  return CONFIG_KEY in cfg or any(k.startswith(released) for k in tensors)
-
-
-def reward_config_of(tensors: dict, cfg: dict) -> RewardConfig:
-  """The reward settings of a U-Net checkpoint: recorded by us, or inferred from released names."""
-  if CONFIG_KEY in cfg:
-    return RewardConfig(**cfg[CONFIG_KEY])
-  has = lambda prefix: any(k.startswith(prefix) for k in tensors)
-  if not (has("add_embedding.linear_") or has("text_linear") or has("proj_deal.")):
-    raise ValueError("this U-Net checkpoint has no reward modules (neither our `mre_reward` "
-                     "config entry nor the released `add_embedding`/`proj_deal`/`ca` tensors)")
-  return RewardConfig(form="released", use_scores=has("add_embedding.linear_"),
-                      use_texts=has("text_linear"), inject_latent=has("proj_deal."),
-                      inject_unet=has("add_embedding.linear_") or has("text_linear2."))
-
-
-def load_reward_unet(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, remat=(),
-                     tensors=None):
-  """A reward U-Net from a diffusers-format `unet/` folder: ours, or the released stage-2 one."""
-  raw = read_json(folder)
-  tensors = weights.read_state_dict(folder) if tensors is None else tensors
-  reward = reward_config_of(tensors, raw)
-  text_dim = None
-  for name in ("text_linear.weight", "text_linear2.weight"):
-    if name in tensors:
-      text_dim = tensors[name].shape[1]
-  text_dim = raw.get(TEXT_DIM_KEY, text_dim)
-  cfg = UNetConfig.from_dict(raw)
-  model = nnx.eval_shape(lambda: RewardUNet(cfg, reward, text_dim=text_dim, dtype=dtype,
-                                            param_dtype=param_dtype, remat=remat,
-                                            rngs=nnx.Rngs(0)))
-  weights.load_state_dict(model, tensors, where=f"reward U-Net in {folder}")
-  return weights.materialize_non_params(model)
-
-
-def reward_unet_from_config(raw: dict, **kw) -> RewardUNet:
-  """A (randomly initialised) RewardUNet from a config dict written by `export_config`."""
-  return RewardUNet(raw, RewardConfig(**raw[CONFIG_KEY]), text_dim=raw.get(TEXT_DIM_KEY), **kw)
-
-
-def export_config(model: RewardUNet) -> dict:
-  """config.json content: the U-Net's, plus our reward settings under `mre_reward`.
-
-  A released-form model keeps the release's tensor names, so the public code loads its weights;
-  the extra keys are ignored by diffusers.
-  """
-  raw = dict(model.config.raw)
-  raw[CONFIG_KEY] = dataclasses.asdict(model.reward_config)
-  raw[TEXT_DIM_KEY] = model.text_dim
-  return raw

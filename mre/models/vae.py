@@ -149,17 +149,3 @@ class AutoencoderKL(nnx.Module):
   def __call__(self, images, key=None):
     post = self.encode(images)
     return self.decode(post.sample(key) if key is not None else post.mode())
-
-
-# diffusers converts these pre-0.14 attention names on load; so do we (SD 1.5's own VAE uses them).
-_LEGACY_ATTENTION = {"query.": "to_q.", "key.": "to_k.", "value.": "to_v.", "proj_attn.": "to_out.0."}
-
-
-def legacy_vae_rename(name: str) -> str:
-  if ".attentions." not in name:
-    return name
-  head, _, tail = name.rpartition(".attentions.0.")
-  for old, new in _LEGACY_ATTENTION.items():
-    if tail.startswith(old):
-      return f"{head}.attentions.0.{new}{tail[len(old):]}"
-  return name

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mre.models import weights
+from mre.model_io import torch_state_dict
 from mre.models.clip_text import CLIPTextModel
 from tests.reference import CLIP_CONFIG, randomize, torch
 
@@ -15,7 +15,7 @@ def test_clip_matches_transformers(eos_token_id):
   ref = randomize(TorchCLIP(CLIPTextConfig(vocab_size=99, eos_token_id=eos_token_id,
                                            bos_token_id=97, pad_token_id=1, **CLIP_CONFIG)), 5)
   ours = CLIPTextModel(ref.config.to_dict(), rngs=nnx.Rngs(0))
-  weights.load_state_dict(ours, {k: v.numpy() for k, v in ref.state_dict().items()},
+  torch_state_dict.load_state_dict(ours, {k: v.numpy() for k, v in ref.state_dict().items()},
                           where="clip", ignore=("position_ids",),
                           rename=lambda k: k if k.startswith("text_model.") else "text_model." + k)
   rs = np.random.RandomState(0)

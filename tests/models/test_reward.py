@@ -8,11 +8,11 @@ import optax
 import pytest
 from flax import nnx
 
-from mre.models import weights
+from mre.model_io import safetensors_io
+from mre.model_io.diffusers_folder import load_unet, save_unet, widen_conv_in
+from mre.model_io.reward_layout import load_reward_unet
 from mre.models.reward import NULL_SCORE, RewardConfig, RewardInputs, drop_rewards
-from mre.models.pretrained import load_unet, save_unet
-from mre.models.reward_unet import (RewardUNet, load_reward_unet, reward_unet_from_stage1,
-                                    widen_conv_in)
+from mre.models.reward_unet import RewardUNet, reward_unet_from_stage1
 from mre.models.unet import UNet2DConditionModel
 from tests.reference import UNET_CONFIGS, nchw, nhwc, randomize, torch
 
@@ -194,9 +194,9 @@ def test_released_checkpoint_imports_runs_and_exports_exactly(tmp_path):
   extra, forward = _released_reference(tunet)
   folder = str(tmp_path / "unet")
   tunet.save_pretrained(folder)
-  sd = weights.read_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+  sd = safetensors_io.read_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
   sd.update({k: v.numpy() for k, v in extra.state_dict().items()})
-  weights.write_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"), sd)
+  safetensors_io.write_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"), sd)
 
   model = load_reward_unet(folder)
   assert model.reward_config.form == "released"
@@ -212,13 +212,13 @@ def test_released_checkpoint_imports_runs_and_exports_exactly(tmp_path):
   np.testing.assert_allclose(nchw(got), want, atol=1e-4, rtol=0)
 
   save_unet(model, str(tmp_path / "again"))
-  back = weights.read_safetensors(str(tmp_path / "again" / "diffusion_pytorch_model.safetensors"))
+  back = safetensors_io.read_safetensors(str(tmp_path / "again" / "diffusion_pytorch_model.safetensors"))
   assert back.keys() == sd.keys()
   assert all(back[k].tobytes() == sd[k].astype(np.float32).tobytes() for k in sd)
 
   del sd["ca.attention.output.LayerNorm.bias"]
-  weights.write_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"), sd)
-  with pytest.raises(weights.WeightsError, match="missing tensors: ca.attention.output.LayerNorm.bias"):
+  safetensors_io.write_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"), sd)
+  with pytest.raises(safetensors_io.WeightsError, match="missing tensors: ca.attention.output.LayerNorm.bias"):
     load_reward_unet(folder)
 
 
@@ -235,7 +235,7 @@ def test_paper_form_export_round_trip(tmp_path, stage1):
 def test_sd15_unet_widened_for_instruct_pix2pix_ignores_the_image_at_first(tmp_path):
   """conv_in 4 -> 8 channels with zero new weights: the stage-1 start equals SD 1.5 exactly."""
   from diffusers import UNet2DConditionModel as TorchUNet
-  from mre.models.reward_unet import ip2p_unet_from_sd15
+  from mre.model_io.diffusers_folder import ip2p_unet_from_sd15
   cfg = {**CFG, "in_channels": 4}
   torch.manual_seed(0)
   sd = randomize(TorchUNet(**cfg), 13)

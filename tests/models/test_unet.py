@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mre.models import weights
+from mre.model_io import torch_state_dict
 from mre.models.unet import UNet2DConditionModel
 from tests.reference import UNET_CONFIGS, nchw, nhwc, randomize, torch
 
@@ -15,7 +15,7 @@ def _pair(name):
   torch.manual_seed(0)
   ref = randomize(TorchUNet(**UNET_CONFIGS[name]), 7)
   ours = UNet2DConditionModel(dict(ref.config), rngs=nnx.Rngs(0))
-  weights.load_state_dict(ours, {k: v.numpy() for k, v in ref.state_dict().items()}, where=name)
+  torch_state_dict.load_state_dict(ours, {k: v.numpy() for k, v in ref.state_dict().items()}, where=name)
   return ref, ours
 
 

@@ -4,8 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mre.models import weights
-from mre.models.vae import AutoencoderKL, legacy_vae_rename
+from mre.model_io import torch_state_dict
+from mre.model_io.diffusers_folder import legacy_vae_rename
+from mre.models.vae import AutoencoderKL
 from tests.reference import VAE_CONFIG, nchw, nhwc, randomize, torch
 
 
@@ -14,7 +15,7 @@ def test_vae_matches_diffusers():
   torch.manual_seed(0)
   ref = randomize(TorchVAE(**VAE_CONFIG), 4)
   ours = AutoencoderKL(dict(ref.config), rngs=nnx.Rngs(0))
-  weights.load_state_dict(ours, {k: v.numpy() for k, v in ref.state_dict().items()}, where="vae")
+  torch_state_dict.load_state_dict(ours, {k: v.numpy() for k, v in ref.state_dict().items()}, where="vae")
   x = np.random.RandomState(0).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
   with torch.no_grad():
     post = ref.encode(torch.tensor(x)).latent_dist

@@ -1,6 +1,6 @@
 """Our safetensors reader and writer against the `safetensors` package's own, bit for bit.
 
-The reader and writer in `mre/models/weights.py` parse the format themselves (no torch at run
+The reader and writer in `mre/model_io/safetensors_io.py` parse the format themselves (no torch at run
 time), so every float width, bf16 above all, is checked here against files the library wrote and
 files it reads: same names, dtypes, shapes and bytes, including NaN payloads, infinities, signed
 zeros and subnormals.
@@ -12,7 +12,7 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 
-from mre.models import weights
+from mre.model_io import safetensors_io
 
 # Bit patterns that a float conversion on the way would change or lose.
 _SPECIAL_BF16 = np.array([0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC1, 0xFFA5, 0x0001, 0x807F, 0x3F80,
@@ -66,7 +66,7 @@ def test_reads_what_the_library_writes_bit_for_bit(tmp_path):
   tensors = _torch_tensors()
   path = str(tmp_path / "lib.safetensors")
   safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
-  ours = weights.read_safetensors(path)
+  ours = safetensors_io.read_safetensors(path)
   assert sorted(ours) == sorted(tensors)
   for name, t in tensors.items():
     a = ours[name]
@@ -84,7 +84,7 @@ def test_the_library_reads_what_we_write_bit_for_bit(tmp_path):
   tensors = {name: t.numpy() if t.dtype != torch.bfloat16 else
              _torch_bits(t).view(ml_dtypes.bfloat16) for name, t in _torch_tensors().items()}
   path = str(tmp_path / "ours.safetensors")
-  weights.write_safetensors(path, tensors, metadata={"format": "pt", "step": 3})
+  safetensors_io.write_safetensors(path, tensors, metadata={"format": "pt", "step": 3})
   back = safetensors.torch.load_file(path)
   assert sorted(back) == sorted(tensors)
   for name, a in tensors.items():
@@ -102,10 +102,10 @@ def test_other_dtypes_round_trip_with_the_numpy_api(tmp_path, dtype):
   a = (rs.rand(3, 4) > 0.5) if dtype is np.bool_ else (rs.randn(3, 4) * 50).astype(dtype)
   lib_path, our_path = str(tmp_path / "lib.safetensors"), str(tmp_path / "ours.safetensors")
   safetensors.numpy.save_file({"x": a}, lib_path)
-  ours = weights.read_safetensors(lib_path)["x"]
+  ours = safetensors_io.read_safetensors(lib_path)["x"]
   assert ours.dtype == a.dtype and ours.shape == a.shape
   np.testing.assert_array_equal(ours, a)
-  weights.write_safetensors(our_path, {"x": a})
+  safetensors_io.write_safetensors(our_path, {"x": a})
   lib = safetensors.numpy.load_file(our_path)["x"]
   assert lib.dtype == a.dtype and lib.shape == a.shape
   np.testing.assert_array_equal(lib, a)
@@ -116,8 +116,8 @@ def test_a_truncated_or_garbled_file_is_a_clear_error(tmp_path):
   safetensors.torch.save_file({"w": torch.ones(2, dtype=torch.bfloat16)}, path)
   data = open(path, "rb").read()
   open(path, "wb").write(data[:5])
-  with pytest.raises(weights.WeightsError, match="too short"):
-    weights.read_safetensors(path)
+  with pytest.raises(safetensors_io.WeightsError, match="too short"):
+    safetensors_io.read_safetensors(path)
   open(path, "wb").write(data[:8] + b"{not json" + data[17:])
-  with pytest.raises(weights.WeightsError, match="no valid safetensors header"):
-    weights.read_safetensors(path)
+  with pytest.raises(safetensors_io.WeightsError, match="no valid safetensors header"):
+    safetensors_io.read_safetensors(path)

@@ -1,24 +1,30 @@
-"""Loading diffusers-format model folders into our modules, and writing them back.
+"""Diffusers-format model folders: loading them into our modules, and writing them back.
 
 A pipeline folder holds `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/` and
-`model_index.json`, as `StableDiffusionInstructPix2PixPipeline.save_pretrained` writes it. Nothing is
-downloaded: every path is a local folder.
+`model_index.json`, as `StableDiffusionInstructPix2PixPipeline.save_pretrained` writes it; a
+component folder holds `config.json` and its weights (`mre.model_io.safetensors_io`). Nothing is
+downloaded: every path is a local folder. Besides the folders as diffusers writes them: SD 1.5's
+legacy VAE attention names, and an SD 1.5 U-Net widened to InstructPix2Pix's 8 input channels.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from mre.models import reward_unet, weights
+from mre.model_io import reward_layout
+from mre.model_io.safetensors_io import read_state_dict, write_safetensors
+from mre.model_io.torch_state_dict import load_state_dict, materialize_non_params, state_dict
 from mre.models.clip_text import CLIPTextModel
 from mre.models.config import CLIPTextConfig, UNetConfig, VAEConfig, read_json
+from mre.models.reward_unet import RewardUNet
 from mre.models.unet import UNet2DConditionModel
-from mre.models.vae import AutoencoderKL, legacy_vae_rename
+from mre.models.vae import AutoencoderKL
+from mre.pipeline import Pipeline
 
 DIFFUSERS_VERSION = "0.42.1"
 TOKENIZER_MAX_LENGTH = 77
@@ -33,24 +39,23 @@ def _abstract(make):
 def load_unet(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, remat=()):
   """A U-Net folder; a `RewardUNet` when it holds reward modules (ours or the released ones)."""
   raw = read_json(folder)
-  tensors = weights.read_state_dict(folder)
-  if reward_unet.has_reward(tensors, raw):
-    return reward_unet.load_reward_unet(folder, dtype=dtype, param_dtype=param_dtype,
-                                        remat=remat, tensors=tensors)
+  tensors = read_state_dict(folder)
+  if reward_layout.has_reward(tensors, raw):
+    return reward_layout.load_reward_unet(folder, dtype=dtype, param_dtype=param_dtype,
+                                          remat=remat, tensors=tensors)
   cfg = UNetConfig.from_dict(raw)
   unet = _abstract(lambda: UNet2DConditionModel(cfg, dtype=dtype, param_dtype=param_dtype,
                                                 remat=remat, rngs=nnx.Rngs(0)))
-  weights.load_state_dict(unet, tensors, where=f"U-Net in {folder}")
-  return weights.materialize_non_params(unet)
+  load_state_dict(unet, tensors, where=f"U-Net in {folder}")
+  return materialize_non_params(unet)
 
 
 def load_vae(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32):
   cfg = VAEConfig.from_dict(read_json(folder))
   vae = _abstract(lambda: AutoencoderKL(cfg, dtype=dtype, param_dtype=param_dtype,
                                         rngs=nnx.Rngs(0)))
-  weights.load_state_dict(vae, weights.read_state_dict(folder), where=f"VAE in {folder}",
-                          rename=legacy_vae_rename)
-  return weights.materialize_non_params(vae)
+  load_state_dict(vae, read_state_dict(folder), where=f"VAE in {folder}", rename=legacy_vae_rename)
+  return materialize_non_params(vae)
 
 
 def _clip_rename(name: str) -> str:
@@ -62,10 +67,9 @@ def load_text_encoder(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32
   cfg = CLIPTextConfig.from_dict(read_json(folder))
   model = _abstract(lambda: CLIPTextModel(cfg, dtype=dtype, param_dtype=param_dtype,
                                           rngs=nnx.Rngs(0)))
-  weights.load_state_dict(model, weights.read_state_dict(folder),
-                          where=f"text encoder in {folder}", ignore=_CLIP_BUFFERS,
-                          rename=_clip_rename)
-  return weights.materialize_non_params(model)
+  load_state_dict(model, read_state_dict(folder), where=f"text encoder in {folder}",
+                  ignore=_CLIP_BUFFERS, rename=_clip_rename)
+  return materialize_non_params(model)
 
 
 def load_tokenizer(folder: str):
@@ -77,25 +81,6 @@ def load_tokenizer(folder: str):
   tok = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
   tok.model_max_length = min(tok.model_max_length or TOKENIZER_MAX_LENGTH, TOKENIZER_MAX_LENGTH)
   return tok
-
-
-def tokenize(tokenizer, texts):
-  """Token ids [len(texts), 77] (int32) the way the SD pipelines tokenise prompts."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  ids = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length,
-                  truncation=True, return_tensors="np").input_ids
-  return np.asarray(ids, np.int32)
-
-
-@dataclasses.dataclass
-class Pipeline:
-  """The pieces of an InstructPix2Pix-style editor loaded from one folder."""
-  unet: Any
-  vae: Any
-  text_encoder: Any
-  tokenizer: Any
-  scheduler_config: dict
-  model_index: dict
 
 
 def _sub(folder, name):
@@ -124,6 +109,41 @@ def load_pipeline(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, re
       model_index=index)
 
 
+# diffusers converts these pre-0.14 attention names on load; so do we (SD 1.5's own VAE uses them).
+_LEGACY_ATTENTION = {"query.": "to_q.", "key.": "to_k.", "value.": "to_v.", "proj_attn.": "to_out.0."}
+
+
+def legacy_vae_rename(name: str) -> str:
+  """A VAE state-dict name with the pre-0.14 attention names (`query`, `proj_attn`, ...) renamed."""
+  if ".attentions." not in name:
+    return name
+  head, _, tail = name.rpartition(".attentions.0.")
+  for old, new in _LEGACY_ATTENTION.items():
+    if tail.startswith(old):
+      return f"{head}.attentions.0.{new}{tail[len(old):]}"
+  return name
+
+
+def widen_conv_in(tensors: dict, in_channels: int = 8) -> dict:
+  """SD 1.5 -> InstructPix2Pix: `conv_in` takes [noisy latent | image latent]; new inputs start at 0."""
+  w = tensors["conv_in.weight"]
+  if w.shape[1] >= in_channels:
+    raise ValueError(f"conv_in already has {w.shape[1]} input channels (asked for {in_channels})")
+  pad = np.zeros((w.shape[0], in_channels - w.shape[1]) + w.shape[2:], w.dtype)
+  return {**tensors, "conv_in.weight": np.concatenate([w, pad], axis=1)}
+
+
+def ip2p_unet_from_sd15(folder: str, *, in_channels=8, dtype=jnp.float32, param_dtype=jnp.float32,
+                        remat=()):
+  """The stage-1 starting point: an SD 1.5 `unet/` folder with `conv_in` widened to 8 channels."""
+  raw = {**read_json(folder), "in_channels": in_channels}
+  unet = nnx.eval_shape(lambda: UNet2DConditionModel(raw, dtype=dtype, param_dtype=param_dtype,
+                                                     remat=remat, rngs=nnx.Rngs(0)))
+  load_state_dict(unet, widen_conv_in(read_state_dict(folder), in_channels),
+                  where=f"SD U-Net in {folder}")
+  return materialize_non_params(unet)
+
+
 # --- export ---------------------------------------------------------------------------------------
 
 def _write_config(folder, cfg: dict, class_name: str, library: str):
@@ -142,28 +162,28 @@ def config_dict(module) -> dict:
   raw = module.config.raw
   if raw is None:
     raise ValueError(f"{type(module).__name__} was built without a config dict; cannot export")
-  if isinstance(module, reward_unet.RewardUNet):
-    return reward_unet.export_config(module)
+  if isinstance(module, RewardUNet):
+    return reward_layout.export_config(module)
   return raw
 
 
 def save_unet(unet, folder: str):
   """Writes `config.json` + `diffusion_pytorch_model.safetensors` that diffusers loads as is."""
   _write_config(folder, config_dict(unet), "UNet2DConditionModel", "diffusers")
-  weights.write_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"),
-                            weights.state_dict(unet), metadata={"format": "pt"})
+  write_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"), state_dict(unet),
+                    metadata={"format": "pt"})
 
 
 def save_vae(vae, folder: str):
   _write_config(folder, config_dict(vae), "AutoencoderKL", "diffusers")
-  weights.write_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"),
-                            weights.state_dict(vae), metadata={"format": "pt"})
+  write_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"), state_dict(vae),
+                    metadata={"format": "pt"})
 
 
 def save_text_encoder(model, folder: str):
   _write_config(folder, config_dict(model), "CLIPTextModel", "transformers")
-  weights.write_safetensors(os.path.join(folder, "model.safetensors"), weights.state_dict(model),
-                            metadata={"format": "pt"})
+  write_safetensors(os.path.join(folder, "model.safetensors"), state_dict(model),
+                    metadata={"format": "pt"})
 
 
 def save_pipeline(pipe: Pipeline, folder: str, *, scheduler_class: Optional[str] = None):
@@ -191,5 +211,3 @@ def save_pipeline(pipe: Pipeline, folder: str, *, scheduler_class: Optional[str]
       "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
   with open(os.path.join(folder, "model_index.json"), "w") as f:
     json.dump(index, f, indent=2, sort_keys=True)
-
-

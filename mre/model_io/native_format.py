@@ -1,4 +1,4 @@
-"""Our own pipeline checkpoint: Orbax parameters + the diffusers configs, restorable sharded.
+"""Our own model format, an "mre checkpoint": Orbax parameters and the diffusers configs.
 
 Layout: `mre_model.json` (format version, component configs, scheduler config, model index),
 `tokenizer/` (transformers files) and `params/` (an Orbax checkpoint of `{unet, vae,
@@ -14,10 +14,14 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from mre.models import pixel, pretrained, reward_unet, weights
+from mre.model_io import reward_layout
+from mre.model_io.diffusers_folder import config_dict, load_tokenizer
+from mre.model_io.torch_state_dict import materialize_non_params
+from mre.models import pixel
 from mre.models.clip_text import CLIPTextModel
 from mre.models.unet import UNet2DConditionModel
 from mre.models.vae import AutoencoderKL
+from mre.pipeline import Pipeline
 
 FORMAT_VERSION = 1
 MARKER = "mre_model.json"
@@ -28,12 +32,7 @@ def is_native(folder: str) -> bool:
   return os.path.exists(os.path.join(folder, MARKER))
 
 
-def is_diffusers(folder: str) -> bool:
-  return os.path.exists(os.path.join(folder, "model_index.json")) or os.path.isdir(
-      os.path.join(folder, "unet"))
-
-
-def save_native(pipe: pretrained.Pipeline, folder: str):
+def save_native(pipe: Pipeline, folder: str):
   folder = os.path.abspath(folder)
   os.makedirs(folder, exist_ok=True)
   modules = {name: getattr(pipe, name) for name in _CLASSES}
@@ -43,7 +42,7 @@ def save_native(pipe: pretrained.Pipeline, folder: str):
   ckpt.wait_until_finished()
   pipe.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
   meta = {"format_version": FORMAT_VERSION,
-          "configs": {n: pretrained.config_dict(m) for n, m in modules.items()},
+          "configs": {n: config_dict(m) for n, m in modules.items()},
           "scheduler_config": pipe.scheduler_config, "model_index": pipe.model_index}
   with open(os.path.join(folder, MARKER), "w") as f:
     json.dump(meta, f, indent=2, sort_keys=True)
@@ -61,8 +60,8 @@ def load_native(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, rema
   modules = {}
   for name, cls in _CLASSES.items():
     cfg, extra = meta["configs"][name], {"remat": remat} if name == "unet" else {}
-    if name == "unet" and reward_unet.CONFIG_KEY in cfg:
-      cls = reward_unet.reward_unet_from_config
+    if name == "unet" and reward_layout.CONFIG_KEY in cfg:
+      cls = reward_layout.reward_unet_from_config
     if name == "vae" and cfg.get("_class_name") == pixel.CLASS_NAME:
       cls = pixel.PixelSpace
     modules[name] = nnx.eval_shape(lambda cls=cls, cfg=cfg, extra=extra: cls(
@@ -73,19 +72,7 @@ def load_native(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, rema
   for name, module in modules.items():
     nnx.replace_by_pure_dict(states[name], restored[name])
     nnx.update(module, states[name])
-    weights.materialize_non_params(module)
-  return pretrained.Pipeline(tokenizer=pretrained.load_tokenizer(os.path.join(folder, "tokenizer")),
+    materialize_non_params(module)
+  return Pipeline(tokenizer=load_tokenizer(os.path.join(folder, "tokenizer")),
                              scheduler_config=meta["scheduler_config"],
                              model_index=meta["model_index"], **modules)
-
-
-def load_any(folder: str, **kw) -> pretrained.Pipeline:
-  """A pipeline from either an mre checkpoint or a diffusers-format folder."""
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(f"model folder {folder} does not exist")
-  if is_native(folder):
-    return load_native(folder, **kw)
-  if is_diffusers(folder):
-    return pretrained.load_pipeline(folder, **kw)
-  raise FileNotFoundError(f"{folder} is neither an mre checkpoint ({MARKER}) nor a diffusers "
-                          "pipeline folder (model_index.json, unet/, vae/, ...)")
