@@ -1,8 +1,8 @@
 """The training input pipeline: grain over any random-access source of editing triples.
 
-    pipeline = EditPipeline.from_tfds("toy_edit/32px", "train", data_dir, tokenizer,
-                                      PipelineConfig(batch_size=32, resolution=32),
-                                      process_index=jax.process_index(), process_count=jax.process_count())
+    source = tfds.data_source("toy_edit/32px", split="train", data_dir=data_dir, download=False)
+    pipeline = EditPipeline(source, tokenizer, PipelineConfig(batch_size=32, resolution=32),
+                            process_index=jax.process_index(), process_count=jax.process_count())
     batches = iter(pipeline)
     batch = next(batches)            # dict of numpy arrays, see `EditPipeline`
     state = batches.get_state()      # JSON-serialisable; save it with the model checkpoint
@@ -147,15 +147,6 @@ class EditPipeline:
         keys = keys.repeat(config.num_epochs)
         examples = keys.map_with_index(_PrepareExample(source, tokenizer, config, self.records_per_process))
         self._dataset = examples.batch(config.batch_size, drop_remainder=config.drop_remainder)
-
-    @classmethod
-    def from_tfds(cls, name: str, split: str, data_dir: str, tokenizer: Tokenizer, config: PipelineConfig,
-                  process_index: int = 0, process_count: int = 1) -> "EditPipeline":
-        """A pipeline over a prepared TFDS dataset in array_record format, e.g. "toy_edit/32px"."""
-        import tensorflow_datasets as tfds  # only here: in-memory sources need no TFDS
-
-        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-        return cls(source, tokenizer, config, process_index, process_count)
 
     @property
     def batches_per_epoch(self) -> int:

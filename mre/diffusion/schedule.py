@@ -1,4 +1,4 @@
-"""DDPM noise schedule, forward process and training targets, read from / written to diffusers configs.
+"""DDPM noise schedule, forward process and training targets, read from diffusers configs.
 
 The schedule is a `NoiseSchedule`: a frozen pytree whose arrays (`betas`, `alphas_cumprod`) are traced
 under `jax.jit` and whose scheduler settings (timestep spacing, offsets, ...) are static metadata, so
@@ -215,49 +215,6 @@ def schedule_from_config(config: Union[Mapping[str, Any], str, os.PathLike]) -> 
     )
 
 
-def export_scheduler_config(
-    schedule: NoiseSchedule,
-    path: Optional[Union[str, os.PathLike]] = None,
-    class_name: str = "EulerAncestralDiscreteScheduler",
-) -> dict:
-    """The schedule as a diffusers scheduler config (dict); written as JSON when `path` is given
-    (a `.json` file, or a folder that receives `scheduler_config.json`).
-
-    Settings left at `None` (class default) are omitted so diffusers applies the same default.
-    """
-    cfg: dict[str, Any] = {"_class_name": class_name}
-    try:
-        from importlib.metadata import version
-
-        cfg["_diffusers_version"] = version("diffusers")
-    except Exception:  # diffusers is optional at run time; the key is informative only
-        pass
-    cfg.update(
-        num_train_timesteps=schedule.num_train_timesteps,
-        beta_schedule=schedule.beta_schedule,
-        beta_start=schedule.beta_start,
-        beta_end=schedule.beta_end,
-        trained_betas=None if schedule.trained_betas is None else list(schedule.trained_betas),
-        prediction_type=schedule.prediction_type,
-        steps_offset=schedule.steps_offset,
-        clip_sample_range=schedule.clip_sample_range,
-        final_sigmas_type=schedule.final_sigmas_type,
-        lower_order_final=schedule.lower_order_final,
-        euler_at_final=schedule.euler_at_final,
-    )
-    for key in ("timestep_spacing", "set_alpha_to_one", "clip_sample"):
-        if getattr(schedule, key) is not None:
-            cfg[key] = getattr(schedule, key)
-    if path is not None:
-        path = os.fspath(path)
-        if not path.endswith(".json"):
-            os.makedirs(path, exist_ok=True)
-            path = os.path.join(path, "scheduler_config.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True)
-    return cfg
-
-
 # --- forward process and training targets --------------------------------------------------------
 
 
@@ -301,11 +258,6 @@ def training_target(
     if prediction_type == "sample":
         return x0
     raise ValueError(f"prediction_type: unsupported value {prediction_type!r}; expected one of {PREDICTION_TYPES}")
-
-
-def sample_training_timesteps(key: jax.Array, batch_size: int, schedule: NoiseSchedule) -> jax.Array:
-    """Uniform integer timesteps in [0, num_train_timesteps), int32 [batch_size]."""
-    return jax.random.randint(key, (batch_size,), 0, schedule.num_train_timesteps, dtype=jnp.int32)
 
 
 def snr(schedule: NoiseSchedule, t: jax.Array) -> jax.Array:

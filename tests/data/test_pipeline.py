@@ -67,9 +67,9 @@ def test_batches_hold_model_inputs(toy_source):
     assert np.array_equal(joined["reward_text_ids"][0], word_tokenizer(["; ".join(texts)])[0])
 
 
-def test_restored_state_gives_exactly_the_next_batch(toy_dir, toy_source):
+def test_restored_state_gives_exactly_the_next_batch(toy_source):
     config = PipelineConfig(batch_size=5, resolution=16, seed=4)
-    pipe = EditPipeline.from_tfds(toy_edit.dataset_name("tiny"), "train", toy_dir, word_tokenizer, config)
+    pipe = EditPipeline(toy_source, word_tokenizer, config)
     assert pipe.batches_per_epoch == 9
     with iter(pipe) as batches:
         for _ in range(8):  # the next batch crosses into epoch 2
