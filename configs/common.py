@@ -5,6 +5,7 @@
 `--config.train.lr=1e-4`. The config is locked, so a misspelt key is an error.
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 VARIANTS = ("full", "toy")
 
@@ -40,9 +41,12 @@ def base_config():
       only_cross_attention=False,   # attn1 attends to the text too (no attention over pixels)
       text_time_embedding=False,    # the pooled instruction joins the time embedding
       text_hidden=64, text_layers=2, text_heads=4, max_tokens=24, pixel_space=True))
+  # The training schedule. A pretrained start keeps its folder's scheduler config; a field set here
+  # or on the command line replaces the folder's value (with a warning naming both). From scratch,
+  # unset fields take SD 1.x's: scaled_linear, 0.00085 to 0.012, epsilon.
   c.model.scheduler = ml_collections.ConfigDict(dict(
-      beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-      prediction_type="epsilon"))   # used when the start folder has no scheduler/
+      beta_schedule=placeholder(str), beta_start=placeholder(float), beta_end=placeholder(float),
+      prediction_type=placeholder(str)))
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "toy_edit"          # a TFDS dataset of this project (toy_edit, reward_edit, ...)

@@ -3,7 +3,8 @@
 Stage 1 (`ip2p`) starts from an SD 1.5 pipeline folder and widens `conv_in` to 8 channels; stage 2
 (`reward`) starts from a stage-1 pipeline folder and adds the reward modules. With
 `model.pretrained=""` everything is built from scratch at the `model.scratch` sizes, in pixel space,
-with a tokenizer over the dataset's closed vocabulary (the toy world).
+with a tokenizer over the dataset's closed vocabulary (the toy world). The training schedule is the
+start folder's, with the fields `model.scheduler` sets applied over it (`apply_scheduler_settings`).
 """
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import dataclasses
 import os
 
 import jax.numpy as jnp
+from absl import logging
 from flax import nnx
 
+from mre.diffusion.schedule import check_prediction_type, schedule_from_config
 from mre.model_io import native_format
 from mre.model_io.diffusers_folder import ip2p_unet_from_sd15, load_pipeline, load_tokenizer
 from mre.model_io.folders import load_any
@@ -43,12 +46,54 @@ def reward_config(config) -> RewardConfig | None:
   return RewardConfig(**fields)
 
 
-def scheduler_config(config) -> dict:
+# The training schedule of a from-scratch model where `model.scheduler` leaves a field unset: SD 1.x's.
+SCRATCH_SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000,
+                     "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                     "prediction_type": "epsilon", "clip_sample": False, "set_alpha_to_one": False,
+                     "steps_offset": 1, "timestep_spacing": "leading"}
+SCHEDULER_FIELDS = ("beta_schedule", "beta_start", "beta_end", "prediction_type")
+
+
+def scheduler_settings(config) -> dict:
+  """The `model.scheduler` fields the config sets (a field left None is not set), checked."""
   s = config.model.scheduler
-  return {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000,
-          "beta_schedule": s.beta_schedule, "beta_start": s.beta_start, "beta_end": s.beta_end,
-          "prediction_type": s.prediction_type, "clip_sample": False, "set_alpha_to_one": False,
-          "steps_offset": 1, "timestep_spacing": "leading"}
+  unknown = sorted(set(s.keys()) - set(SCHEDULER_FIELDS))
+  if unknown:
+    raise ValueError(f"model.scheduler has unknown field(s) {unknown}; known: {SCHEDULER_FIELDS}")
+  out = {k: s[k] for k in SCHEDULER_FIELDS if s.get(k) is not None}
+  if "prediction_type" in out:
+    check_prediction_type(out["prediction_type"])
+  return out
+
+
+def scheduler_config(config) -> dict:
+  """The scheduler config of a from-scratch model: `model.scheduler` over SCRATCH_SCHEDULER."""
+  cfg = {**SCRATCH_SCHEDULER, **scheduler_settings(config)}
+  schedule_from_config(cfg)  # refuses what the samplers and the trainer do not implement
+  return cfg
+
+
+def apply_scheduler_settings(config, folder_config: dict, where: str) -> dict:
+  """The start folder's scheduler config with the `model.scheduler` fields the config sets.
+
+  A pretrained start keeps its folder's schedule unless the config sets a field: a set field that
+  differs from the folder's value (as the folder's config reads, diffusers' defaults filled in)
+  replaces it, and a warning names the field and both values. The result is what the model is
+  trained with and what its export records, so the editor samples with the same schedule.
+  """
+  settings = scheduler_settings(config)
+  current = schedule_from_config(folder_config)
+  changed = {k: v for k, v in settings.items() if getattr(current, k) != v}
+  for key, value in changed.items():
+    if key.startswith("beta_") and current.trained_betas is not None:
+      raise ValueError(f"model.scheduler.{key}={value!r} cannot apply: the scheduler config in "
+                       f"{where} lists its betas (trained_betas)")
+  out = {**folder_config, **changed}
+  schedule_from_config(out)  # refuses what the samplers and the trainer do not implement
+  for key, value in changed.items():
+    logging.warning("model.scheduler.%s=%r replaces %r, the value of the scheduler config in %s",
+                    key, value, getattr(current, key), where)
+  return out
 
 
 def scratch_unet_config(config, channels: int, context_dim: int) -> dict:
@@ -175,6 +220,7 @@ def build_pretrained(config) -> Pipeline:
                                         param_dtype=pdtype, remat=remat)
   if r is None and isinstance(pipe.unet, RewardUNet):
     raise ValueError(f"{path} holds a reward-conditioned U-Net but model.reward.enabled=False")
+  pipe.scheduler_config = apply_scheduler_settings(config, pipe.scheduler_config, path)
   return pipe
 
 

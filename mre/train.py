@@ -99,6 +99,7 @@ def train(config) -> dict:
   """Runs (or resumes) the training run described by `config`; returns a summary dict."""
   ensure_stage1(config)
   model_setup.check_pretrained(config)
+  model_setup.scheduler_settings(config)  # a model.scheduler field it cannot use fails at once
   sharding.maybe_initialize_distributed(config.distributed)
   workdir = os.path.abspath(config.workdir)
   os.makedirs(workdir, exist_ok=True)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mre.diffusion.schedule import PREDICTION_TYPES, NoiseSchedule
+from mre.diffusion.schedule import NoiseSchedule, resolve_prediction_type
 
 SAMPLERS = ("euler_ancestral", "euler", "ddim", "dpmpp_2m")
 K_DIFFUSION_SAMPLERS = ("euler_ancestral", "euler")  # they scale the model input and the init noise
@@ -37,15 +37,6 @@ DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 def _check_sampler(sampler: str) -> None:
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: unsupported value {sampler!r}; expected one of {SAMPLERS}")
-
-
-def _resolve_prediction_type(schedule: NoiseSchedule, prediction_type: Optional[str]) -> str:
-    prediction_type = prediction_type or schedule.prediction_type
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(
-            f"prediction_type: unsupported value {prediction_type!r}; expected one of {PREDICTION_TYPES}"
-        )
-    return prediction_type
 
 
 def timestep_spacing(schedule: NoiseSchedule, sampler: str) -> str:
@@ -297,7 +288,7 @@ def sample(
         given, else `normal(fold_in(key, i))`. Deterministic samplers ignore both.
     """
     _check_sampler(sampler)
-    prediction_type = _resolve_prediction_type(schedule, prediction_type)
+    prediction_type = resolve_prediction_type(schedule, prediction_type)
     timesteps = sampling_timesteps(schedule, num_steps, sampler)
     n = len(timesteps)
     stochastic = sampler == "euler_ancestral" or (sampler == "ddim" and not _is_zero(eta))

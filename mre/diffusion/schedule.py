@@ -141,6 +141,18 @@ def _check_choice(key: str, value: Any, choices: tuple) -> None:
         raise ValueError(f"{key}: unsupported value {value!r}; expected one of {choices}")
 
 
+def check_prediction_type(prediction_type: Any) -> str:
+    """What the network predicts: one of PREDICTION_TYPES, else a ValueError naming the key. Every
+    reader of a prediction type (configs, schedules, targets, samplers) checks it here."""
+    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    return prediction_type
+
+
+def resolve_prediction_type(schedule: NoiseSchedule, prediction_type: Optional[str] = None) -> str:
+    """`prediction_type` when given, else the schedule's; checked."""
+    return check_prediction_type(prediction_type or schedule.prediction_type)
+
+
 def _read_config(config: Union[Mapping[str, Any], str, os.PathLike]) -> dict:
     if isinstance(config, Mapping):
         return dict(config)
@@ -185,8 +197,7 @@ def schedule_from_config(config: Union[Mapping[str, Any], str, os.PathLike]) -> 
                 f"trained_betas: has {len(trained_betas)} values but num_train_timesteps is "
                 f"{num_train_timesteps}"
             )
-    prediction_type = cfg.get("prediction_type", "epsilon")
-    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    prediction_type = check_prediction_type(cfg.get("prediction_type", "epsilon"))
     timestep_spacing = cfg.get("timestep_spacing")
     if timestep_spacing is not None:
         _check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
@@ -250,14 +261,12 @@ def training_target(
 ) -> jax.Array:
     """What the network regresses: the noise ('epsilon'), the velocity ('v_prediction') or the clean
     sample itself ('sample'). `prediction_type` defaults to the schedule's."""
-    prediction_type = prediction_type or schedule.prediction_type
+    prediction_type = resolve_prediction_type(schedule, prediction_type)
     if prediction_type == "epsilon":
         return noise
-    if prediction_type == "v_prediction":
-        return velocity(schedule, x0, noise, t)
     if prediction_type == "sample":
         return x0
-    raise ValueError(f"prediction_type: unsupported value {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+    return velocity(schedule, x0, noise, t)  # v_prediction
 
 
 def snr(schedule: NoiseSchedule, t: jax.Array) -> jax.Array:
@@ -278,13 +287,11 @@ def min_snr_weight(
     min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v-prediction and
     min(SNR, gamma) itself for 'sample' (the target is x0).
     """
-    prediction_type = prediction_type or schedule.prediction_type
+    prediction_type = resolve_prediction_type(schedule, prediction_type)
     ratio = snr(schedule, t)
     clipped = jnp.minimum(ratio, gamma)
     if prediction_type == "epsilon":
         return clipped / ratio
-    if prediction_type == "v_prediction":
-        return clipped / (ratio + 1)
     if prediction_type == "sample":
         return clipped
-    raise ValueError(f"prediction_type: unsupported value {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+    return clipped / (ratio + 1)  # v_prediction
