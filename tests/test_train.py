@@ -84,6 +84,14 @@ def test_train_runs_end_to_end(reference_run, toy_data):
   assert all(h["images_per_s"] > 0 and h["grad_norm"] > 0 for h in summary["history"])
   assert os.path.exists(os.path.join(workdir, "validation", f"step_{STEPS:06d}.png"))
   assert os.listdir(os.path.join(workdir, "tensorboard"))
+  # The toy world has a judge: validation edits are judged in process at every validation.
+  (judged,) = summary["validation"]
+  assert judged["step"] == STEPS
+  metrics = judged["validation"]
+  assert set(metrics) == {f"{p}_{k}" for p in ("following", "preserving", "quality")
+                          for k in ("yes", "score")}
+  assert all(0.0 <= metrics[k] <= 1.0 for k in metrics if k.endswith("_yes"))
+  assert all(0.0 <= metrics[k] <= 5.0 for k in metrics if k.endswith("_score"))
   # The export is a full editor that mre.edit loads; the diffusers U-Net is written too.
   pipe = load_any(os.path.join(workdir, "export"))
   assert type(pipe.unet).__name__ == "RewardUNet"
