@@ -32,16 +32,6 @@ from mre.experiments import report
 from mre.experiments.recipes import ABLATIONS, stage1_config, stage2_config
 from mre.experiments.toy_eval import EVAL_SETTINGS, evaluate_row, load_items
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/toy_replication", "Where the runs and reports go.")
-_SEED = flags.DEFINE_integer("seed", 0, "Training seed of every run (stage 1 and stage 2).")
-_STAGE1_STEPS = flags.DEFINE_integer("stage1_steps", None, "Stage-1 steps (default: the recipe's).")
-_STAGE2_STEPS = flags.DEFINE_integer("stage2_steps", None, "Stage-2 steps of (a) and (b) "
-                                     "(default: the recipe's).")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data_dir ('' = ~/tensorflow_datasets).")
-_ITEMS = flags.DEFINE_integer("eval_items", 0, "Test edits judged per row (0 = all 560).")
-_ABLATIONS = flags.DEFINE_bool("ablations", False, "Also train and evaluate the ablations and "
-                               "reward guidance (a longer run).")
-
 CONTROL = ((1, 5, 5), (5, 1, 5), (5, 5, 1), (1, 1, 1))
 
 
@@ -114,16 +104,31 @@ def replicate(workdir: str, *, seed: int = 0, stage1_steps=None, stage2_steps=No
   return result
 
 
+def define_flags():
+  """The command's flags, defined only when it runs as a command: importing `replicate` (tests,
+  notebooks) must not claim flag names such as --seed that other modules' commands define too."""
+  flags.DEFINE_string("workdir", "runs/toy_replication", "Where the runs and reports go.")
+  flags.DEFINE_integer("seed", 0, "Training seed of every run (stage 1 and stage 2).")
+  flags.DEFINE_integer("stage1_steps", None, "Stage-1 steps (default: the recipe's).")
+  flags.DEFINE_integer("stage2_steps", None, "Stage-2 steps of (a) and (b) (default: the recipe's).")
+  flags.DEFINE_string("data_dir", "", "TFDS data_dir ('' = ~/tensorflow_datasets).")
+  flags.DEFINE_integer("eval_items", 0, "Test edits judged per row (0 = all 560).")
+  flags.DEFINE_bool("ablations", False, "Also train and evaluate the ablations and reward guidance "
+                    "(a longer run).")
+
+
 def main(argv):
   del argv
+  f = flags.FLAGS
   train.quiet_library_logs()
-  result = replicate(_WORKDIR.value, seed=_SEED.value, stage1_steps=_STAGE1_STEPS.value,
-                     stage2_steps=_STAGE2_STEPS.value, data_dir=_DATA_DIR.value,
-                     eval_items=_ITEMS.value, ablations=_ABLATIONS.value)
+  result = replicate(f.workdir, seed=f.seed, stage1_steps=f.stage1_steps,
+                     stage2_steps=f.stage2_steps, data_dir=f.data_dir, eval_items=f.eval_items,
+                     ablations=f.ablations)
   print(result["markdown"])
-  print(f"reports: {os.path.join(os.path.abspath(_WORKDIR.value), 'replication.md')} and "
+  print(f"reports: {os.path.join(os.path.abspath(f.workdir), 'replication.md')} and "
         "replication.json; grids: grid.png, control_grid.png")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
