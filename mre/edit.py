@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from mre.editor import EditSettings, Editor, load_image
 from mre.model_io.folders import load_any
-from mre.models.reward import parse_scores
+from mre.models.reward_config import parse_scores
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

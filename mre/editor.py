@@ -17,7 +17,7 @@ from flax import nnx
 from PIL import Image
 
 from mre.diffusion import make_edit_sampler, schedule_from_config
-from mre.models.reward import NULL_SCORE, PERFECT_SCORES, RewardInputs, join_texts
+from mre.models.reward_config import NULL_TEXT, PERFECT_SCORES, RewardInputs
 from mre.models.reward_unet import RewardUNet
 from mre.pipeline import Pipeline, tokenize
 
@@ -109,16 +109,14 @@ class Editor:
     texts = texts or self.settings.reward_texts or form.perfect_texts
     if len(scores) != 3 or len(texts) != 3:
       raise ValueError(f"a reward is 3 scores and 3 texts, got {scores} and {texts}")
-    prompts = list(texts) if form.form == "paper" else [join_texts(texts)]
-    _, pooled = self.text_features(prompts)
+    _, pooled = self.text_features(form.slot_texts(texts))
     return RewardInputs(jnp.broadcast_to(jnp.asarray(scores, jnp.float32), (batch, 3)),
                         jnp.broadcast_to(pooled[None], (batch,) + pooled.shape))
 
   def null_reward(self, batch: int) -> RewardInputs:
-    form = self.pipe.unet.reward_config
-    _, pooled = self.text_features([""] * form.text_slots)
-    return RewardInputs(jnp.full((batch, 3), NULL_SCORE, jnp.float32),
-                        jnp.broadcast_to(pooled[None], (batch,) + pooled.shape))
+    """The unconditional reward of reward guidance: the one reward dropout trains with."""
+    _, pooled = self.text_features([NULL_TEXT])
+    return self.pipe.unet.reward_config.null_reward(pooled, batch)
 
   def edit_arrays(self, images: np.ndarray, instructions: Sequence[str], *, key=None, noise=None,
                   reward: Optional[RewardInputs] = None) -> np.ndarray:

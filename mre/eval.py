@@ -24,7 +24,7 @@ from mre.data import registry
 from mre.editor import EditSettings, Editor
 from mre.judging.client import Endpoint, JudgeClient, JudgeError, RetryPolicy
 from mre.model_io.folders import load_any
-from mre.models.reward import parse_scores
+from mre.models.reward_config import parse_scores
 
 _MODEL = flags.DEFINE_string("model", None, "mre checkpoint or diffusers pipeline folder.")
 _BENCHMARK = flags.DEFINE_string("benchmark", "real_edit", "TFDS benchmark: real_edit, "

@@ -23,7 +23,7 @@ from mre.model_io.word_tokenizer import write_word_tokenizer
 from mre.models.clip_text import CLIPTextModel
 from mre.models.config import read_json
 from mre.models.pixel import PixelSpace
-from mre.models.reward import RewardConfig
+from mre.models.reward_config import RewardConfig
 from mre.models.reward_unet import RewardUNet, reward_unet_from_stage1
 from mre.models.unet import UNet2DConditionModel
 from mre.pipeline import Pipeline

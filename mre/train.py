@@ -130,7 +130,7 @@ def train(config) -> dict:
   schedule = schedule_from_config(pipe.scheduler_config)
   empty_ids = jnp.asarray(tokenize(pipe.tokenizer, [""]))
   ctx = StepContext(unet=unet, text_encoder=text, vae=vae, frozen=frozen, schedule=schedule,
-                    empty_ids=empty_ids, reward_form=reward_cfg and reward_cfg.form, cfg=config)
+                    empty_ids=empty_ids, reward=reward_cfg, cfg=config)
   tx = make_optimizer(config)
 
   def init_state(params):
@@ -148,7 +148,7 @@ def train(config) -> dict:
     latents = latent_cache.ensure(vae.merge(), source.train, os.path.join(workdir, "latent_cache"),
                                   config.data.resolution)
   data = train_input.TrainIterator(source, config, pipe.tokenizer, batch_size=per_host,
-                                   accum=t.grad_accum, reward_form=ctx.reward_form,
+                                   accum=t.grad_accum, reward=reward_cfg,
                                    latents=latents)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     keep=t.keep_checkpoints, async_save=t.async_checkpoints)

@@ -2,8 +2,8 @@
 
 The step: VAE latents of the edited image (a posterior sample, scaled) are noised; the U-Net sees
 [noisy latents | latents of the original image (posterior mode, unscaled)], the instruction's CLIP
-context and, for stage 2, the reward. InstructPix2Pix conditioning dropout (docs/method.md,
-"Conditioning dropout"), optional reward dropout, gradient accumulation as a scan over
+context and, for stage 2, the reward. InstructPix2Pix conditioning dropout and optional reward
+dropout (mre/diffusion/condition_dropout.py), gradient accumulation as a scan over
 micro-batches, AdamW with global-norm clipping, EMA, and a guard that keeps the old state and
 reports when loss or gradients are not finite.
 """
@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mre.diffusion.condition_dropout import conditioning_dropout, drop_rewards
 from mre.diffusion.schedule import NoiseSchedule, add_noise, min_snr_weight, training_target
-from mre.models.reward import NULL_SCORE, RewardInputs, drop_rewards
+from mre.models.reward_config import RewardConfig, RewardInputs
 from mre.models.vae import DiagonalGaussian
 
 
@@ -89,7 +90,7 @@ class StepContext:
   frozen: dict               # parameters that are not trained (text encoder when frozen, VAE)
   schedule: NoiseSchedule
   empty_ids: jax.Array       # [1, 77] token ids of the empty prompt
-  reward_form: Optional[str]  # None (stage 1), "paper" or "released"
+  reward: Optional[RewardConfig]  # None: stage 1 (no reward)
   cfg: Any
 
   def modules(self, params):
@@ -123,27 +124,20 @@ def micro_loss(ctx: StepContext, params, batch, key):
 
   context = text_encoder(batch["instruction_ids"])[0]
   empty, empty_pooled = text_encoder(ctx.empty_ids)
-  # InstructPix2Pix conditioning dropout: r < 2p drops the text, p <= r < 3p the image, so p of
-  # the samples lose both.
-  p = cfg.cond_dropout
-  r = jax.random.uniform(k_cond, (b,))
-  drop_text = (r < 2 * p)[:, None, None]
-  drop_image = ((r >= p) & (r < 3 * p))[:, None, None, None]
-  context = jnp.where(drop_text, jnp.broadcast_to(empty, context.shape).astype(context.dtype),
-                      context)
-  image_latents = jnp.where(drop_image, 0.0, image_latents)
+  drop_text, drop_image = conditioning_dropout(k_cond, b, cfg.cond_dropout)
+  context = jnp.where(drop_text[:, None, None],
+                      jnp.broadcast_to(empty, context.shape).astype(context.dtype), context)
+  image_latents = jnp.where(drop_image[:, None, None, None], 0.0, image_latents)
 
   kwargs = {}
-  if ctx.reward_form is not None:
+  if ctx.reward is not None:
     ids = batch["reward_ids"]                       # [b, slots, 77]
     _, pooled = text_encoder(ids.reshape(-1, ids.shape[-1]))
     reward = RewardInputs(batch["reward_scores"].astype(jnp.float32),
                           pooled.reshape(ids.shape[0], ids.shape[1], -1))
-    if ctx.cfg.model.reward.dropout_prob > 0:  # the null reward: NULL scores, empty texts
-      null = RewardInputs(jnp.full((1, 3), NULL_SCORE, jnp.float32),
-                          jnp.broadcast_to(empty_pooled[:, None], (1, ids.shape[1],
-                                                                   empty_pooled.shape[-1])))
-      reward = drop_rewards(k_reward, reward, null, ctx.cfg.model.reward.dropout_prob)
+    if ctx.reward.dropout_prob > 0:
+      reward = drop_rewards(k_reward, reward, ctx.reward.null_reward(empty_pooled),
+                            ctx.reward.dropout_prob)
     kwargs["reward"] = reward
 
   sample = jnp.concatenate([noisy, image_latents.astype(noisy.dtype)], axis=-1)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from mre.editor import EditSettings, Editor, fit_size
 from mre.model_io import diffusers_folder
-from mre.models.reward import RewardConfig
+from mre.models.reward_config import RewardConfig
 from mre.models.reward_unet import reward_unet_from_stage1
 from tests.reference import nhwc, torch
 

@@ -20,7 +20,7 @@ from mre import model_setup
 from mre.diffusion.schedule import schedule_from_config
 from mre.editor import EditSettings, Editor
 from mre.models.pixel import PixelSpace
-from mre.models.reward import NULL_SCORE
+from mre.models.reward_config import NULL_SCORE
 from mre.pipeline import tokenize
 from mre.train_step import (SplitModel, StepContext, TrainState, ema_decay, lr_schedule,
                             make_optimizer, make_train_step, micro_loss)
@@ -67,7 +67,7 @@ def _stub_text(ids):
   return ids[..., None], jnp.repeat(ids.sum(-1, keepdims=True), 2, axis=-1)
 
 
-def _observed(cfg, reward_form=None, n=N, seed=0):
+def _observed(cfg, with_reward=False, n=N, seed=0):
   """Runs micro_loss eagerly on n samples and returns the U-Net's inputs.
 
   Instruction ids are ones and the empty prompt's zeros, the image latent is ones, reward texts are
@@ -76,14 +76,15 @@ def _observed(cfg, reward_form=None, n=N, seed=0):
   calls = []
   ctx = StepContext(unet=None, text_encoder=None, vae=None, frozen={},
                     schedule=schedule_from_config(model_setup.scheduler_config(cfg)),
-                    empty_ids=jnp.zeros((1, 77), jnp.int32), reward_form=reward_form, cfg=cfg)
+                    empty_ids=jnp.zeros((1, 77), jnp.int32),
+                    reward=model_setup.reward_config(cfg) if with_reward else None, cfg=cfg)
   ctx.modules = lambda params: (_recording_unet(calls), _stub_text, PixelSpace())
   batch = {"instruction_ids": jnp.ones((n, 77), jnp.int32),
            "original_latent": jnp.ones((n, 1, 1, 1), jnp.float32),
            "edited_mean": jnp.zeros((n, 1, 1, 1), jnp.float32),
            "edited_logvar": jnp.full((n, 1, 1, 1), -30.0, jnp.float32)}
-  if reward_form is not None:
-    slots = 3 if reward_form == "paper" else 1
+  if with_reward:
+    slots = ctx.reward.text_slots
     batch["reward_ids"] = jnp.full((n, slots, 77), 2, jnp.int32)
     batch["reward_scores"] = jnp.full((n, 3), 4.0, jnp.float32)
   loss = micro_loss(ctx, {}, batch, jax.random.key(seed))
@@ -132,7 +133,7 @@ def _reward_masks(seen, slots):
 def test_reward_dropout_is_per_sample_at_the_configured_rate(form, prob):
   cfg = _config(**{"model.reward.form": form, "model.reward.dropout_prob": prob,
                    "train.cond_dropout": 0.1})
-  seen = _observed(cfg, reward_form=form)
+  seen = _observed(cfg, with_reward=True)
   dropped = _reward_masks(seen, 3 if form == "paper" else 1)
   assert _within(dropped.mean(), prob, N), dropped.mean()
   # Drawn per sample and independently of the conditioning dropout.
@@ -142,7 +143,7 @@ def test_reward_dropout_is_per_sample_at_the_configured_rate(form, prob):
 
 
 def test_no_reward_dropout_at_prob_zero():
-  seen = _observed(_config(**{"model.reward.dropout_prob": 0.0}), reward_form="paper", n=512)
+  seen = _observed(_config(**{"model.reward.dropout_prob": 0.0}), with_reward=True, n=512)
   assert not _reward_masks(seen, 3).any()
 
 
@@ -152,13 +153,13 @@ def _pipeline(cfg, tmp_path):
   return model_setup.build_scratch(cfg, WORDS, str(tmp_path / "tokenizer"), abstract=False)
 
 
-def _context(cfg, pipe, reward_form="released"):
+def _context(cfg, pipe):
   """The StepContext as mre/train.py builds it (text encoder trained, as in the toy recipes)."""
   unet, text, vae = (SplitModel.of(m) for m in (pipe.unet, pipe.text_encoder, pipe.vae))
   ctx = StepContext(unet=unet, text_encoder=text, vae=vae, frozen={"vae": vae.params},
                     schedule=schedule_from_config(pipe.scheduler_config),
                     empty_ids=jnp.asarray(tokenize(pipe.tokenizer, [""])),
-                    reward_form=reward_form, cfg=cfg)
+                    reward=model_setup.reward_config(cfg), cfg=cfg)
   return ctx, {"unet": unet.params, "text_encoder": text.params}
 
 
@@ -187,7 +188,7 @@ def test_trainer_null_reward_equals_the_editors(form, tmp_path, released):
   pipe = released if form == "released" else _pipeline(cfg, tmp_path)
   slots = 3 if form == "paper" else 1
   calls = []
-  ctx, params = _context(cfg, pipe, reward_form=form)
+  ctx, params = _context(cfg, pipe)
   unet, text, vae = ctx.modules(params)
   ctx.modules = lambda p: (_recording_unet(calls), text, vae)
   n = 16
@@ -296,7 +297,7 @@ def _linear_context(cfg):
   ctx = StepContext(unet=unet, text_encoder=text, vae=vae,
                     frozen={"text_encoder": text.params, "vae": vae.params},
                     schedule=schedule_from_config(model_setup.scheduler_config(cfg)),
-                    empty_ids=jnp.zeros((1, 77), jnp.int32), reward_form=None, cfg=cfg)
+                    empty_ids=jnp.zeros((1, 77), jnp.int32), reward=None, cfg=cfg)
   rs = np.random.RandomState(0)
   batch = {"instruction_ids": jnp.ones((1, 4, 77), jnp.int32),
            "original_latent": jnp.asarray(rs.randn(1, 4, 2, 2, 1), jnp.float32),

@@ -25,6 +25,8 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
+from mre.models.reward_config import RewardConfig
+
 
 class Tokenizer(Protocol):
     """Anything that turns texts into fixed-length token ids: int array [len(texts), max_length]."""
@@ -60,7 +62,9 @@ class PipelineConfig:
     # max_upscale] (InstructPix2Pix trains with 256..288 for 256), then cropped at a random place
     # to resolution x resolution. 1.0: resize to the resolution exactly, crop only the long side.
     max_upscale: float = 1.0
-    join_reward_texts: bool = False  # True: one "; "-joined text (the released model), ids [77]
+    # How a record's three failure texts fill the model's text slots: three (paper form), or one
+    # joined text (released form).
+    reward: RewardConfig = RewardConfig()
     keys: FeatureKeys = TOY_EDIT_KEYS
     # Records carry precomputed arrays (e.g. VAE latents) under these keys instead of the two
     # images: they are passed through as float32, and the images are not read.
@@ -106,8 +110,7 @@ class _PrepareExample:
             texts = [_text(t) for t in record[keys.reward_texts]]
             if len(texts) != 3:
                 raise ValueError(f"'{keys.reward_texts}' must hold 3 texts, got {len(texts)}")
-            example["reward_text_ids"] = self._tokens(["; ".join(texts)])[0] if config.join_reward_texts \
-                else self._tokens(texts)
+            example["reward_text_ids"] = self._tokens(config.reward.slot_texts(texts))
         return example
 
     def _tokens(self, texts: list[str]) -> np.ndarray:
@@ -125,7 +128,7 @@ class EditPipeline:
       original, edited:  float32 [B, R, R, 3] in [-1, 1]
       instruction_ids:   int32 [B, L] (L: the tokenizer's length, 77 for CLIP)
       reward_scores:     float32 [B, 3]          (if keys.reward_scores)
-      reward_text_ids:   int32 [B, 3, L], or [B, L] with join_reward_texts (if keys.reward_texts)
+      reward_text_ids:   int32 [B, S, L], S = config.reward.text_slots (if keys.reward_texts)
       record_key:        int64 [B], the records' indices in the source
     """
 

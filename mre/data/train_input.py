@@ -14,6 +14,7 @@ import numpy as np
 
 from mre.data import latent_cache, registry
 from mre.data.pipeline import EditPipeline, FeatureKeys, PipelineConfig
+from mre.models.reward_config import RewardConfig
 from mre.pipeline import tokenize
 
 # InstructPix2Pix's random crop: resize the short side to 256..288, crop 256.
@@ -131,14 +132,15 @@ class TrainIterator:
   """Per-host batches shaped [accum, batch_size, ...] for the train step, with a resumable state."""
 
   def __init__(self, source: Source, config, tokenizer, *, batch_size: int, accum: int,
-               reward_form: Optional[str], latents=None):
-    """`latents`: a `latent_cache.LatentSource` to read precomputed VAE latents from."""
+               reward: Optional[RewardConfig], latents=None):
+    """`reward`: None for a model without reward (stage 1); `latents`: a
+    `latent_cache.LatentSource` to read precomputed VAE latents from."""
     d = config.data
-    keys = FeatureKeys() if reward_form else FeatureKeys(reward_scores=None, reward_texts=None)
+    keys = FeatureKeys() if reward else FeatureKeys(reward_scores=None, reward_texts=None)
     pc = PipelineConfig(batch_size=batch_size * accum, resolution=d.resolution, seed=config.seed,
                         random_flip=d.random_flip,
                         max_upscale=RANDOM_CROP_UPSCALE if d.random_crop else 1.0,
-                        join_reward_texts=reward_form == "released", keys=keys,
+                        reward=reward or RewardConfig(), keys=keys,
                         precomputed=latent_cache.ARRAYS if latents is not None else (),
                         worker_count=d.workers)
     records = latents if latents is not None else source.train
@@ -156,8 +158,7 @@ class TrainIterator:
       if k == "record_key":
         continue
       if k == "reward_text_ids":
-        k = "reward_ids"
-        v = v[:, None] if v.ndim == 2 else v  # joined (released form): one text slot
+        k = "reward_ids"  # [B, slots, L]
       out[k] = np.asarray(v).reshape((self.accum, self.batch_size) + v.shape[1:])
     return out
 

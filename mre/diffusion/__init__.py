@@ -1,4 +1,6 @@
-"""Diffusion core: noise schedule and training targets, samplers, dual classifier-free guidance."""
+"""Diffusion core: noise schedule and training targets, samplers, dual classifier-free guidance,
+and the training-time condition dropout that guidance needs."""
+from mre.diffusion.condition_dropout import conditioning_dropout, drop_rewards
 from mre.diffusion.editing import edit_latents, make_edit_sampler
 from mre.diffusion.guidance import dual_guidance, guidance_enabled
 from mre.diffusion.samplers import (
@@ -28,8 +30,10 @@ __all__ = [
     "SAMPLERS",
     "NoiseSchedule",
     "add_noise",
+    "conditioning_dropout",
     "ddim_step",
     "dpmpp_2m_step",
+    "drop_rewards",
     "dual_guidance",
     "edit_latents",
     "euler_ancestral_step",

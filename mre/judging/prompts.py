@@ -25,6 +25,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from mre.models.reward_config import PAPER_PERFECT_TEXTS
+
 PROMPT_VERSION = "v1"
 # Longer replies are rejected before parsing: an answer is one short dict, and parsing megabytes of
 # text (literal_eval above all) costs time and memory for nothing.
@@ -38,12 +40,9 @@ PERSPECTIVE_NAMES = {
 }
 # The yes/no key of each perspective's evaluation reply.
 EVALUATION_KEYS = {"following": "following", "preserving": "consistent", "quality": "clear"}
-# What an annotation says when nothing is wrong (the paper's texts; also the inference condition).
-NOTHING_WRONG = {
-    "following": "no negative aspects",
-    "preserving": "no unintended changes",
-    "quality": "no noticeable issues",
-}
+# What an annotation says when nothing is wrong: the paper's perfect texts (the paper form's
+# inference condition, mre/models/reward_config.py), lower-cased as a judge writes them in a reply.
+NOTHING_WRONG = {p: text.lower() for p, text in zip(PERSPECTIVES, PAPER_PERFECT_TEXTS)}
 
 SYSTEM_PROMPT = "You are a careful, strict judge of instruction-based image editing."
 

@@ -17,7 +17,7 @@ from flax import nnx
 from mre.model_io.safetensors_io import read_state_dict
 from mre.model_io.torch_state_dict import load_state_dict, materialize_non_params
 from mre.models.config import UNetConfig, read_json
-from mre.models.reward import RewardConfig
+from mre.models.reward_config import RewardConfig
 from mre.models.reward_unet import RewardUNet
 
 CONFIG_KEY = "mre_reward"  # where our exported config.json records the reward settings

@@ -6,75 +6,17 @@ score in [0, 5] and a failure text. The U-Net sees it in two places: in the late
 
 `RewardInputs.text` holds pooled CLIP features of the failure texts: [B, 3, D] for the paper form
 (one text per perspective), [B, 1, D] for the released form (the three joined with "; ").
+What a reward is (`RewardConfig`: slots, perfect and null rewards) is `mre.models.reward_config`;
+reward dropout is `mre.diffusion.condition_dropout`.
 """
 from __future__ import annotations
-
-import dataclasses
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mre.models.layers import TimestepEmbedding, conv, group_norm, linear, sinusoidal_embedding
-
-PERFECT_SCORES = (5.0, 5.0, 5.0)
-# What the texts say at inference: the paper's figure, and the release's "None".
-PAPER_PERFECT_TEXTS = ("No negative aspects", "No unintended changes", "No noticeable issues")
-RELEASED_PERFECT_TEXTS = ("None", "None", "None")
-NULL_SCORE = -1.0  # the "no reward" condition of reward dropout; outside the [0, 5] score range
-
-
-class RewardInputs(NamedTuple):
-  scores: jax.Array  # [B, 3] float
-  text: jax.Array    # [B, 3, D] (paper) or [B, 1, D] (released) pooled CLIP features
-
-
-@dataclasses.dataclass(frozen=True)
-class RewardConfig:
-  form: str = "paper"              # "paper" (zero-initialised MRC module) or "released"
-  use_scores: bool = True          # ablation: drop the score half of the reward
-  use_texts: bool = True           # ablation: drop the failure-text half
-  inject_latent: bool = True       # the reward encoder after conv_in
-  inject_unet: bool = True         # the projection added to the time embedding
-  score_dim: int = 256             # sinusoid width per score (256 in the release)
-  heads: int = 8                   # reward cross-attention heads (8 x 40 at SD scale)
-  attn_dropout: float = 0.1        # released form's BERT-style dropout, training only
-  dropout_prob: float = 0.0        # reward dropout during training (0 as in the paper)
-
-  def __post_init__(self):
-    if self.form not in ("paper", "released"):
-      raise ValueError(f"reward form {self.form!r} is not 'paper' or 'released'")
-    if not (self.use_scores or self.use_texts):
-      raise ValueError("a reward needs scores, texts, or both (use_scores/use_texts both False)")
-    if not (self.inject_latent or self.inject_unet):
-      raise ValueError("a reward must be injected somewhere (inject_latent/inject_unet both False)")
-    if not 0.0 <= self.dropout_prob < 1.0:
-      raise ValueError(f"reward dropout_prob {self.dropout_prob} is not in [0, 1)")
-
-  @property
-  def text_slots(self) -> int:
-    return 3 if self.form == "paper" else 1
-
-  @property
-  def perfect_texts(self):
-    return PAPER_PERFECT_TEXTS if self.form == "paper" else RELEASED_PERFECT_TEXTS
-
-
-def parse_scores(text: str) -> tuple:
-  """"5,4.5,3" -> (5.0, 4.5, 3.0): three scores in [0, 5] (following, preserving, quality)."""
-  try:
-    values = tuple(float(v) for v in text.split(","))
-  except ValueError:
-    values = ()
-  if len(values) != 3 or not all(0.0 <= v <= 5.0 for v in values):
-    raise ValueError(f"a reward is three scores in [0, 5] like 5,5,5; got {text!r}")
-  return values
-
-
-def join_texts(texts) -> str:
-  """The released form encodes the three failure texts as one prompt."""
-  return "; ".join(texts)
+from mre.models.reward_config import RewardConfig, RewardInputs
 
 
 def score_sinusoid(scores, dim, flip_sin_to_cos=True, freq_shift=0.0):
@@ -219,17 +161,3 @@ class ProjDeal(nnx.Module):
     self.norm = group_norm(channels, groups, 1e-6, **kw)
     self.proj_in = conv(channels, channels, 1, padding=0, **kw)
     self.proj_out = conv(channels, channels, 1, padding=0, **kw)
-
-
-def drop_rewards(key, reward: RewardInputs, null: RewardInputs, prob: float) -> RewardInputs:
-  """Reward dropout: with probability `prob` per sample, the reward becomes the null reward.
-
-  The null reward is scores of NULL_SCORE and the features of empty failure texts; training with it
-  is what makes reward guidance (a fourth guidance branch) possible at inference.
-  """
-  if prob <= 0:
-    return reward
-  drop = jax.random.uniform(key, (reward.scores.shape[0],)) < prob
-  pick = lambda a, b: jnp.where(drop.reshape((-1,) + (1,) * (a.ndim - 1)),
-                                jnp.broadcast_to(b, a.shape).astype(a.dtype), a)
-  return RewardInputs(pick(reward.scores, null.scores), pick(reward.text, null.text))

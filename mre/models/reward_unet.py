@@ -11,8 +11,8 @@ from flax import nnx
 
 from mre.models.config import UNetConfig
 from mre.models.layers import TimestepEmbedding, linear
-from mre.models.reward import (BertCrossLayer, PaperReward, ProjDeal, RewardConfig, RewardInputs,
-                               score_sinusoid)
+from mre.models.reward import BertCrossLayer, PaperReward, ProjDeal, score_sinusoid
+from mre.models.reward_config import RewardConfig, RewardInputs
 from mre.models.unet import UNet2DConditionModel
 
 class RewardUNet(UNet2DConditionModel):

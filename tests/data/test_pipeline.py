@@ -7,6 +7,7 @@ import pytest
 from data_prep import toy_edit
 from mre.data import pipeline
 from mre.data.pipeline import EditPipeline, FeatureKeys, PipelineConfig
+from mre.models.reward_config import RewardConfig
 
 
 def word_tokenizer(texts):
@@ -61,10 +62,11 @@ def test_batches_hold_model_inputs(toy_source):
     assert np.array_equal(batch["instruction_ids"][0], word_tokenizer([record["instruction"].decode()])[0])
     flipped = np.allclose(batch["original"][0], record["original"][:, ::-1] / 127.5 - 1)
     assert flipped or np.allclose(batch["original"][0], record["original"] / 127.5 - 1)
-    joined = _take(PipelineConfig(batch_size=4, resolution=16, join_reward_texts=True), toy_source, 1)[0]
-    assert joined["reward_text_ids"].shape == (4, 77)
+    released = RewardConfig(form="released")
+    joined = _take(PipelineConfig(batch_size=4, resolution=16, reward=released), toy_source, 1)[0]
+    assert joined["reward_text_ids"].shape == (4, 1, 77)  # the released form's one text slot
     texts = [t.decode() for t in toy_source[int(joined["record_key"][0])]["reward_texts"]]
-    assert np.array_equal(joined["reward_text_ids"][0], word_tokenizer(["; ".join(texts)])[0])
+    assert np.array_equal(joined["reward_text_ids"][0], word_tokenizer(["; ".join(texts)]))
 
 
 def test_restored_state_gives_exactly_the_next_batch(toy_source):

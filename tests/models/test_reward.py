@@ -11,7 +11,8 @@ from flax import nnx
 from mre.model_io import safetensors_io
 from mre.model_io.diffusers_folder import load_unet, save_unet, widen_conv_in
 from mre.model_io.reward_layout import load_reward_unet
-from mre.models.reward import NULL_SCORE, RewardConfig, RewardInputs, drop_rewards
+from mre.diffusion.condition_dropout import drop_rewards
+from mre.models.reward_config import NULL_SCORE, RewardConfig, RewardInputs
 from mre.models.reward_unet import RewardUNet, reward_unet_from_stage1
 from mre.models.unet import UNet2DConditionModel
 from tests.reference import UNET_CONFIGS, nchw, nhwc, randomize, torch

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mre.models.reward import RewardConfig, RewardInputs
+from mre.models.reward_config import RewardConfig, RewardInputs
 from mre.models.reward_unet import RewardUNet, reward_unet_from_stage1
 from mre.models.unet import UNet2DConditionModel
 
