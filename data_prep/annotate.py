@@ -18,7 +18,7 @@
 
 Reruns resume (finished ids are skipped). The API key is read from the environment only
 (--api_key_env names the variable) and never printed or written. The final summary gives an
-estimated cost from a built-in price table (data_prep.annotation.PRICES_PER_MILLION), the failed
+estimated cost from a built-in price table (data_prep.annotation_summary.PRICES_PER_MILLION), the failed
 items and bad input lines, and ends with what to do next. Exit status: 0 when the run finished
 (failed items included), 1 when it stopped early (the judge looks down, a wrong key) or could not
 start.
@@ -29,7 +29,7 @@ import sys
 
 from absl import app, flags, logging
 
-from data_prep import annotation, annotation_batch
+from data_prep import annotation, annotation_batch, annotation_items, annotation_records
 from mre.judging.client import PROVIDERS, Endpoint, JudgeClient, JudgeError, RetryPolicy
 
 FLAGS = flags.FLAGS
@@ -88,10 +88,10 @@ def items_from_flags():
     if bool(FLAGS.tfds_name) == bool(FLAGS.jsonl):
         raise app.UsageError("give exactly one of --tfds_name and --jsonl")
     if FLAGS.jsonl:
-        return annotation.JsonlItems(FLAGS.jsonl)
-    features = annotation.FeatureNames(FLAGS.id_key or None, FLAGS.instruction_key, FLAGS.original_key,
+        return annotation_items.JsonlItems(FLAGS.jsonl)
+    features = annotation_items.FeatureNames(FLAGS.id_key or None, FLAGS.instruction_key, FLAGS.original_key,
                                        FLAGS.edited_key)
-    return annotation.TfdsItems(FLAGS.tfds_name, FLAGS.split, FLAGS.data_dir, features)
+    return annotation_items.TfdsItems(FLAGS.tfds_name, FLAGS.split, FLAGS.data_dir, features)
 
 
 def main(argv):
@@ -99,12 +99,12 @@ def main(argv):
     if not FLAGS.output:
         raise app.UsageError("--output is required")
     if FLAGS.export_json:
-        counts = annotation.export_released(FLAGS.output, FLAGS.export_json)
+        counts = annotation_records.export_released(FLAGS.output, FLAGS.export_json)
         print(f"wrote {counts['exported']} rewards to {FLAGS.export_json} "
               f"({counts['skipped']} failed records left out)")
         return
     if FLAGS.import_json:
-        counts = annotation.import_released(FLAGS.import_json, FLAGS.output)
+        counts = annotation_records.import_released(FLAGS.import_json, FLAGS.output)
         print(f"imported {counts['imported']} rewards into {FLAGS.output} ({counts['already_there']} already there, "
               f"{counts['bad']} bad entries skipped: see the log)")
         return

@@ -33,9 +33,10 @@ from typing import Iterable, Iterator, Optional
 
 from tqdm import tqdm
 
-from data_prep.annotation import (DEFAULT_MODEL, PERSPECTIVES, AnnotationLog, Item, Summary,
-                                  annotate_item, finish, load_image, make_record, pending_items, run_all,
-                                  stops_cleanly, write_json_atomically)
+from data_prep.annotation import DEFAULT_MODEL, annotate_item, finish, pending_items, run_all, stops_cleanly
+from data_prep.annotation_items import Item, load_image
+from data_prep.annotation_records import PERSPECTIVES, AnnotationLog, make_record, write_json_atomically
+from data_prep.annotation_summary import Summary
 from mre.judging import prompts
 from mre.judging.client import JudgeClient, Reply, Usage
 
