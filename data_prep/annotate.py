@@ -30,7 +30,8 @@ import sys
 from absl import app, flags, logging
 
 from data_prep import annotation, annotation_batch, annotation_items, annotation_records
-from mre.judging.client import PROVIDERS, Endpoint, JudgeClient, JudgeError, RetryPolicy
+from mre import cli_flags
+from mre.judging.client import JudgeClient, JudgeError, RetryPolicy
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", None, "the annotation JSONL (appended to; resumes)")
@@ -47,15 +48,8 @@ flags.DEFINE_bool("retry_failed", False, "ask again the items recorded as failed
 
 flags.DEFINE_string("model", annotation.DEFAULT_MODEL, "judge model (recorded in the output and used for the "
                     "cost estimate)")
-flags.DEFINE_enum("provider", None, list(PROVIDERS), "default: azure with --azure_endpoint, compatible with "
-                  "--base_url, else openai")
-flags.DEFINE_string("base_url", None, "OpenAI-compatible server, e.g. http://localhost:8000/v1 (vLLM, Ollama)")
-flags.DEFINE_string("azure_endpoint", None, "Azure OpenAI resource endpoint")
-flags.DEFINE_string("azure_deployment", None, "Azure OpenAI deployment (sent as the request model)")
-flags.DEFINE_string("api_version", None, "Azure OpenAI api-version")
-flags.DEFINE_string("api_key_env", None, "environment variable holding the API key (default OPENAI_API_KEY, "
-                    "AZURE_OPENAI_API_KEY for Azure)")
-flags.DEFINE_float("timeout", 120.0, "seconds per HTTP attempt")
+JUDGE = cli_flags.define_judge_flags()  # where the judge is: --provider, --base_url, --azure_*, ...
+flags.adopt_module_key_flags(cli_flags)  # listed by --help with the command's own
 
 flags.DEFINE_integer("concurrency", 8, "items annotated at once (each has one request in flight)")
 flags.DEFINE_integer("max_attempts", 8, "HTTP attempts per request on 429 / 5xx / timeouts / connection errors")
@@ -77,20 +71,13 @@ flags.DEFINE_string("import_json", None, "append a released-layout JSON to the o
 flags.DEFINE_bool("progress", True, "show progress bars")
 
 
-def endpoint_from_flags() -> Endpoint:
-    provider = FLAGS.provider or ("azure" if FLAGS.azure_endpoint else "compatible" if FLAGS.base_url else "openai")
-    return Endpoint(provider=provider, base_url=FLAGS.base_url, azure_endpoint=FLAGS.azure_endpoint,
-                    azure_deployment=FLAGS.azure_deployment, api_version=FLAGS.api_version,
-                    api_key_env=FLAGS.api_key_env, timeout=FLAGS.timeout)
-
-
 def items_from_flags():
     if bool(FLAGS.tfds_name) == bool(FLAGS.jsonl):
         raise app.UsageError("give exactly one of --tfds_name and --jsonl")
     if FLAGS.jsonl:
         return annotation_items.JsonlItems(FLAGS.jsonl)
-    features = annotation_items.FeatureNames(FLAGS.id_key or None, FLAGS.instruction_key, FLAGS.original_key,
-                                       FLAGS.edited_key)
+    features = annotation_items.FeatureNames(FLAGS.id_key or None, FLAGS.instruction_key,
+                                             FLAGS.original_key, FLAGS.edited_key)
     return annotation_items.TfdsItems(FLAGS.tfds_name, FLAGS.split, FLAGS.data_dir, features)
 
 
@@ -115,7 +102,7 @@ def main(argv):
         sys.exit(f"error: cannot read the input: {str(error).splitlines()[0]}")
     policy = RetryPolicy(FLAGS.max_attempts, FLAGS.initial_delay, FLAGS.max_delay, FLAGS.max_total_wait, FLAGS.reasks)
     try:
-        endpoint = endpoint_from_flags()
+        endpoint = JUDGE.endpoint()
         judge = JudgeClient.from_endpoint(endpoint, policy)
     except (ValueError, JudgeError) as error:
         sys.exit(f"error: {error}")

@@ -17,6 +17,7 @@ import time
 from absl import app, flags, logging
 from tqdm import tqdm
 
+from mre import cli_flags
 from mre.editor import EditSettings, Editor, load_image
 from mre.model_io.folders import load_any
 from mre.models.reward_config import parse_scores
@@ -27,15 +28,10 @@ _MODEL = flags.DEFINE_string("model", None, "diffusers-format pipeline folder or
 _IMAGE = flags.DEFINE_string("image", None, "An image, a folder of images, or a JSONL of pairs.")
 _INSTRUCTION = flags.DEFINE_string("instruction", None, "The edit instruction.")
 _OUTPUT = flags.DEFINE_string("output", "edited.png", "Output image path (or folder for batches).")
-_STEPS = flags.DEFINE_integer("steps", 30, "Sampling steps.")
-_GUIDANCE = flags.DEFINE_float("guidance", 7.5, "Text guidance scale s_T.")
-_IMAGE_GUIDANCE = flags.DEFINE_float("image-guidance", 1.5, "Image guidance scale s_I.")
-_SAMPLER = flags.DEFINE_enum("sampler", "euler_ancestral",
-                             ["euler_ancestral", "euler", "ddim", "dpmpp_2m"], "Sampler.")
-_SEED = flags.DEFINE_integer("seed", 42, "Random seed.")
+_SAMPLING = cli_flags.define_sampling_flags(batch_size=4)
+flags.adopt_module_key_flags(cli_flags)  # listed by --help with the command's own
 _RESOLUTION = flags.DEFINE_integer("resolution", 512, "Long side in pixels (rounded to the "
                                    "model's size multiple, 64 for SD 1.5).")
-_BATCH = flags.DEFINE_integer("batch-size", 4, "Images per compiled call (per size).")
 _REWARD = flags.DEFINE_string("reward", "5,5,5", "Reward scores: following,preserving,quality.")
 _REWARD_TEXT = flags.DEFINE_multi_string(
     "reward-text", [], "Failure text(s): once for all three perspectives, or three times; default: "
@@ -95,9 +91,8 @@ def main(argv):
     raise app.UsageError("an instruction is empty")
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   pipe = load_any(_MODEL.value, dtype=jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32)
-  settings = EditSettings(steps=_STEPS.value, sampler=_SAMPLER.value, text_scale=_GUIDANCE.value,
-                          image_scale=_IMAGE_GUIDANCE.value, seed=_SEED.value,
-                          resolution=_RESOLUTION.value, reward_scores=scores, reward_texts=texts,
+  settings = EditSettings(**_SAMPLING.edit_settings(), resolution=_RESOLUTION.value,
+                          reward_scores=scores, reward_texts=texts,
                           reward_scale=_REWARD_GUIDANCE.value)
   editor = Editor(pipe, settings)
   if editor.is_reward:
@@ -106,7 +101,7 @@ def main(argv):
   images = [load_image(p) for p, _, _ in jobs]
   start = time.time()
   with tqdm(total=len(jobs), desc="editing", unit="img") as bar:
-    edited = editor.edit(images, [t for _, t, _ in jobs], batch_size=_BATCH.value, progress=bar)
+    edited = editor.edit(images, [t for _, t, _ in jobs], batch_size=_SAMPLING.batch_size.value, progress=bar)
   elapsed = time.time() - start
   for (_, _, out), img in zip(jobs, edited):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

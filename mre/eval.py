@@ -19,7 +19,7 @@ import time
 
 from absl import app, flags
 
-from mre import evaluation
+from mre import cli_flags, evaluation
 from mre.data import registry
 from mre.editor import EditSettings, Editor
 from mre.judging.client import Endpoint, JudgeClient, JudgeError, RetryPolicy
@@ -34,24 +34,14 @@ _DATA_DIR = flags.DEFINE_string("data_dir", os.path.expanduser("~/tensorflow_dat
 _SPLIT = flags.DEFINE_string("split", "test", "Benchmark split.")
 _LIMIT = flags.DEFINE_integer("limit", None, "Evaluate only the first N items.")
 _OUTPUT = flags.DEFINE_string("output", "eval", "Output folder.")
-_STEPS = flags.DEFINE_integer("steps", 30, "Sampling steps.")
-_SAMPLER = flags.DEFINE_string("sampler", "euler_ancestral", "Sampler.")
-_GUIDANCE = flags.DEFINE_float("guidance", 7.5, "Text guidance s_T.")
-_IMAGE_GUIDANCE = flags.DEFINE_float("image-guidance", 1.5, "Image guidance s_I.")
-_SEED = flags.DEFINE_integer("seed", 42, "Seed.")
+_SAMPLING = cli_flags.define_sampling_flags(batch_size=16)
 _RESOLUTION = flags.DEFINE_integer("resolution", 0, "Long side; 0: 512 for real_edit, the "
                                    "images' own size otherwise.")
 _REWARDS = flags.DEFINE_string("rewards", "5,5,5", "Reward score settings separated by ';' "
                                "(several make a sweep). Ignored for models without rewards.")
-_BATCH = flags.DEFINE_integer("batch-size", 16, "Images per compiled edit call.")
 _JUDGE_MODEL = flags.DEFINE_string("judge_model", "gpt-4o", "Judge model.")
-_PROVIDER = flags.DEFINE_enum("provider", None, ["openai", "azure", "compatible"],
-                              "Judge provider (default: compatible with --base_url, else openai).")
-_BASE_URL = flags.DEFINE_string("base_url", None, "OpenAI-compatible judge URL.")
-_AZURE_ENDPOINT = flags.DEFINE_string("azure_endpoint", None, "Azure OpenAI endpoint.")
-_AZURE_DEPLOYMENT = flags.DEFINE_string("azure_deployment", None, "Azure deployment.")
-_API_VERSION = flags.DEFINE_string("api_version", None, "Azure api-version.")
-_API_KEY_ENV = flags.DEFINE_string("api_key_env", None, "Variable holding the API key.")
+_JUDGE = cli_flags.define_judge_flags()
+flags.adopt_module_key_flags(cli_flags)  # listed by --help with the command's own
 _TOY_JUDGE = flags.DEFINE_bool("toy_judge", False, "Serve the toy judge on 127.0.0.1 and use it "
                                 "(the judge the benchmark's dataset registers: toy_edit).")
 _CONCURRENCY = flags.DEFINE_integer("concurrency", 8, "Items judged at once.")
@@ -97,11 +87,7 @@ def judge_endpoint():
     with hooks.serve_judge() as server:
       yield Endpoint(provider="compatible", base_url=server.base_url)
     return
-  provider = _PROVIDER.value or ("azure" if _AZURE_ENDPOINT.value else
-                                 "compatible" if _BASE_URL.value else "openai")
-  yield Endpoint(provider=provider, base_url=_BASE_URL.value, azure_endpoint=_AZURE_ENDPOINT.value,
-                 azure_deployment=_AZURE_DEPLOYMENT.value, api_version=_API_VERSION.value,
-                 api_key_env=_API_KEY_ENV.value)
+  yield _JUDGE.endpoint()
 
 
 def main(argv):
@@ -115,10 +101,7 @@ def main(argv):
   resolution = _RESOLUTION.value or (512 if _BENCHMARK.value.startswith("real_edit") else
                                      max(items[0].original.shape[:2]))
   pipe = load_any(_MODEL.value)
-  editor = Editor(pipe, EditSettings(steps=_STEPS.value, sampler=_SAMPLER.value,
-                                     text_scale=_GUIDANCE.value,
-                                     image_scale=_IMAGE_GUIDANCE.value, seed=_SEED.value,
-                                     resolution=resolution))
+  editor = Editor(pipe, EditSettings(**_SAMPLING.edit_settings(), resolution=resolution))
   if not editor.is_reward:
     rewards = [None]
   start = time.time()
@@ -132,7 +115,7 @@ def main(argv):
       try:
         results[name] = evaluation.evaluate(
             editor, items, judge, endpoint.request_model(_JUDGE_MODEL.value), out,
-            reward_scores=scores, concurrency=_CONCURRENCY.value, batch_size=_BATCH.value,
+            reward_scores=scores, concurrency=_CONCURRENCY.value, batch_size=_SAMPLING.batch_size.value,
             title=f"{_BENCHMARK.value} ({name})", model_id=os.path.abspath(_MODEL.value),
             retry_failed=_RETRY_FAILED.value)
       except JudgeError as e:  # the judge looks down, or the key is wrong
