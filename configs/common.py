@@ -4,6 +4,7 @@
 (`--config=configs/reward.py:toy`); fields are overridden on the command line with
 `--config.train.lr=1e-4`. The config is locked, so a misspelt key is an error.
 """
+
 import ml_collections
 from ml_collections.config_dict import placeholder
 
@@ -19,52 +20,78 @@ def parse_variant(arg):
 
 def base_config():
   c = ml_collections.ConfigDict()
-  c.stage = ""                      # "ip2p" (stage 1) or "reward" (stage 2)
-  c.workdir = ""                    # checkpoints, TensorBoard logs, validation grids, export
+  c.stage = ""  # "ip2p" (stage 1) or "reward" (stage 2)
+  c.workdir = ""  # checkpoints, TensorBoard logs, validation grids, export
   c.seed = 0
-  c.distributed = "auto"            # "auto": jax.distributed.initialize() on TPU pods / SLURM / env
+  c.distributed = "auto"  # "auto": jax.distributed.initialize() on TPU pods / SLURM / env
 
   c.model = ml_collections.ConfigDict()
   c.model.family = "instructpix2pix"  # the editor architecture ("smartedit" is not built yet)
-  c.model.pretrained = ""           # local folder to start from ("" = from scratch: toy world only)
-  c.model.dtype = "bfloat16"        # computation; parameters stay in param_dtype
+  c.model.pretrained = ""  # local folder to start from ("" = from scratch: toy world only)
+  c.model.dtype = "bfloat16"  # computation; parameters stay in param_dtype
   c.model.param_dtype = "float32"
   c.model.remat = ("resnet", "transformer")  # blocks recomputed in the backward pass
   c.model.train_text_encoder = False
-  c.model.reward = ml_collections.ConfigDict(dict(
-      enabled=False, form="paper", use_scores=True, use_texts=True, inject_latent=True,
-      inject_unet=True, score_dim=256, heads=8, attn_dropout=0.1, dropout_prob=0.0))
+  c.model.reward = ml_collections.ConfigDict(
+      dict(
+          enabled=False,
+          form="paper",
+          use_scores=True,
+          use_texts=True,
+          inject_latent=True,
+          inject_unet=True,
+          score_dim=256,
+          heads=8,
+          attn_dropout=0.1,
+          dropout_prob=0.0,
+      )
+  )
   # From-scratch model sizes (toy): a diffusers-style U-Net config and a CLIP text config.
-  c.model.scratch = ml_collections.ConfigDict(dict(
-      unet_channels=(32, 64, 64), layers_per_block=1, heads=4, norm_groups=8,
-      attention_from_level=1,       # no self-attention over all pixels at full resolution
-      only_cross_attention=False,   # attn1 attends to the text too (no attention over pixels)
-      text_time_embedding=False,    # the pooled instruction joins the time embedding
-      text_hidden=64, text_layers=2, text_heads=4, max_tokens=24, pixel_space=True))
+  c.model.scratch = ml_collections.ConfigDict(
+      dict(
+          unet_channels=(32, 64, 64),
+          layers_per_block=1,
+          heads=4,
+          norm_groups=8,
+          attention_from_level=1,  # no self-attention over all pixels at full resolution
+          only_cross_attention=False,  # attn1 attends to the text too (no attention over pixels)
+          text_time_embedding=False,  # the pooled instruction joins the time embedding
+          text_hidden=64,
+          text_layers=2,
+          text_heads=4,
+          max_tokens=24,
+          pixel_space=True,
+      )
+  )
   # The training schedule. A pretrained start keeps its folder's scheduler config; a field set here
   # or on the command line replaces the folder's value (with a warning naming both). From scratch,
   # unset fields take SD 1.x's: scaled_linear, 0.00085 to 0.012, epsilon.
-  c.model.scheduler = ml_collections.ConfigDict(dict(
-      beta_schedule=placeholder(str), beta_start=placeholder(float), beta_end=placeholder(float),
-      prediction_type=placeholder(str)))
+  c.model.scheduler = ml_collections.ConfigDict(
+      dict(
+          beta_schedule=placeholder(str),
+          beta_start=placeholder(float),
+          beta_end=placeholder(float),
+          prediction_type=placeholder(str),
+      )
+  )
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "toy_edit"          # a TFDS dataset of this project (toy_edit, reward_edit, ...)
+  c.data.name = "toy_edit"  # a TFDS dataset of this project (toy_edit, reward_edit, ...)
   # Imported before the dataset is opened: each registers its datasets' builder, vocabulary and
   # judge (mre/data/registry.py), which the trainer cannot import itself.
   c.data.modules = ("data_prep.toy_edit",)
-  c.data.config = ""                # its builder config
-  c.data.data_dir = ""              # TFDS data_dir ("" = ~/tensorflow_datasets)
+  c.data.config = ""  # its builder config
+  c.data.data_dir = ""  # TFDS data_dir ("" = ~/tensorflow_datasets)
   c.data.split = "train"
   c.data.val_split = "test"
   c.data.resolution = 256
   c.data.random_flip = True
   c.data.random_crop = False
-  c.data.workers = 0                # grain worker processes (0 = in the main process)
-  c.data.in_memory = False          # read the decoded training set into memory once (small sets)
-  c.data.build_if_missing = False   # build the toy dataset on first use
-  c.data.precompute_latents = False # encode the training set with the frozen VAE once (no
-                                    # random crop/flip then); cached in workdir/latent_cache
+  c.data.workers = 0  # grain worker processes (0 = in the main process)
+  c.data.in_memory = False  # read the decoded training set into memory once (small sets)
+  c.data.build_if_missing = False  # build the toy dataset on first use
+  c.data.precompute_latents = False  # encode the training set with the frozen VAE once (no
+  # random crop/flip then); cached in workdir/latent_cache
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 10_000
@@ -78,25 +105,25 @@ def base_config():
   c.train.adam_b1 = 0.9
   c.train.adam_b2 = 0.999
   c.train.adam_eps = 1e-8
-  c.train.cond_dropout = 0.05       # InstructPix2Pix conditioning dropout p
+  c.train.cond_dropout = 0.05  # InstructPix2Pix conditioning dropout p
   c.train.ema_decay = 0.9999
-  c.train.snr_gamma = 0.0           # > 0: min-SNR loss weighting
+  c.train.snr_gamma = 0.0  # > 0: min-SNR loss weighting
   c.train.log_every = 10
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 3
   c.train.async_checkpoints = True
   c.train.validate_every = 1000
-  c.train.val_count = 4             # validation items in the image grid
-  c.train.val_judge_items = 0       # validation edits judged in process (datasets with a judge)
+  c.train.val_count = 4  # validation items in the image grid
+  c.train.val_judge_items = 0  # validation edits judged in process (datasets with a judge)
   c.train.val_rewards = ((5.0, 5.0, 5.0), (3.0, 3.0, 3.0), (1.0, 1.0, 1.0))
   c.train.val_steps = 20
   c.train.val_sampler = "euler_ancestral"
   c.train.val_text_scale = 7.5
   c.train.val_image_scale = 1.5
-  c.train.export = True             # write the final EMA model to workdir/export*
+  c.train.export = True  # write the final EMA model to workdir/export*
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: fill with the devices left
-  c.mesh.fsdp_min_size = 2 ** 18    # parameters smaller than this stay replicated
+  c.mesh.fsdp_min_size = 2**18  # parameters smaller than this stay replicated
   return c
 
 
@@ -108,9 +135,14 @@ def apply_toy(c):
   c.model.train_text_encoder = True
   c.model.reward.score_dim = 32
   c.model.reward.heads = 4
-  c.model.scheduler = ml_collections.ConfigDict(dict(
-      beta_schedule="squaredcos_cap_v2", beta_start=0.0001, beta_end=0.02,
-      prediction_type="v_prediction"))
+  c.model.scheduler = ml_collections.ConfigDict(
+      dict(
+          beta_schedule="squaredcos_cap_v2",
+          beta_start=0.0001,
+          beta_end=0.02,
+          prediction_type="v_prediction",
+      )
+  )
   c.data.name = "toy_edit"
   c.data.config = "24px"
   c.data.resolution = 24
@@ -138,12 +170,12 @@ def apply_toy(c):
   c.train.checkpoint_every = 500
   c.train.validate_every = 1000
   c.train.val_count = 4
-  c.train.val_judge_items = 100     # 20 test scenes x 5 categories, toy judge, every validation
+  c.train.val_judge_items = 100  # 20 test scenes x 5 categories, toy judge, every validation
   c.train.val_steps = 20
   c.train.val_sampler = "ddim"
   c.train.val_text_scale = 2.0
   c.train.val_image_scale = 1.0
-  c.mesh.fsdp_min_size = 2 ** 30
+  c.mesh.fsdp_min_size = 2**30
   return c
 
 

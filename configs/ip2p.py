@@ -4,6 +4,7 @@
       --config.workdir=runs/ip2p
   python -m mre.train --config=configs/ip2p.py:toy --config.workdir=runs/ip2p_toy
 """
+
 from configs import common
 
 

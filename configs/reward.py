@@ -9,6 +9,7 @@ Ablations: --config.model.reward.use_texts=False (scores only), .use_scores=Fals
 .inject_unet=False (latent injection only), .inject_latent=False (U-Net injection only),
 .form=released (the public checkpoint's module layout), .dropout_prob=0.1 (enables reward guidance).
 """
+
 import os
 
 from configs import common, ip2p

@@ -7,6 +7,7 @@
 The same as `builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=...))`.
 The `tfds build` command line needs TensorFlow installed (its CLI imports it); this one does not.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,11 @@ from absl import app, flags
 
 from data_prep import instruct_pix2pix, manual_dir, real_edit, reward_edit
 
-DATASETS = {"reward_edit": reward_edit.Builder, "instruct_pix2pix": instruct_pix2pix.Builder,
-            "real_edit": real_edit.Builder}
+DATASETS = {
+    "reward_edit": reward_edit.Builder,
+    "instruct_pix2pix": instruct_pix2pix.Builder,
+    "real_edit": real_edit.Builder,
+}
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("dataset", None, list(DATASETS), "which dataset")
@@ -27,12 +31,14 @@ flags.mark_flags_as_required(["dataset", "manual_dir", "data_dir"])
 
 
 def main(argv):
-    del argv
-    builder = manual_dir.build(DATASETS[FLAGS.dataset], FLAGS.manual_dir, FLAGS.data_dir, FLAGS.config)
-    report = manual_dir.read_report(builder)
-    print(f"{builder.info.full_name} in {builder.data_dir}")
-    print(json.dumps({k: report[k] for k in ("kept", "skipped", "notes")}, indent=1))
+  del argv
+  builder = manual_dir.build(
+      DATASETS[FLAGS.dataset], FLAGS.manual_dir, FLAGS.data_dir, FLAGS.config
+  )
+  report = manual_dir.read_report(builder)
+  print(f"{builder.info.full_name} in {builder.data_dir}")
+  print(json.dumps({k: report[k] for k in ("kept", "skipped", "notes")}, indent=1))
 
 
 if __name__ == "__main__":
-    app.run(main)
+  app.run(main)

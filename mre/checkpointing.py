@@ -4,6 +4,7 @@ Each checkpoint holds `state` (params, EMA, optimizer state, step, RNG; restored
 mesh shardings) and `data` (the input pipeline's iterator state as JSON), so a restarted run
 continues on exactly the next batch. Saves are asynchronous; the newest `keep` are kept.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,10 +17,12 @@ from absl import logging
 
 
 class Checkpointer:
+
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+    )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self):
@@ -27,19 +30,30 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state, *, force=False) -> bool:
     saved = self.manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      data=ocp.args.JsonSave(data_state)), force=force)
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+        ),
+        force=force,
+    )
     if saved:
-      logging.info("checkpoint %d -> %s%s", step, self.directory,
-                   " (async)" if self.manager._options.enable_async_checkpointing else "")  # pylint: disable=protected-access
+      logging.info(
+          "checkpoint %d -> %s%s",
+          step,
+          self.directory,
+          " (async)" if self.manager._options.enable_async_checkpointing else "",
+      )  # pylint: disable=protected-access
     return saved
 
   def restore(self, abstract_state, step=None):
     """(state, data_state) of `step` (default: the latest), with the shardings of the abstract."""
     step = self.latest_step() if step is None else step
     restored = self.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                      data=ocp.args.JsonRestore()))
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+        ),
+    )
     return restored.state, restored.data
 
   def reached_preemption(self, step: int) -> bool:

@@ -8,6 +8,7 @@ batch size), and reads the returned holders. A function defines its flags once p
 second call (two commands imported into one process) returns the same holders when it asks for
 the same defaults, and refuses different ones by name.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,9 +28,13 @@ class SamplingFlags:
 
   def edit_settings(self) -> dict:
     """The `mre.editor.EditSettings` fields these flags set."""
-    return dict(steps=self.steps.value, sampler=self.sampler.value,
-                text_scale=self.guidance.value, image_scale=self.image_guidance.value,
-                seed=self.seed.value)
+    return dict(
+        steps=self.steps.value,
+        sampler=self.sampler.value,
+        text_scale=self.guidance.value,
+        image_scale=self.image_guidance.value,
+        seed=self.seed.value,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,13 +50,18 @@ class JudgeFlags:
   def endpoint(self) -> Endpoint:
     """The `Endpoint` the flags name (provider: azure with --azure_endpoint, compatible with
     --base_url, else openai)."""
-    provider = self.provider.value or ("azure" if self.azure_endpoint.value else
-                                       "compatible" if self.base_url.value else "openai")
-    return Endpoint(provider=provider, base_url=self.base_url.value,
-                    azure_endpoint=self.azure_endpoint.value,
-                    azure_deployment=self.azure_deployment.value,
-                    api_version=self.api_version.value, api_key_env=self.api_key_env.value,
-                    timeout=self.timeout.value)
+    provider = self.provider.value or (
+        "azure" if self.azure_endpoint.value else "compatible" if self.base_url.value else "openai"
+    )
+    return Endpoint(
+        provider=provider,
+        base_url=self.base_url.value,
+        azure_endpoint=self.azure_endpoint.value,
+        azure_deployment=self.azure_deployment.value,
+        api_version=self.api_version.value,
+        api_key_env=self.api_key_env.value,
+        timeout=self.timeout.value,
+    )
 
 
 _DEFINED: dict = {}  # (group, id(flag_values)) -> (defaults, holders)
@@ -75,20 +85,27 @@ def define_sampling_flags(*, batch_size: int, flag_values=flags.FLAGS) -> Sampli
   """--steps, --sampler, --guidance, --image-guidance, --seed and --batch-size."""
   # Imported here: the judge's commands (data_prep.annotate) need not load JAX.
   from mre.diffusion.samplers import SAMPLERS  # pylint: disable=import-outside-toplevel
+
   fv = flag_values
 
   def define():
     return SamplingFlags(
         steps=flags.DEFINE_integer("steps", 30, "Sampling steps.", flag_values=fv),
-        sampler=flags.DEFINE_enum("sampler", "euler_ancestral", list(SAMPLERS), "Sampler.",
-                                  flag_values=fv),
+        sampler=flags.DEFINE_enum(
+            "sampler", "euler_ancestral", list(SAMPLERS), "Sampler.", flag_values=fv
+        ),
         guidance=flags.DEFINE_float("guidance", 7.5, "Text guidance scale s_T.", flag_values=fv),
-        image_guidance=flags.DEFINE_float("image-guidance", 1.5, "Image guidance scale s_I.",
-                                          flag_values=fv),
+        image_guidance=flags.DEFINE_float(
+            "image-guidance", 1.5, "Image guidance scale s_I.", flag_values=fv
+        ),
         seed=flags.DEFINE_integer("seed", 42, "Random seed.", flag_values=fv),
-        batch_size=flags.DEFINE_integer("batch-size", batch_size,
-                                        "Images per compiled edit call (per image size).",
-                                        flag_values=fv))
+        batch_size=flags.DEFINE_integer(
+            "batch-size",
+            batch_size,
+            "Images per compiled edit call (per image size).",
+            flag_values=fv,
+        ),
+    )
 
   return _once("sampling", {"batch_size": batch_size}, fv, define)
 
@@ -101,22 +118,41 @@ def define_judge_flags(*, timeout: float = 120.0, flag_values=flags.FLAGS) -> Ju
   def define():
     return JudgeFlags(
         provider=flags.DEFINE_enum(
-            "provider", None, list(PROVIDERS), "Judge provider (default: azure with "
-            "--azure_endpoint, compatible with --base_url, else openai).", flag_values=fv),
+            "provider",
+            None,
+            list(PROVIDERS),
+            "Judge provider (default: azure with "
+            "--azure_endpoint, compatible with --base_url, else openai).",
+            flag_values=fv,
+        ),
         base_url=flags.DEFINE_string(
-            "base_url", None, "OpenAI-compatible judge server, e.g. http://localhost:8000/v1 "
-            "(vLLM, Ollama).", flag_values=fv),
-        azure_endpoint=flags.DEFINE_string("azure_endpoint", None,
-                                           "Azure OpenAI resource endpoint.", flag_values=fv),
+            "base_url",
+            None,
+            "OpenAI-compatible judge server, e.g. http://localhost:8000/v1 " "(vLLM, Ollama).",
+            flag_values=fv,
+        ),
+        azure_endpoint=flags.DEFINE_string(
+            "azure_endpoint", None, "Azure OpenAI resource endpoint.", flag_values=fv
+        ),
         azure_deployment=flags.DEFINE_string(
-            "azure_deployment", None, "Azure OpenAI deployment (sent as the request model).",
-            flag_values=fv),
-        api_version=flags.DEFINE_string("api_version", None, "Azure OpenAI api-version.",
-                                        flag_values=fv),
+            "azure_deployment",
+            None,
+            "Azure OpenAI deployment (sent as the request model).",
+            flag_values=fv,
+        ),
+        api_version=flags.DEFINE_string(
+            "api_version", None, "Azure OpenAI api-version.", flag_values=fv
+        ),
         api_key_env=flags.DEFINE_string(
-            "api_key_env", None, "Environment variable holding the API key (default "
-            "OPENAI_API_KEY, AZURE_OPENAI_API_KEY for Azure).", flag_values=fv),
-        timeout=flags.DEFINE_float("timeout", timeout, "Seconds per HTTP attempt to the judge.",
-                                   flag_values=fv))
+            "api_key_env",
+            None,
+            "Environment variable holding the API key (default "
+            "OPENAI_API_KEY, AZURE_OPENAI_API_KEY for Azure).",
+            flag_values=fv,
+        ),
+        timeout=flags.DEFINE_float(
+            "timeout", timeout, "Seconds per HTTP attempt to the judge.", flag_values=fv
+        ),
+    )
 
   return _once("judge", {"timeout": timeout}, fv, define)

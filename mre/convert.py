@@ -6,6 +6,7 @@
 The output format defaults to the other one; `--to_format` forces it (e.g. diffusers -> diffusers
 re-export with `*.safetensors` from `.bin` files).
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,9 @@ from mre.model_io import diffusers_folder, folders, native_format
 
 _FROM = flags.DEFINE_string("from", None, "Source folder (diffusers pipeline or mre checkpoint).")
 _TO = flags.DEFINE_string("to", None, "Destination folder (created; must not hold a model).")
-_TO_FORMAT = flags.DEFINE_enum("to_format", None, ["diffusers", "mre"],
-                               "Output format; default: the other one.")
+_TO_FORMAT = flags.DEFINE_enum(
+    "to_format", None, ["diffusers", "mre"], "Output format; default: the other one."
+)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Allow writing into a non-empty folder.")
 
 

@@ -8,6 +8,7 @@
 `--image` is one image, a folder of images (all edited with `--instruction`), or a JSONL file of
 {"image": path, "instruction": text} lines (relative paths are taken from the JSONL's folder).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,14 +31,23 @@ _INSTRUCTION = flags.DEFINE_string("instruction", None, "The edit instruction.")
 _OUTPUT = flags.DEFINE_string("output", "edited.png", "Output image path (or folder for batches).")
 _SAMPLING = cli_flags.define_sampling_flags(batch_size=4)
 flags.adopt_module_key_flags(cli_flags)  # listed by --help with the command's own
-_RESOLUTION = flags.DEFINE_integer("resolution", 512, "Long side in pixels (rounded to the "
-                                   "model's size multiple, 64 for SD 1.5).")
+_RESOLUTION = flags.DEFINE_integer(
+    "resolution",
+    512,
+    "Long side in pixels (rounded to the " "model's size multiple, 64 for SD 1.5).",
+)
 _REWARD = flags.DEFINE_string("reward", "5,5,5", "Reward scores: following,preserving,quality.")
 _REWARD_TEXT = flags.DEFINE_multi_string(
-    "reward-text", [], "Failure text(s): once for all three perspectives, or three times; default: "
-    "the texts that say nothing is wrong.")
-_REWARD_GUIDANCE = flags.DEFINE_float("reward-guidance", None, "Reward guidance scale s_R (only "
-                                      "for models trained with reward dropout).")
+    "reward-text",
+    [],
+    "Failure text(s): once for all three perspectives, or three times; default: "
+    "the texts that say nothing is wrong.",
+)
+_REWARD_GUIDANCE = flags.DEFINE_float(
+    "reward-guidance",
+    None,
+    "Reward guidance scale s_R (only " "for models trained with reward dropout).",
+)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype.")
 
 
@@ -76,8 +86,10 @@ def collect_jobs(image: str, instruction, output: str):
     files = sorted(f for f in os.listdir(image) if f.lower().endswith(IMAGE_EXTS))
     if not files:
       raise app.UsageError(f"no images ({', '.join(IMAGE_EXTS)}) in {image}")
-    return [(os.path.join(image, f), instruction,
-             os.path.join(output, os.path.splitext(f)[0] + ".png")) for f in files]
+    return [
+        (os.path.join(image, f), instruction, os.path.join(output, os.path.splitext(f)[0] + ".png"))
+        for f in files
+    ]
   return [(image, instruction, output)]
 
 
@@ -90,24 +102,36 @@ def main(argv):
   if any(not (t and t.strip()) for _, t, _ in jobs):
     raise app.UsageError("an instruction is empty")
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   pipe = load_any(_MODEL.value, dtype=jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32)
-  settings = EditSettings(**_SAMPLING.edit_settings(), resolution=_RESOLUTION.value,
-                          reward_scores=scores, reward_texts=texts,
-                          reward_scale=_REWARD_GUIDANCE.value)
+  settings = EditSettings(
+      **_SAMPLING.edit_settings(),
+      resolution=_RESOLUTION.value,
+      reward_scores=scores,
+      reward_texts=texts,
+      reward_scale=_REWARD_GUIDANCE.value,
+  )
   editor = Editor(pipe, settings)
   if editor.is_reward:
-    logging.info("reward condition: scores %s, texts %s", scores,
-                 texts or pipe.unet.reward_config.perfect_texts)
+    logging.info(
+        "reward condition: scores %s, texts %s",
+        scores,
+        texts or pipe.unet.reward_config.perfect_texts,
+    )
   images = [load_image(p) for p, _, _ in jobs]
   start = time.time()
   with tqdm(total=len(jobs), desc="editing", unit="img") as bar:
-    edited = editor.edit(images, [t for _, t, _ in jobs], batch_size=_SAMPLING.batch_size.value, progress=bar)
+    edited = editor.edit(
+        images, [t for _, t, _ in jobs], batch_size=_SAMPLING.batch_size.value, progress=bar
+    )
   elapsed = time.time() - start
   for (_, _, out), img in zip(jobs, edited):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     img.save(out)
-  print(f"edited {len(jobs)} image(s) in {elapsed:.1f} s ({elapsed / len(jobs):.2f} s/image, "
-        f"compilation included); wrote {jobs[0][2] if len(jobs) == 1 else _OUTPUT.value}")
+  print(
+      f"edited {len(jobs)} image(s) in {elapsed:.1f} s ({elapsed / len(jobs):.2f} s/image, "
+      f"compilation included); wrote {jobs[0][2] if len(jobs) == 1 else _OUTPUT.value}"
+  )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ StableDiffusionInstructPix2PixPipeline: the original image enters as the VAE pos
 (unscaled), the prompt through CLIP's last hidden state, the empty prompt as the unconditional
 text, and, for a reward U-Net, the same reward condition goes to every guidance branch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,13 +27,13 @@ from mre.pipeline import Pipeline, tokenize
 class EditSettings:
   steps: int = 30
   sampler: str = "euler_ancestral"
-  text_scale: float = 7.5          # s_T
-  image_scale: float = 1.5         # s_I
+  text_scale: float = 7.5  # s_T
+  image_scale: float = 1.5  # s_I
   seed: int = 42
-  resolution: int = 512            # long side, before rounding to the model's size multiple
+  resolution: int = 512  # long side, before rounding to the model's size multiple
   reward_scores: tuple = PERFECT_SCORES
-  reward_texts: Optional[tuple] = None   # None: the form's "nothing is wrong" texts
-  reward_scale: Optional[float] = None   # reward guidance s_R (needs a model trained with dropout)
+  reward_texts: Optional[tuple] = None  # None: the form's "nothing is wrong" texts
+  reward_scale: Optional[float] = None  # reward guidance s_R (needs a model trained with dropout)
   eta: float = 0.0
 
 
@@ -90,9 +91,15 @@ class Editor:
     if settings.reward_scale is not None and not self.is_reward:
       raise ValueError("reward guidance (reward_scale) needs a reward-conditioned model")
     self._sample = make_edit_sampler(
-        self.schedule, settings.steps, settings.sampler, text_scale=settings.text_scale,
-        image_scale=settings.image_scale, reward_scale=settings.reward_scale, eta=settings.eta,
-        latent_channels=pipe.vae.config.latent_channels)
+        self.schedule,
+        settings.steps,
+        settings.sampler,
+        text_scale=settings.text_scale,
+        image_scale=settings.image_scale,
+        reward_scale=settings.reward_scale,
+        eta=settings.eta,
+        latent_channels=pipe.vae.config.latent_channels,
+    )
     self._encode_text = nnx.jit(lambda te, ids: te(ids))
     self._encode_image = nnx.jit(lambda vae, x: vae.encode(x).mode())
     self._decode = nnx.jit(lambda vae, z: vae.decode(vae.unscale_latents(z)))
@@ -110,16 +117,25 @@ class Editor:
     if len(scores) != 3 or len(texts) != 3:
       raise ValueError(f"a reward is 3 scores and 3 texts, got {scores} and {texts}")
     _, pooled = self.text_features(form.slot_texts(texts))
-    return RewardInputs(jnp.broadcast_to(jnp.asarray(scores, jnp.float32), (batch, 3)),
-                        jnp.broadcast_to(pooled[None], (batch,) + pooled.shape))
+    return RewardInputs(
+        jnp.broadcast_to(jnp.asarray(scores, jnp.float32), (batch, 3)),
+        jnp.broadcast_to(pooled[None], (batch,) + pooled.shape),
+    )
 
   def null_reward(self, batch: int) -> RewardInputs:
     """The unconditional reward of reward guidance: the one reward dropout trains with."""
     _, pooled = self.text_features([NULL_TEXT])
     return self.pipe.unet.reward_config.null_reward(pooled, batch)
 
-  def edit_arrays(self, images: np.ndarray, instructions: Sequence[str], *, key=None, noise=None,
-                  reward: Optional[RewardInputs] = None) -> np.ndarray:
+  def edit_arrays(
+      self,
+      images: np.ndarray,
+      instructions: Sequence[str],
+      *,
+      key=None,
+      noise=None,
+      reward: Optional[RewardInputs] = None,
+  ) -> np.ndarray:
     """Float images [B, H, W, 3] in [-1, 1] (H, W valid sizes) -> edited images in [-1, 1]."""
     if any(not (t and t.strip()) for t in instructions):
       raise ValueError("every image needs a non-empty instruction")
@@ -133,12 +149,27 @@ class Editor:
       if self.settings.reward_scale is not None:
         extra_uncond = {"reward": self.null_reward(b)}
     key = jax.random.key(self.settings.seed) if key is None and noise is None else key
-    latents = self._sample(self.pipe.unet, image_latents, text, uncond, key=key, noise=noise,
-                           extra_cond=extra, extra_cond_uncond=extra_uncond)
+    latents = self._sample(
+        self.pipe.unet,
+        image_latents,
+        text,
+        uncond,
+        key=key,
+        noise=noise,
+        extra_cond=extra,
+        extra_cond_uncond=extra_uncond,
+    )
     return np.asarray(self._decode(self.pipe.vae, latents), np.float32)
 
-  def edit(self, images: Sequence[Image.Image], instructions: Sequence[str], *, batch_size=8,
-           reward: Optional[RewardInputs] = None, progress=None):
+  def edit(
+      self,
+      images: Sequence[Image.Image],
+      instructions: Sequence[str],
+      *,
+      batch_size=8,
+      reward: Optional[RewardInputs] = None,
+      progress=None,
+  ):
     """PIL images + instructions -> edited PIL images (each at its fitted size).
 
     Images are grouped by fitted size; batch `i` of a group uses the key fold_in(seed, i), so a
@@ -152,11 +183,12 @@ class Editor:
     for size in dict.fromkeys(sizes):
       idx = [i for i, s in enumerate(sizes) if s == size]
       for n, start in enumerate(range(0, len(idx), batch_size)):
-        chunk = idx[start:start + batch_size]
+        chunk = idx[start : start + batch_size]
         arr = np.stack([to_model_input(images[i], size) for i in chunk])
         r = None if reward is None else jax.tree.map(lambda a: a[np.asarray(chunk)], reward)
-        edited = self.edit_arrays(arr, [instructions[i] for i in chunk],
-                                  key=jax.random.fold_in(base, n), reward=r)
+        edited = self.edit_arrays(
+            arr, [instructions[i] for i in chunk], key=jax.random.fold_in(base, n), reward=r
+        )
         for i, e in zip(chunk, to_uint8(edited)):
           out[i] = Image.fromarray(e)
         if progress is not None:

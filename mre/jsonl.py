@@ -12,6 +12,7 @@ so that a kill leaves the old file or the new one, never a mix.
 This module needs nothing but the standard library: the library and the data scripts both
 import it.
 """
+
 from __future__ import annotations
 
 import json

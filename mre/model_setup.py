@@ -6,6 +6,7 @@ Stage 1 (`ip2p`) starts from an SD 1.5 pipeline folder and widens `conv_in` to 8
 with a tokenizer over the dataset's closed vocabulary (the toy world). The training schedule is the
 start folder's, with the fields `model.scheduler` sets applied over it (`apply_scheduler_settings`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,10 +48,18 @@ def reward_config(config) -> RewardConfig | None:
 
 
 # The training schedule of a from-scratch model where `model.scheduler` leaves a field unset: SD 1.x's.
-SCRATCH_SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000,
-                     "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-                     "prediction_type": "epsilon", "clip_sample": False, "set_alpha_to_one": False,
-                     "steps_offset": 1, "timestep_spacing": "leading"}
+SCRATCH_SCHEDULER = {
+    "_class_name": "DDPMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+}
 SCHEDULER_FIELDS = ("beta_schedule", "beta_start", "beta_end", "prediction_type")
 
 
@@ -86,13 +95,20 @@ def apply_scheduler_settings(config, folder_config: dict, where: str) -> dict:
   changed = {k: v for k, v in settings.items() if getattr(current, k) != v}
   for key, value in changed.items():
     if key.startswith("beta_") and current.trained_betas is not None:
-      raise ValueError(f"model.scheduler.{key}={value!r} cannot apply: the scheduler config in "
-                       f"{where} lists its betas (trained_betas)")
+      raise ValueError(
+          f"model.scheduler.{key}={value!r} cannot apply: the scheduler config in "
+          f"{where} lists its betas (trained_betas)"
+      )
   out = {**folder_config, **changed}
   schedule_from_config(out)  # refuses what the samplers and the trainer do not implement
   for key, value in changed.items():
-    logging.warning("model.scheduler.%s=%r replaces %r, the value of the scheduler config in %s",
-                    key, value, getattr(current, key), where)
+    logging.warning(
+        "model.scheduler.%s=%r replaces %r, the value of the scheduler config in %s",
+        key,
+        value,
+        getattr(current, key),
+        where,
+    )
   return out
 
 
@@ -102,16 +118,26 @@ def scratch_unet_config(config, channels: int, context_dim: int) -> dict:
   # Like SD, the lowest level has no transformer; `attention_from_level` also drops it from the
   # first levels, where attention over all pixels costs most.
   attn = [s.attention_from_level <= i < n - 1 for i in range(n)]
-  return {"_class_name": "UNet2DConditionModel", "sample_size": config.data.resolution,
-          "in_channels": 2 * channels, "out_channels": channels,
-          "block_out_channels": list(s.unet_channels), "layers_per_block": s.layers_per_block,
-          "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-          "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attn[::-1]],
-          "cross_attention_dim": context_dim, "attention_head_dim": s.heads,
-          "norm_num_groups": s.norm_groups, "only_cross_attention": s.only_cross_attention,
-          # diffusers' TextTimeEmbedding: the pooled instruction joins the time embedding
-          **({"addition_embed_type": "text", "addition_embed_type_num_heads": s.text_heads}
-             if s.text_time_embedding else {})}
+  return {
+      "_class_name": "UNet2DConditionModel",
+      "sample_size": config.data.resolution,
+      "in_channels": 2 * channels,
+      "out_channels": channels,
+      "block_out_channels": list(s.unet_channels),
+      "layers_per_block": s.layers_per_block,
+      "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+      "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attn[::-1]],
+      "cross_attention_dim": context_dim,
+      "attention_head_dim": s.heads,
+      "norm_num_groups": s.norm_groups,
+      "only_cross_attention": s.only_cross_attention,
+      # diffusers' TextTimeEmbedding: the pooled instruction joins the time embedding
+      **(
+          {"addition_embed_type": "text", "addition_embed_type_num_heads": s.text_heads}
+          if s.text_time_embedding
+          else {}
+      ),
+  }
 
 
 @dataclasses.dataclass
@@ -124,6 +150,7 @@ class Models:
     `config.seed`), which the trainer calls inside `jax.jit` with sharded outputs so the
     parameters are created directly on their devices; empty for a pretrained start.
   """
+
   pipe: Pipeline
   makers: dict
 
@@ -131,28 +158,35 @@ class Models:
 def _scratch_makers(config, tokenizer) -> dict:
   s = config.model.scratch
   if not s.pixel_space:
-    raise ValueError("model.scratch.pixel_space=False (a from-scratch autoencoder) is not built; "
-                     "start from a pretrained folder instead")
+    raise ValueError(
+        "model.scratch.pixel_space=False (a from-scratch autoencoder) is not built; "
+        "start from a pretrained folder instead"
+    )
   dtype, pdtype = dtype_of(config.model.dtype), dtype_of(config.model.param_dtype)
   remat = tuple(config.model.remat)
-  text_cfg = {"vocab_size": len(tokenizer), "hidden_size": s.text_hidden,
-              "intermediate_size": 4 * s.text_hidden, "num_hidden_layers": s.text_layers,
-              "num_attention_heads": s.text_heads, "max_position_embeddings": 77,
-              "eos_token_id": tokenizer.eos_token_id, "hidden_act": "quick_gelu"}
+  text_cfg = {
+      "vocab_size": len(tokenizer),
+      "hidden_size": s.text_hidden,
+      "intermediate_size": 4 * s.text_hidden,
+      "num_hidden_layers": s.text_layers,
+      "num_attention_heads": s.text_heads,
+      "max_position_embeddings": 77,
+      "eos_token_id": tokenizer.eos_token_id,
+      "hidden_act": "quick_gelu",
+  }
   unet_cfg = scratch_unet_config(config, 3, s.text_hidden)
   r = reward_config(config)
 
   def make_unet():
     rngs = nnx.Rngs(config.seed)
     if r is None:
-      return UNet2DConditionModel(unet_cfg, dtype=dtype, param_dtype=pdtype, remat=remat,
-                                  rngs=rngs)
-    return RewardUNet(unet_cfg, r, text_dim=s.text_hidden, dtype=dtype, param_dtype=pdtype,
-                      remat=remat, rngs=rngs)
+      return UNet2DConditionModel(unet_cfg, dtype=dtype, param_dtype=pdtype, remat=remat, rngs=rngs)
+    return RewardUNet(
+        unet_cfg, r, text_dim=s.text_hidden, dtype=dtype, param_dtype=pdtype, remat=remat, rngs=rngs
+    )
 
   def make_text():
-    return CLIPTextModel(text_cfg, dtype=dtype, param_dtype=pdtype,
-                         rngs=nnx.Rngs(config.seed + 1))
+    return CLIPTextModel(text_cfg, dtype=dtype, param_dtype=pdtype, rngs=nnx.Rngs(config.seed + 1))
 
   return {"unet": make_unet, "text_encoder": make_text}
 
@@ -160,12 +194,18 @@ def _scratch_makers(config, tokenizer) -> dict:
 def scratch_models(config, vocab_words, tokenizer_dir: str) -> Models:
   """The toy editor: tokenizer over the dataset vocabulary, pixel space, tiny U-Net and CLIP, the
   networks as shapes plus their makers (see `Models`)."""
-  tokenizer = load_tokenizer(write_word_tokenizer(
-      tokenizer_dir, vocab_words, max_length=config.model.scratch.max_tokens))
+  tokenizer = load_tokenizer(
+      write_word_tokenizer(tokenizer_dir, vocab_words, max_length=config.model.scratch.max_tokens)
+  )
   makers = _scratch_makers(config, tokenizer)
-  pipe = Pipeline(unet=nnx.eval_shape(makers["unet"]), vae=PixelSpace({"channels": 3}),
-                  text_encoder=nnx.eval_shape(makers["text_encoder"]), tokenizer=tokenizer,
-                  scheduler_config=scheduler_config(config), model_index={})
+  pipe = Pipeline(
+      unet=nnx.eval_shape(makers["unet"]),
+      vae=PixelSpace({"channels": 3}),
+      text_encoder=nnx.eval_shape(makers["text_encoder"]),
+      tokenizer=tokenizer,
+      scheduler_config=scheduler_config(config),
+      model_index={},
+  )
   return Models(pipe, makers)
 
 
@@ -180,20 +220,26 @@ def build_scratch(config, vocab_words, tokenizer_dir: str, *, abstract=True) -> 
 
 
 def _missing(config, path):
-  stage = "an SD 1.5 pipeline folder (stage 1 starts from it)" if config.stage == "ip2p" else \
-      "a stage-1 InstructPix2Pix pipeline folder (diffusers format or mre checkpoint)"
+  stage = (
+      "an SD 1.5 pipeline folder (stage 1 starts from it)"
+      if config.stage == "ip2p"
+      else "a stage-1 InstructPix2Pix pipeline folder (diffusers format or mre checkpoint)"
+  )
   return FileNotFoundError(
       f"config.model.pretrained={path!r} does not exist. This recipe needs {stage} on local disk; "
       "nothing is downloaded. Set --config.model.pretrained=/path/to/folder, or run the offline "
       f"toy world instead: --config=configs/{config.stage if config.stage == 'reward' else 'ip2p'}"
-      ".py:toy")
+      ".py:toy"
+  )
 
 
 def check_pretrained(config):
   """Fails at once, naming the path, when the recipe's starting weights are not on disk."""
   if config.model.family not in FAMILIES:
-    raise ValueError(f"config.model.family={config.model.family!r} is not available; built: "
-                     f"{FAMILIES} (the SmartEdit-style family is planned, not built)")
+    raise ValueError(
+        f"config.model.family={config.model.family!r} is not available; built: "
+        f"{FAMILIES} (the SmartEdit-style family is planned, not built)"
+    )
   if config.model.pretrained and not os.path.isdir(config.model.pretrained):
     raise _missing(config, config.model.pretrained)
 
@@ -207,17 +253,22 @@ def build_pretrained(config) -> Pipeline:
   if native_format.is_native(path):  # an mre checkpoint (e.g. a toy stage-1 export): as it is
     pipe = load_any(path, dtype=dtype, param_dtype=pdtype, remat=remat)
   elif config.stage == "ip2p" and read_json(unet_dir).get("in_channels") == 4:  # SD 1.5: widen
-    pipe = load_pipeline(path, dtype=dtype, param_dtype=pdtype, remat=remat,
-                         unet=ip2p_unet_from_sd15(unet_dir, dtype=dtype, param_dtype=pdtype,
-                                                  remat=remat))
+    pipe = load_pipeline(
+        path,
+        dtype=dtype,
+        param_dtype=pdtype,
+        remat=remat,
+        unet=ip2p_unet_from_sd15(unet_dir, dtype=dtype, param_dtype=pdtype, remat=remat),
+    )
   elif config.stage == "ip2p":
     pipe = load_pipeline(path, dtype=dtype, param_dtype=pdtype, remat=remat)
   else:
     pipe = load_any(path, dtype=dtype, param_dtype=pdtype, remat=remat)
   r = reward_config(config)
   if r is not None and not isinstance(pipe.unet, RewardUNet):
-    pipe.unet = reward_unet_from_stage1(pipe.unet, r, seed=config.seed, dtype=dtype,
-                                        param_dtype=pdtype, remat=remat)
+    pipe.unet = reward_unet_from_stage1(
+        pipe.unet, r, seed=config.seed, dtype=dtype, param_dtype=pdtype, remat=remat
+    )
   if r is None and isinstance(pipe.unet, RewardUNet):
     raise ValueError(f"{path} holds a reward-conditioned U-Net but model.reward.enabled=False")
   pipe.scheduler_config = apply_scheduler_settings(config, pipe.scheduler_config, path)
@@ -231,6 +282,8 @@ def build_models(config, vocab_words=None, tokenizer_dir=None) -> Models:
   if config.model.pretrained:
     return Models(build_pretrained(config), makers={})
   if vocab_words is None:
-    raise ValueError("a from-scratch model (model.pretrained='') needs the dataset's vocabulary; "
-                     "only the toy world provides one")
+    raise ValueError(
+        "a from-scratch model (model.pretrained='') needs the dataset's vocabulary; "
+        "only the toy world provides one"
+    )
   return scratch_models(config, vocab_words, tokenizer_dir)

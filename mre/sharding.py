@@ -4,6 +4,7 @@ The mesh has axes ("data", "fsdp"). The batch is split over both; a parameter is
 along its largest dimension that divides evenly (ZeRO-3 style) when it is large enough, and is
 replicated otherwise. With fsdp=1 this is plain data parallelism.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,12 +36,18 @@ def maybe_initialize_distributed(mode: str = "auto"):
       jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU multi-process
     kwargs = {}
     if explicit:
-      kwargs = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-                    num_processes=int(env["JAX_NUM_PROCESSES"]),
-                    process_id=int(env["JAX_PROCESS_ID"]))
+      kwargs = dict(
+          coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+          num_processes=int(env["JAX_NUM_PROCESSES"]),
+          process_id=int(env["JAX_PROCESS_ID"]),
+      )
     jax.distributed.initialize(**kwargs)
-    logging.info("jax.distributed: process %d of %d, %d global devices", jax.process_index(),
-                 jax.process_count(), jax.device_count())
+    logging.info(
+        "jax.distributed: process %d of %d, %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.device_count(),
+    )
 
 
 def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:

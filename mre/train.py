@@ -3,6 +3,7 @@
 `train(config)` is the whole run: mesh, models (sharded), input pipeline, a compiled and donated
 train step, Orbax checkpoints with automatic resume, metrics, validation grids, final export.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,9 @@ from mre.pipeline import tokenize
 from mre.train_step import SplitModel, StepContext, TrainState, make_optimizer, make_train_step
 from mre.validation import ValidationGrid, ValidationJudge, save_grid
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training recipe, e.g. "
-                                          "configs/reward.py:toy.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training recipe, e.g. " "configs/reward.py:toy.", lock_config=True
+)
 
 
 class NonFiniteError(FloatingPointError):
@@ -42,8 +44,9 @@ def _materialize(module, mesh, min_size, make=None):
     abstract = SplitModel.of(nnx.eval_shape(make))
     shardings = sharding.tree_shardings(mesh, abstract.params, min_size)
     rest_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract.rest)
-    params, rest = jax.jit(lambda: nnx.split(make(), nnx.Param, ...)[1:],
-                           out_shardings=(shardings, rest_shardings))()
+    params, rest = jax.jit(
+        lambda: nnx.split(make(), nnx.Param, ...)[1:], out_shardings=(shardings, rest_shardings)
+    )()
     return SplitModel(abstract.graphdef, params, rest), params
   split = SplitModel.of(module)
   shardings = sharding.tree_shardings(mesh, split.params, min_size)
@@ -84,10 +87,14 @@ def ensure_stage1(config):
     return
   export = os.path.join(stage1.workdir, "export")
   if os.path.abspath(export) != os.path.abspath(config.model.pretrained):
-    raise ValueError(f"config.model.pretrained={config.model.pretrained!r} does not exist and is "
-                     f"not the export of config.stage1 ({export}): set one to the other")
-  msg = (f"stage 1 first: no stage-1 editor at {config.model.pretrained}, so training it "
-         f"({stage1.train.steps} steps in {stage1.workdir}); stage 2 then starts from it")
+    raise ValueError(
+        f"config.model.pretrained={config.model.pretrained!r} does not exist and is "
+        f"not the export of config.stage1 ({export}): set one to the other"
+    )
+  msg = (
+      f"stage 1 first: no stage-1 editor at {config.model.pretrained}, so training it "
+      f"({stage1.train.steps} steps in {stage1.workdir}); stage 2 then starts from it"
+  )
   logging.info(msg)
   print(msg)
   summary = train(stage1)
@@ -106,13 +113,18 @@ def train(config) -> dict:
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   lead = jax.process_index() == 0
   t = config.train
-  logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
-               jax.process_count())
+  logging.info(
+      "mesh %s over %d devices (%d processes)",
+      dict(mesh.shape),
+      jax.device_count(),
+      jax.process_count(),
+  )
 
   # --- data and models ---
   source = train_input.open_dataset(config)
-  models = model_setup.build_models(config, vocab_words=source.vocabulary,
-                                    tokenizer_dir=os.path.join(workdir, "tokenizer"))
+  models = model_setup.build_models(
+      config, vocab_words=source.vocabulary, tokenizer_dir=os.path.join(workdir, "tokenizer")
+  )
   pipe, makers = models.pipe, models.makers
   reward_cfg = model_setup.reward_config(config)
   min_size = config.mesh.fsdp_min_size
@@ -129,14 +141,26 @@ def train(config) -> dict:
 
   schedule = schedule_from_config(pipe.scheduler_config)
   empty_ids = jnp.asarray(tokenize(pipe.tokenizer, [""]))
-  ctx = StepContext(unet=unet, text_encoder=text, vae=vae, frozen=frozen, schedule=schedule,
-                    empty_ids=empty_ids, reward=reward_cfg, cfg=config)
+  ctx = StepContext(
+      unet=unet,
+      text_encoder=text,
+      vae=vae,
+      frozen=frozen,
+      schedule=schedule,
+      empty_ids=empty_ids,
+      reward=reward_cfg,
+      cfg=config,
+  )
   tx = make_optimizer(config)
 
   def init_state(params):
-    return TrainState(step=jnp.int32(0), params=params, ema=jax.tree.map(jnp.copy, params),
-                      opt_state=tx.init(params),
-                      rng=jax.random.key_data(jax.random.key(config.seed)))
+    return TrainState(
+        step=jnp.int32(0),
+        params=params,
+        ema=jax.tree.map(jnp.copy, params),
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(config.seed)),
+    )
 
   abstract = jax.eval_shape(init_state, trainable)
   state_shardings = sharding.tree_shardings(mesh, abstract, min_size)
@@ -145,13 +169,21 @@ def train(config) -> dict:
   per_host = t.batch_per_device * jax.local_device_count()
   latents = None
   if config.data.precompute_latents:
-    latents = latent_cache.ensure(vae.merge(), source.train, os.path.join(workdir, "latent_cache"),
-                                  config.data.resolution)
-  data = train_input.TrainIterator(source, config, pipe.tokenizer, batch_size=per_host,
-                                   accum=t.grad_accum, reward=reward_cfg,
-                                   latents=latents)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    keep=t.keep_checkpoints, async_save=t.async_checkpoints)
+    latents = latent_cache.ensure(
+        vae.merge(), source.train, os.path.join(workdir, "latent_cache"), config.data.resolution
+    )
+  data = train_input.TrainIterator(
+      source,
+      config,
+      pipe.tokenizer,
+      batch_size=per_host,
+      accum=t.grad_accum,
+      reward=reward_cfg,
+      latents=latents,
+  )
+  ckpt = checkpointing.Checkpointer(
+      os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints, async_save=t.async_checkpoints
+  )
   start_step = 0
   if ckpt.latest_step() is not None:
     state, data_state = ckpt.restore(checkpointing.abstract_like(state))
@@ -165,24 +197,36 @@ def train(config) -> dict:
     ckpt.close()
     data.close()
     print(f"nothing to do: {workdir} is already at step {start_step} of {t.steps}")
-    return {"workdir": workdir, "step": start_step, "resumed_from": start_step, "history": [],
-            "validation": [], **({"export": export_dir} if t.export else {})}
+    return {
+        "workdir": workdir,
+        "step": start_step,
+        "resumed_from": start_step,
+        "history": [],
+        "validation": [],
+        **({"export": export_dir} if t.export else {}),
+    }
 
   # --- the compiled step ---
   example = sharding.global_batch(mesh, data.peek(), leading_unsharded=1)
   batch_shardings = jax.tree.map(lambda x: x.sharding, example)
   metric_shardings = sharding.replicated(mesh)
-  step_fn = jax.jit(make_train_step(ctx, tx), in_shardings=(state_shardings, batch_shardings),
-                    out_shardings=(state_shardings, metric_shardings), donate_argnums=(0,))
+  step_fn = jax.jit(
+      make_train_step(ctx, tx),
+      in_shardings=(state_shardings, batch_shardings),
+      out_shardings=(state_shardings, metric_shardings),
+      donate_argnums=(0,),
+  )
   compile_start = time.time()
   compiled = step_fn.lower(state, example).compile()
   flops = _cost_flops(compiled)
-  logging.info("train step compiled in %.1f s (%.3g FLOP per step)", time.time() - compile_start,
-               flops)
+  logging.info(
+      "train step compiled in %.1f s (%.3g FLOP per step)", time.time() - compile_start, flops
+  )
 
   writer = None
   if lead:
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+
     writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
   grid = _validation_grid(config, pipe, source) if (t.validate_every and lead) else None
   judged = _validation_judge(config, pipe, source) if (t.validate_every and lead) else None
@@ -198,25 +242,37 @@ def train(config) -> dict:
       raise NonFiniteError(
           f"step {step_no}: loss={m['loss']} grad_norm={m['grad_norm']} is not finite; the update "
           f"was skipped and training stopped. Checkpoints in {ckpt.directory} hold the last good "
-          "state. Lower train.lr, check the data, or use model.dtype=float32.")
+          "state. Lower train.lr, check the data, or use model.dtype=float32."
+      )
     if step_no % t.log_every == 0 or step_no == t.steps:
       now = time.time()
       dt = (now - last_time) / max(step_no - last_step, 1)
       last_time, last_step = now, step_no
-      m.update(step_time=dt, images_per_s=global_batch_size / dt,
-               tflops=flops / dt / 1e12 if flops else 0.0)
+      m.update(
+          step_time=dt,
+          images_per_s=global_batch_size / dt,
+          tflops=flops / dt / 1e12 if flops else 0.0,
+      )
       history.append({"step": step_no, **m})
       if writer:
         for k, v in m.items():
           writer.add_scalar(f"train/{k}", v, step_no)
-      logging.info("step %d loss %.4f grad_norm %.3f lr %.2e %.1f img/s", step_no, m["loss"],
-                   m["grad_norm"], m["lr"], m["images_per_s"])
+      logging.info(
+          "step %d loss %.4f grad_norm %.3f lr %.2e %.1f img/s",
+          step_no,
+          m["loss"],
+          m["grad_norm"],
+          m["lr"],
+          m["images_per_s"],
+      )
       bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{m['images_per_s']:.1f}")
 
   stopped = None
   try:
-    with checkpointing.StopSignal() as stop, tqdm(total=t.steps, initial=start_step, desc="train",
-                                                  unit="step", disable=not lead) as bar:
+    with (
+        checkpointing.StopSignal() as stop,
+        tqdm(total=t.steps, initial=start_step, desc="train", unit="step", disable=not lead) as bar,
+    ):
       while step < t.steps:
         batch = sharding.global_batch(mesh, data.next(), leading_unsharded=1)
         state, metrics = compiled(state, batch)
@@ -240,8 +296,13 @@ def train(config) -> dict:
   finally:  # also on errors (e.g. NonFiniteError): finish pending saves, stop workers
     ckpt.close()
     data.close()
-  summary = {"workdir": workdir, "step": step, "resumed_from": start_step, "history": history,
-             "validation": validations}
+  summary = {
+      "workdir": workdir,
+      "step": step,
+      "resumed_from": start_step,
+      "history": history,
+      "validation": validations,
+  }
   if stopped:
     msg = f"stopped at step {step} on {stopped}; checkpoint saved, rerun the command to resume"
     logging.warning(msg)
@@ -256,18 +317,25 @@ def train(config) -> dict:
     writer.close()
   with open(os.path.join(workdir, "train_summary.json"), "w") as f:
     json.dump({k: v for k, v in summary.items()}, f, indent=1)
-  print(f"trained {step} steps; last loss {history[-1]['loss']:.4f}" if history else
-        f"nothing to do: already at step {step}")
+  print(
+      f"trained {step} steps; last loss {history[-1]['loss']:.4f}"
+      if history
+      else f"nothing to do: already at step {step}"
+  )
   return summary
 
 
 def _validation_grid(config, pipe, source):
   t = config.train
-  originals, instructions, references = source.validation_items(t.val_count,
-                                                                config.data.resolution)
-  settings = EditSettings(steps=t.val_steps, sampler=t.val_sampler, text_scale=t.val_text_scale,
-                          image_scale=t.val_image_scale, seed=config.seed,
-                          resolution=config.data.resolution)
+  originals, instructions, references = source.validation_items(t.val_count, config.data.resolution)
+  settings = EditSettings(
+      steps=t.val_steps,
+      sampler=t.val_sampler,
+      text_scale=t.val_text_scale,
+      image_scale=t.val_image_scale,
+      seed=config.seed,
+      resolution=config.data.resolution,
+  )
   return ValidationGrid(pipe, originals, instructions, references, t.val_rewards, settings)
 
 
@@ -277,9 +345,14 @@ def _validation_judge(config, pipe, source):
   if not (t.val_judge_items and source.judge is not None):
     return None
   originals, instructions, _ = source.validation_items(t.val_judge_items, config.data.resolution)
-  settings = EditSettings(steps=t.val_steps, sampler=t.val_sampler, text_scale=t.val_text_scale,
-                          image_scale=t.val_image_scale, seed=config.seed,
-                          resolution=config.data.resolution)
+  settings = EditSettings(
+      steps=t.val_steps,
+      sampler=t.val_sampler,
+      text_scale=t.val_text_scale,
+      image_scale=t.val_image_scale,
+      seed=config.seed,
+      resolution=config.data.resolution,
+  )
   return ValidationJudge(pipe, originals, instructions, source.judge, settings)
 
 
@@ -298,11 +371,15 @@ def _validate(grid, judged, state, step, workdir, writer) -> dict:
     if writer:
       for k, v in metrics.items():
         writer.add_scalar(f"val/{k}", v, step)
-    line = " ".join(f"{p} {metrics[p + '_yes']:.0%} ({metrics[p + '_score']:.2f})"
-                    for p in ("following", "preserving", "quality"))
-    tqdm.write(f"step {step} validation, {len(judged.instructions)} judged edits"
-               f"{' at reward ' + ','.join(f'{v:g}' for v in judged.reward) if judged.editor.is_reward else ''}"
-               f": yes-rate (mean score) {line}")
+    line = " ".join(
+        f"{p} {metrics[p + '_yes']:.0%} ({metrics[p + '_score']:.2f})"
+        for p in ("following", "preserving", "quality")
+    )
+    tqdm.write(
+        f"step {step} validation, {len(judged.instructions)} judged edits"
+        f"{' at reward ' + ','.join(f'{v:g}' for v in judged.reward) if judged.editor.is_reward else ''}"
+        f": yes-rate (mean score) {line}"
+    )
     logging.info("step %d validation: %s", step, metrics)
   return record
 

@@ -7,6 +7,7 @@ dropout (mre/diffusion/condition_dropout.py), gradient accumulation as a scan ov
 micro-batches, AdamW with global-norm clipping, EMA, and a guard that keeps the old state and
 reports when loss or gradients are not finite.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,15 +28,16 @@ from mre.models.vae import DiagonalGaussian
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
-  params: Any        # {"unet": nnx.State, ["text_encoder": nnx.State]}: what is trained
-  ema: Any           # same structure as params
+  params: Any  # {"unet": nnx.State, ["text_encoder": nnx.State]}: what is trained
+  ema: Any  # same structure as params
   opt_state: Any
-  rng: jax.Array     # raw key data; each step uses fold_in(rng, step), so resuming is exact
+  rng: jax.Array  # raw key data; each step uses fold_in(rng, step), so resuming is exact
 
 
 @dataclasses.dataclass
 class SplitModel:
   """A module split into its static graph, its parameters and its other state (dropout RNGs)."""
+
   graphdef: Any
   params: Any
   rest: Any
@@ -55,15 +57,18 @@ def lr_schedule(cfg) -> optax.Schedule:
   t = cfg.train
   if t.lr_schedule == "constant":
     if t.warmup_steps:
-      return optax.join_schedules([optax.linear_schedule(0.0, t.lr, t.warmup_steps),
-                                   optax.constant_schedule(t.lr)], [t.warmup_steps])
+      return optax.join_schedules(
+          [optax.linear_schedule(0.0, t.lr, t.warmup_steps), optax.constant_schedule(t.lr)],
+          [t.warmup_steps],
+      )
     return optax.constant_schedule(t.lr)
   if t.lr_schedule == "cosine":
     warmup = min(t.warmup_steps, max(t.steps - 1, 0))
     if warmup == 0:  # the peak at step 0 (a 1-step optax warm-up would spend step 0 at lr 0)
       return optax.cosine_decay_schedule(t.lr, max(t.steps, 1), alpha=0.05)
-    return optax.warmup_cosine_decay_schedule(0.0, t.lr, warmup, max(t.steps, warmup + 1),
-                                              end_value=t.lr * 0.05)
+    return optax.warmup_cosine_decay_schedule(
+        0.0, t.lr, warmup, max(t.steps, warmup + 1), end_value=t.lr * 0.05
+    )
   raise ValueError(f"train.lr_schedule={t.lr_schedule!r} is not 'constant' or 'cosine'")
 
 
@@ -71,8 +76,10 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
   t = cfg.train
   return optax.chain(
       optax.clip_by_global_norm(t.clip) if t.clip > 0 else optax.identity(),
-      optax.adamw(lr_schedule(cfg), b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
-                  weight_decay=t.weight_decay))
+      optax.adamw(
+          lr_schedule(cfg), b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps, weight_decay=t.weight_decay
+      ),
+  )
 
 
 def ema_decay(step, max_decay):
@@ -84,19 +91,23 @@ def ema_decay(step, max_decay):
 @dataclasses.dataclass
 class StepContext:
   """Everything static the step needs besides the state and the batch."""
+
   unet: SplitModel
   text_encoder: SplitModel
   vae: SplitModel
-  frozen: dict               # parameters that are not trained (text encoder when frozen, VAE)
+  frozen: dict  # parameters that are not trained (text encoder when frozen, VAE)
   schedule: NoiseSchedule
-  empty_ids: jax.Array       # [1, 77] token ids of the empty prompt
+  empty_ids: jax.Array  # [1, 77] token ids of the empty prompt
   reward: Optional[RewardConfig]  # None: stage 1 (no reward)
   cfg: Any
 
   def modules(self, params):
     text_params = params.get("text_encoder", self.frozen.get("text_encoder"))
-    return (self.unet.merge(params["unet"]), self.text_encoder.merge(text_params),
-            self.vae.merge(self.frozen["vae"]))
+    return (
+        self.unet.merge(params["unet"]),
+        self.text_encoder.merge(text_params),
+        self.vae.merge(self.frozen["vae"]),
+    )
 
 
 def micro_loss(ctx: StepContext, params, batch, key):
@@ -116,28 +127,39 @@ def micro_loss(ctx: StepContext, params, batch, key):
     target_latents = vae.scale_latents(vae.encode(batch["edited"]).sample(k_post))
     image_latents = vae.encode(batch["original"]).mode()
   # A batch may fix the noise and the timesteps (tests compare k micro-batches with one batch).
-  noise = batch["noise"] if "noise" in batch else jax.random.normal(k_noise, target_latents.shape,
-                                                                    jnp.float32)
-  t = batch["timesteps"] if "timesteps" in batch else jax.random.randint(
-      k_t, (b,), 0, ctx.schedule.num_train_timesteps)
+  noise = (
+      batch["noise"]
+      if "noise" in batch
+      else jax.random.normal(k_noise, target_latents.shape, jnp.float32)
+  )
+  t = (
+      batch["timesteps"]
+      if "timesteps" in batch
+      else jax.random.randint(k_t, (b,), 0, ctx.schedule.num_train_timesteps)
+  )
   noisy = add_noise(ctx.schedule, target_latents, noise, t)
 
   context = text_encoder(batch["instruction_ids"])[0]
   empty, empty_pooled = text_encoder(ctx.empty_ids)
   drop_text, drop_image = conditioning_dropout(k_cond, b, cfg.cond_dropout)
-  context = jnp.where(drop_text[:, None, None],
-                      jnp.broadcast_to(empty, context.shape).astype(context.dtype), context)
+  context = jnp.where(
+      drop_text[:, None, None],
+      jnp.broadcast_to(empty, context.shape).astype(context.dtype),
+      context,
+  )
   image_latents = jnp.where(drop_image[:, None, None, None], 0.0, image_latents)
 
   kwargs = {}
   if ctx.reward is not None:
-    ids = batch["reward_ids"]                       # [b, slots, 77]
+    ids = batch["reward_ids"]  # [b, slots, 77]
     _, pooled = text_encoder(ids.reshape(-1, ids.shape[-1]))
-    reward = RewardInputs(batch["reward_scores"].astype(jnp.float32),
-                          pooled.reshape(ids.shape[0], ids.shape[1], -1))
+    reward = RewardInputs(
+        batch["reward_scores"].astype(jnp.float32), pooled.reshape(ids.shape[0], ids.shape[1], -1)
+    )
     if ctx.reward.dropout_prob > 0:
-      reward = drop_rewards(k_reward, reward, ctx.reward.null_reward(empty_pooled),
-                            ctx.reward.dropout_prob)
+      reward = drop_rewards(
+          k_reward, reward, ctx.reward.null_reward(empty_pooled), ctx.reward.dropout_prob
+      )
     kwargs["reward"] = reward
 
   sample = jnp.concatenate([noisy, image_latents.astype(noisy.dtype)], axis=-1)
@@ -166,12 +188,12 @@ def make_train_step(ctx: StepContext, tx: optax.GradientTransformation):
       return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
     if accum == 1:  # no loop: XLA optimises the convolutions of a loop body less well
-      loss, grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], batch),
-                            jax.random.fold_in(key, 0))
+      loss, grads = grad_fn(
+          state.params, jax.tree.map(lambda x: x[0], batch), jax.random.fold_in(key, 0)
+      )
     else:
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      (loss, grads), _ = jax.lax.scan(body, (jnp.float32(0.0), zeros),
-                                      (batch, jnp.arange(accum)))
+      (loss, grads), _ = jax.lax.scan(body, (jnp.float32(0.0), zeros), (batch, jnp.arange(accum)))
       loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -180,11 +202,14 @@ def make_train_step(ctx: StepContext, tx: optax.GradientTransformation):
     ema = jax.tree.map(lambda e, p: e * decay + p.astype(e.dtype) * (1 - decay), state.ema, params)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
-                           ema=keep(ema, state.ema), opt_state=keep(opt_state, state.opt_state),
-                           rng=state.rng)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule_fn(state.step),
-               "finite": ok}
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        ema=keep(ema, state.ema),
+        opt_state=keep(opt_state, state.opt_state),
+        rng=state.rng,
+    )
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule_fn(state.step), "finite": ok}
     return new_state, metrics
 
   return train_step

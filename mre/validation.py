@@ -4,6 +4,7 @@ and, for datasets that come with a judge (the toy world), judged edits as number
 Grid rows are validation items; columns are the original, the edit at each reward setting (one
 column for a stage-1 model), and the reference edit when the dataset has one.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,16 @@ from mre.editor import EditSettings, Editor, to_uint8
 
 
 class ValidationGrid:
-  def __init__(self, pipe, originals: np.ndarray, instructions: Sequence[str],
-               references: Optional[np.ndarray], rewards, settings: EditSettings):
+
+  def __init__(
+      self,
+      pipe,
+      originals: np.ndarray,
+      instructions: Sequence[str],
+      references: Optional[np.ndarray],
+      rewards,
+      settings: EditSettings,
+  ):
     """originals/references: float images [N, H, W, 3] in [-1, 1] at a valid model size."""
     self.editor = Editor(pipe, settings)
     self.originals, self.instructions, self.references = originals, list(instructions), references
@@ -42,8 +51,11 @@ class ValidationGrid:
     return np.concatenate(rows, axis=0)
 
   def header(self) -> str:
-    cols = ["original"] + (["edit"] if self.rewards == [None] else
-                           [f"reward {','.join(f'{v:g}' for v in r)}" for r in self.rewards])
+    cols = ["original"] + (
+        ["edit"]
+        if self.rewards == [None]
+        else [f"reward {','.join(f'{v:g}' for v in r)}" for r in self.rewards]
+    )
     return " | ".join(cols + (["reference"] if self.references is not None else []))
 
 
@@ -58,8 +70,16 @@ class ValidationJudge:
   A reward model is edited at `reward` (perfect by default), as at evaluation.
   """
 
-  def __init__(self, pipe, originals: np.ndarray, instructions: Sequence[str], judge,
-               settings: EditSettings, reward=(5.0, 5.0, 5.0), batch_size: int = 64):
+  def __init__(
+      self,
+      pipe,
+      originals: np.ndarray,
+      instructions: Sequence[str],
+      judge,
+      settings: EditSettings,
+      reward=(5.0, 5.0, 5.0),
+      batch_size: int = 64,
+  ):
     self.editor = Editor(pipe, settings)
     self.originals, self.instructions = originals, list(instructions)
     self.judge, self.reward, self.batch_size = judge, tuple(reward), batch_size
@@ -75,8 +95,11 @@ class ValidationJudge:
     for start in range(0, len(self.instructions), self.batch_size):
       chunk = slice(start, start + self.batch_size)
       texts = self.instructions[chunk]
-      reward = (self.editor.reward_inputs(len(texts), scores=self.reward)
-                if self.editor.is_reward else None)
+      reward = (
+          self.editor.reward_inputs(len(texts), scores=self.reward)
+          if self.editor.is_reward
+          else None
+      )
       edited = to_uint8(self.editor.edit_arrays(self.originals[chunk], texts, reward=reward))
       for text, original, image in zip(texts, originals_u8[chunk], edited):
         verdicts = self.judge(text, original, image).verdicts

@@ -3,6 +3,7 @@
 Compilation dominates on a 2-core CPU, so every test session reuses compiled programs from
 `.jax_cache/` (ignored by git) and tests are written to compile each shape once.
 """
+
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -24,6 +25,7 @@ import pytest  # noqa: E402
 def tiny_pipeline_dir(tmp_path_factory):
   """A tiny random InstructPix2Pix pipeline folder written by diffusers' own save_pretrained."""
   from tests.reference import make_tiny_pipeline_dir
+
   return make_tiny_pipeline_dir(tmp_path_factory.mktemp("pipe"))
 
 
@@ -31,6 +33,7 @@ def tiny_pipeline_dir(tmp_path_factory):
 def toy_data(tmp_path_factory):
   """The `tiny` toy_edit dataset (16 px, 48 train / 20 test items), built once per session."""
   from data_prep import toy_edit
+
   data_dir = str(tmp_path_factory.mktemp("toy_data"))
   toy_edit.ensure_built(data_dir, "tiny")
   return data_dir

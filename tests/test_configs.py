@@ -1,4 +1,5 @@
 """The recipes: variants, locked overrides, and failing fast without pretrained weights."""
+
 import os
 import subprocess
 import sys
@@ -16,7 +17,11 @@ def test_recipes_hold_the_papers_numbers():
   assert (c.data.resolution, c.train.batch_per_device, c.train.grad_accum) == (256, 4, 4)
   assert (c.train.lr, c.train.lr_schedule, c.train.warmup_steps) == (5e-5, "constant", 0)
   assert (c.train.weight_decay, c.train.clip, c.train.cond_dropout) == (1e-2, 1.0, 0.05)
-  assert (c.train.steps, c.train.checkpoint_every, c.model.reward.dropout_prob) == (10_000, 500, 0.0)
+  assert (c.train.steps, c.train.checkpoint_every, c.model.reward.dropout_prob) == (
+      10_000,
+      500,
+      0.0,
+  )
   assert c.model.remat and c.model.reward.enabled and not c.model.train_text_encoder
   s1 = ip2p.get_config()
   assert s1.train.lr == 1e-4 and not s1.model.reward.enabled and s1.train.ema_decay == 0.9999
@@ -41,7 +46,17 @@ def test_reward_recipe_without_weights_fails_at_once_naming_the_path(tmp_path):
 
 
 def test_cli_rejects_a_misspelt_key():
-  r = subprocess.run([sys.executable, "-m", "mre.train", "--config=configs/reward.py:toy",
-                      "--config.train.lrr=0.1"], cwd=ROOT, capture_output=True, text=True,
-                     env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  r = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "mre.train",
+          "--config=configs/reward.py:toy",
+          "--config.train.lrr=0.1",
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert r.returncode != 0 and "lrr" in r.stderr

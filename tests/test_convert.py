@@ -1,4 +1,5 @@
 """`python -m mre.convert` both ways: diffusers -> mre -> diffusers keeps every tensor exactly."""
+
 import os
 import subprocess
 import sys
@@ -12,8 +13,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args):
-  out = subprocess.run([sys.executable, "-m", "mre.convert", *args], cwd=ROOT, text=True,
-                       capture_output=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  out = subprocess.run(
+      [sys.executable, "-m", "mre.convert", *args],
+      cwd=ROOT,
+      text=True,
+      capture_output=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   return out
 
 
@@ -24,16 +30,22 @@ def test_convert_round_trip(tmp_path, tiny_pipeline_dir):
   assert "wrote mre checkpoint" in r.stdout and native_format.is_native(mre_dir)
   r = _run(f"--from={mre_dir}", f"--to={back_dir}")
   assert r.returncode == 0, r.stderr[-2000:]
-  for sub, fname in [("unet", "diffusion_pytorch_model.safetensors"),
-                     ("vae", "diffusion_pytorch_model.safetensors")]:
+  for sub, fname in [
+      ("unet", "diffusion_pytorch_model.safetensors"),
+      ("vae", "diffusion_pytorch_model.safetensors"),
+  ]:
     a = safetensors_io.read_state_dict(os.path.join(tiny_pipeline_dir, sub))
     b = safetensors_io.read_safetensors(os.path.join(back_dir, sub, fname))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
   a = safetensors_io.read_state_dict(os.path.join(tiny_pipeline_dir, "text_encoder"))
   b = safetensors_io.read_state_dict(os.path.join(back_dir, "text_encoder"))
-  assert all(np.array_equal(v, b["text_model." + k if not k.startswith("text_model.") else k])
-             for k, v in a.items() if "position_ids" not in k)
+  assert all(
+      np.array_equal(v, b["text_model." + k if not k.startswith("text_model.") else k])
+      for k, v in a.items()
+      if "position_ids" not in k
+  )
   from diffusers import StableDiffusionInstructPix2PixPipeline
+
   StableDiffusionInstructPix2PixPipeline.from_pretrained(back_dir)  # opens in PyTorch
 
 

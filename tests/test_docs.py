@@ -1,4 +1,5 @@
 """The project stands alone: what code and docs cite under docs/ exists, pages and sections."""
+
 import glob
 import os
 import re

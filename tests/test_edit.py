@@ -1,4 +1,5 @@
 """Editing end to end: parity with diffusers' InstructPix2Pix pipeline, the CLI, reward inference."""
+
 import json
 import os
 import subprocess
@@ -24,13 +25,21 @@ def _image(seed=0, size=16):
 
 def test_edit_matches_the_diffusers_pipeline(tiny_pipeline_dir):
   from diffusers import EulerDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
+
   ref = StableDiffusionInstructPix2PixPipeline.from_pretrained(tiny_pipeline_dir)
   ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
   ref.set_progress_bar_config(disable=True)
   img, prompt = _image(), "turn the red circle blue"
   noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
-  want = ref(prompt, image=img, num_inference_steps=6, guidance_scale=7.5,
-             image_guidance_scale=1.5, latents=noise, output_type="np").images
+  want = ref(
+      prompt,
+      image=img,
+      num_inference_steps=6,
+      guidance_scale=7.5,
+      image_guidance_scale=1.5,
+      latents=noise,
+      output_type="np",
+  ).images
 
   pipe = diffusers_folder.load_pipeline(tiny_pipeline_dir)
   pipe.scheduler_config = dict(ref.scheduler.config)
@@ -44,29 +53,45 @@ def test_edit_matches_the_diffusers_pipeline(tiny_pipeline_dir):
 
 def test_fit_size_rounds_the_long_side_like_the_paper():
   assert fit_size(1024, 768, 512, 64) == (512, 384)
-  assert fit_size(640, 427, 512, 64) == (512, 320)   # 341.6 -> 320
-  assert fit_size(100, 4000, 512, 64) == (64, 512)   # never below one multiple
+  assert fit_size(640, 427, 512, 64) == (512, 320)  # 341.6 -> 320
+  assert fit_size(100, 4000, 512, 64) == (64, 512)  # never below one multiple
 
 
 def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "mre.edit", *args], cwd=ROOT, text=True,
-                        capture_output=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  return subprocess.run(
+      [sys.executable, "-m", "mre.edit", *args],
+      cwd=ROOT,
+      text=True,
+      capture_output=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
 
 
 def test_cli_edits_single_and_batch(tmp_path, tiny_pipeline_dir):
   _image(1).save(tmp_path / "a.png")
   _image(2, 24).save(tmp_path / "b.png")
-  r = _cli(f"--model={tiny_pipeline_dir}", f"--image={tmp_path / 'a.png'}",
-           "--instruction=make it darker", f"--output={tmp_path / 'out.png'}", "--steps=3",
-           "--resolution=16")
+  r = _cli(
+      f"--model={tiny_pipeline_dir}",
+      f"--image={tmp_path / 'a.png'}",
+      "--instruction=make it darker",
+      f"--output={tmp_path / 'out.png'}",
+      "--steps=3",
+      "--resolution=16",
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   assert "s/image" in r.stdout
   assert Image.open(tmp_path / "out.png").size == (16, 16)
   with open(tmp_path / "pairs.jsonl", "w") as f:
     f.write(json.dumps({"image": "a.png", "instruction": "turn the red circle blue"}) + "\n")
     f.write(json.dumps({"image": "b.png", "instruction": "make it darker"}) + "\n")
-  r = _cli(f"--model={tiny_pipeline_dir}", f"--image={tmp_path / 'pairs.jsonl'}",
-           f"--output={tmp_path / 'batch'}", "--steps=2", "--resolution=16", "--sampler=ddim")
+  r = _cli(
+      f"--model={tiny_pipeline_dir}",
+      f"--image={tmp_path / 'pairs.jsonl'}",
+      f"--output={tmp_path / 'batch'}",
+      "--steps=2",
+      "--resolution=16",
+      "--sampler=ddim",
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   assert sorted(os.listdir(tmp_path / "batch")) == ["00001_a.png", "00002_b.png"]
 
@@ -80,8 +105,12 @@ def test_cli_errors_are_clear(tmp_path, tiny_pipeline_dir):
   assert r.returncode != 0 and "does not exist" in r.stderr
   r = _cli(f"--model={tiny_pipeline_dir}", f"--image={tmp_path / 'ok.png'}", "--instruction= ")
   assert r.returncode != 0 and "--instruction is empty" in r.stderr
-  r = _cli(f"--model={tiny_pipeline_dir}", f"--image={tmp_path / 'ok.png'}", "--instruction=x",
-           "--reward=5,5")
+  r = _cli(
+      f"--model={tiny_pipeline_dir}",
+      f"--image={tmp_path / 'ok.png'}",
+      "--instruction=x",
+      "--reward=5,5",
+  )
   assert r.returncode != 0 and "three scores" in r.stderr
 
 
@@ -96,7 +125,9 @@ def test_reward_model_edits_follow_the_reward(tmp_path, tiny_pipeline_dir):
   pipe.unet = reward_unet_from_stage1(stage1_unet, RewardConfig(form="paper"), seed=0)
   for scores in [(5, 5, 5), (0, 1, 2)]:
     s = EditSettings(steps=3, resolution=16, seed=1, reward_scores=scores)
-    np.testing.assert_array_equal(np.asarray(Editor(pipe, s).edit(img, ["make it darker"])[0]), base)
+    np.testing.assert_array_equal(
+        np.asarray(Editor(pipe, s).edit(img, ["make it darker"])[0]), base
+    )
 
   # A released-form model (random reward modules) reacts to the reward; the CLI passes it through.
   pipe.unet = reward_unet_from_stage1(stage1_unet, RewardConfig(form="released"), seed=0)
@@ -106,9 +137,16 @@ def test_reward_model_edits_follow_the_reward(tmp_path, tiny_pipeline_dir):
   img[0].save(tmp_path / "in.png")
   outs = []
   for scores in ["5,5,5", "0,0,0"]:
-    r = _cli(f"--model={folder}", f"--image={tmp_path / 'in.png'}", "--instruction=make it darker",
-             f"--output={tmp_path / (scores + '.png')}", "--steps=3", "--resolution=16",
-             f"--reward={scores}", "--reward-text=None")
+    r = _cli(
+        f"--model={folder}",
+        f"--image={tmp_path / 'in.png'}",
+        "--instruction=make it darker",
+        f"--output={tmp_path / (scores + '.png')}",
+        "--steps=3",
+        "--resolution=16",
+        f"--reward={scores}",
+        "--reward-text=None",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     outs.append(np.asarray(Image.open(tmp_path / (scores + ".png")), np.float32))
   assert np.abs(outs[0] - outs[1]).max() > 2
@@ -116,8 +154,9 @@ def test_reward_model_edits_follow_the_reward(tmp_path, tiny_pipeline_dir):
 
 def test_reward_guidance_adds_a_branch_with_the_null_reward(tiny_pipeline_dir):
   pipe = diffusers_folder.load_pipeline(tiny_pipeline_dir)
-  pipe.unet = reward_unet_from_stage1(pipe.unet, RewardConfig(form="released", dropout_prob=0.1),
-                                      seed=0)
+  pipe.unet = reward_unet_from_stage1(
+      pipe.unet, RewardConfig(form="released", dropout_prob=0.1), seed=0
+  )
   img = [_image(4)]
   plain = Editor(pipe, EditSettings(steps=3, resolution=16, seed=2))
   guided = Editor(pipe, EditSettings(steps=3, resolution=16, seed=2, reward_scale=2.0))

@@ -1,5 +1,6 @@
 """Evaluation end to end through the toy judge server: reports, recomputed numbers, resume, sweeps,
 and judging against a judge with faults."""
+
 import csv
 import html
 import json
@@ -29,6 +30,7 @@ BENCH = "toy_edit/tiny"
 def toy_model(tmp_path_factory):
   """A random tiny reward editor in the toy world's format (what a toy training run exports)."""
   from data_prep.toy.vocabulary import vocabulary
+
   c = reward.get_config("toy")
   c.model.scratch.unet_channels, c.model.scratch.text_hidden = (16, 32), 32
   c.model.scratch.heads, c.model.scratch.text_heads, c.model.reward.heads = 2, 2, 2
@@ -43,8 +45,10 @@ def toy_model(tmp_path_factory):
 def _recompute(path):
   recs = [json.loads(line) for line in open(path)]
   ok = [r for r in recs if r["status"] == "ok"]
-  return len(recs), {p: (np.mean([r[p]["yes"] for r in ok]), np.mean([r[p]["score"] for r in ok]))
-                     for p in evaluation.PERSPECTIVES}
+  return len(recs), {
+      p: (np.mean([r[p]["yes"] for r in ok]), np.mean([r[p]["score"] for r in ok]))
+      for p in evaluation.PERSPECTIVES
+  }
 
 
 def _recompute_rows(path):
@@ -95,14 +99,18 @@ def _check_reports(out, items):
   page = open(os.path.join(out, "gallery.html")).read()
   rows = re.findall(r"<tr><td>(.*?)</tr>", page)
   assert len(rows) == len(items)
-  records = {json.loads(line)["id"]: json.loads(line)
-             for line in open(os.path.join(out, "results.jsonl"))}
+  records = {
+      json.loads(line)["id"]: json.loads(line) for line in open(os.path.join(out, "results.jsonl"))
+  }
   for it, row in zip(items, rows):
     assert row.startswith(html.escape(it.id) + "<br>") and html.escape(it.instruction) in row
     rec = records[it.id]
     for p in evaluation.PERSPECTIVES:
-      verdict = (f"{p}: {'yes' if rec[p]['yes'] else 'no'}, {rec[p]['score']:.1f}"
-                 if "yes" in rec[p] else f"{p}: failed (")
+      verdict = (
+          f"{p}: {'yes' if rec[p]['yes'] else 'no'}, {rec[p]['score']:.1f}"
+          if "yes" in rec[p]
+          else f"{p}: failed ("
+      )
       assert verdict in row, (it.id, p)
     original, edited = re.findall(r"<img src='([^']+)'>", row)
     original = np.asarray(Image.open(os.path.join(out, html.unescape(original))).convert("RGB"))
@@ -115,14 +123,21 @@ def _check_reports(out, items):
 def test_evaluate_through_the_judge_server_and_resume(tmp_path, toy_data, toy_model):
   pipe, _ = toy_model
   items = evaluation.load_benchmark(BENCH, toy_data, limit=6)
-  assert len(items) == 6 and {it.category for it in items} <= {"local", "remove", "add",
-                                                               "background", "global"}
-  editor = Editor(pipe, EditSettings(steps=2, sampler="ddim", resolution=16, text_scale=2.0,
-                                     image_scale=1.0))
+  assert len(items) == 6 and {it.category for it in items} <= {
+      "local",
+      "remove",
+      "add",
+      "background",
+      "global",
+  }
+  editor = Editor(
+      pipe, EditSettings(steps=2, sampler="ddim", resolution=16, text_scale=2.0, image_scale=1.0)
+  )
   out = str(tmp_path / "eval")
   with serve_in_thread() as server:
-    judge = JudgeClient.from_endpoint(Endpoint(provider="compatible", base_url=server.base_url),
-                                      RetryPolicy())
+    judge = JudgeClient.from_endpoint(
+        Endpoint(provider="compatible", base_url=server.base_url), RetryPolicy()
+    )
     summary = evaluation.evaluate(editor, items, judge, "toy", out, reward_scores=(5, 5, 5))
     n, recomputed = _recompute(os.path.join(out, "results.jsonl"))
     assert n == 6 and summary["all"]["n"] + summary["all"]["failed"] == 6
@@ -150,19 +165,36 @@ def test_evaluate_through_the_judge_server_and_resume(tmp_path, toy_data, toy_mo
 def test_eval_cli_runs_a_reward_sweep_with_the_toy_judge(tmp_path, toy_data, toy_model):
   _, model_dir = toy_model
   out = str(tmp_path / "sweep")
-  r = subprocess.run([sys.executable, "-m", "mre.eval", f"--model={model_dir}",
-                      f"--benchmark={BENCH}", f"--data_dir={toy_data}", "--toy_judge",
-                      "--rewards=5,5,5;1,1,1", "--steps=2", "--sampler=ddim", "--limit=4",
-                      f"--output={out}"], cwd=ROOT, capture_output=True, text=True,
-                     env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
+  r = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "mre.eval",
+          f"--model={model_dir}",
+          f"--benchmark={BENCH}",
+          f"--data_dir={toy_data}",
+          "--toy_judge",
+          "--rewards=5,5,5;1,1,1",
+          "--steps=2",
+          "--sampler=ddim",
+          "--limit=4",
+          f"--output={out}",
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+      timeout=600,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   assert sorted(os.listdir(out)) == ["reward_1-1-1", "reward_5-5-5", "sweep.md"]
   # One row per setting, each the overall numbers of its own results.jsonl.
   table = _markdown_rows(open(os.path.join(out, "sweep.md")).read())
   assert set(table) == {"5,5,5", "1,1,1"}
   for name, folder in (("5,5,5", "reward_5-5-5"), ("1,1,1", "reward_1-1-1")):
-    assert table[name] == _formatted(_recompute_rows(os.path.join(out, folder,
-                                                                  "results.jsonl"))["all"][2:])
+    assert table[name] == _formatted(
+        _recompute_rows(os.path.join(out, folder, "results.jsonl"))["all"][2:]
+    )
   assert "evaluated 4 items x 2 setting(s)" in r.stdout
 
 
@@ -171,8 +203,9 @@ def test_cached_edits_are_not_reused_for_other_settings(tmp_path, toy_data, toy_
   items = evaluation.load_benchmark(BENCH, toy_data, limit=2)
   out = str(tmp_path / "eval")
   with serve_in_thread() as server:
-    judge = JudgeClient.from_endpoint(Endpoint(provider="compatible", base_url=server.base_url),
-                                      RetryPolicy())
+    judge = JudgeClient.from_endpoint(
+        Endpoint(provider="compatible", base_url=server.base_url), RetryPolicy()
+    )
     editor = Editor(pipe, EditSettings(steps=2, sampler="ddim", resolution=16))
     evaluation.evaluate(editor, items, judge, "toy", out, model_id="m1")
     with pytest.raises(ValueError, match="choose another output folder"):
@@ -180,6 +213,7 @@ def test_cached_edits_are_not_reused_for_other_settings(tmp_path, toy_data, toy_
 
 
 # Judging against a faulty judge (issue 14): the same failure classes as annotation, same client.
+
 
 def _judged_items(toy_data, folder, n=8):
   """n benchmark items, each with an "edited" image of its own (the original, one pixel marked)."""
@@ -202,8 +236,9 @@ def _judge(server, **kw):
 def test_judging_survives_every_fault_kind_and_retries_failed_items(tmp_path, toy_data):
   items, paths = _judged_items(toy_data, tmp_path)
   with serve_in_thread() as server:
-    clean = evaluation.judge_items(_judge(server), "toy", items, paths,
-                                   str(tmp_path / "clean.jsonl"))
+    clean = evaluation.judge_items(
+        _judge(server), "toy", items, paths, str(tmp_path / "clean.jsonl")
+    )
   digests = [judge_server.image_digest(Image.open(paths[it.id])) for it in items]
   questions = [(d, p) for d in digests for p in evaluation.PERSPECTIVES]
   # Each kind on the first ask of one question; two questions fail on every ask.
@@ -230,8 +265,9 @@ def test_judging_survives_every_fault_kind_and_retries_failed_items(tmp_path, to
       got = records[it.id][p]
       if (digests[items.index(it)], p) in persistent:
         assert records[it.id]["status"] == "failed"
-        assert got["error"].startswith("no answer after 3 attempt(s)" if p == "quality" else
-                                       "no valid reply in 3 asks"), got
+        assert got["error"].startswith(
+            "no answer after 3 attempt(s)" if p == "quality" else "no valid reply in 3 asks"
+        ), got
       else:  # every transient fault absorbed: the clean run's answer, a float score
         assert (got["yes"], got["score"]) == (clean[it.id][p]["yes"], clean[it.id][p]["score"])
         assert type(got["score"]) is float
@@ -258,8 +294,9 @@ def test_judging_stops_when_the_judge_dies_and_resumes(tmp_path, toy_data):
   results = str(tmp_path / "results.jsonl")
   with serve_in_thread(faults=judge_server.Faults(choose=choose)) as server:
     with pytest.raises(JudgeUnavailable, match="looks down"):
-      evaluation.judge_items(_judge(server, evidence_grace=0.2), "toy", items, paths, results,
-                             concurrency=3)
+      evaluation.judge_items(
+          _judge(server, evidence_grace=0.2), "toy", items, paths, results, concurrency=3
+      )
   saved = [json.loads(line) for line in open(results)]
   assert len(saved) < len(items) and all(r["status"] == "ok" for r in saved)  # nobody blamed
   with serve_in_thread() as server:

@@ -1,6 +1,7 @@
 """The import graph points one way: the library (`mre/`) never imports the data scripts
 (`data_prep/`); only the toy replication (`mre/experiments/`), a script itself, may. And the
 networks (`mre/models/`) import no file formats (`mre/model_io/` reads and writes weights)."""
+
 import ast
 import glob
 import os
@@ -33,17 +34,25 @@ def _library_files():
 def test_the_library_does_not_import_the_data_scripts():
   files = list(_library_files())
   assert len(files) > 30
-  offending = [(rel, name) for rel, path in files for name in _imports(path)
-               if name.split(".")[0] == "data_prep"]
+  offending = [
+      (rel, name)
+      for rel, path in files
+      for name in _imports(path)
+      if name.split(".")[0] == "data_prep"
+  ]
   assert not offending, offending
 
 
 def test_the_check_sees_imports_inside_functions(tmp_path):
   path = tmp_path / "m.py"
-  path.write_text("def f():\n  from data_prep.toy import judge\n  import importlib\n"
-                  "  importlib.import_module('data_prep.toy_edit')\n")
+  path.write_text(
+      "def f():\n  from data_prep.toy import judge\n  import importlib\n"
+      "  importlib.import_module('data_prep.toy_edit')\n"
+  )
   assert [n for n in _imports(str(path)) if n.startswith("data_prep")] == [
-      "data_prep.toy", "data_prep.toy_edit"]
+      "data_prep.toy",
+      "data_prep.toy_edit",
+  ]
 
 
 def test_the_networks_import_networks_only():

@@ -1,5 +1,6 @@
 """The editor a config asks for: one pass from scratch or from a folder, and the training schedule
 (a pretrained start keeps its folder's unless `model.scheduler` sets a field, which then applies)."""
+
 import json
 import os
 import subprocess
@@ -12,9 +13,14 @@ from mre import model_setup
 from mre.diffusion.schedule import schedule_from_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SD15_LIKE = {"_class_name": "EulerAncestralDiscreteScheduler", "num_train_timesteps": 1000,
-             "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-             "steps_offset": 1}  # no prediction_type: diffusers' default, epsilon
+SD15_LIKE = {
+    "_class_name": "EulerAncestralDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "steps_offset": 1,
+}  # no prediction_type: diffusers' default, epsilon
 
 
 @pytest.fixture
@@ -52,7 +58,8 @@ def test_a_set_field_replaces_the_folders_value_with_a_warning(warnings):
   assert sorted(warnings) == [
       "model.scheduler.beta_end=0.02 replaces 0.012, the value of the scheduler config in /sd15",
       "model.scheduler.prediction_type='v_prediction' replaces 'epsilon', the value of the "
-      "scheduler config in /sd15"]
+      "scheduler config in /sd15",
+  ]
 
 
 def test_what_cannot_apply_is_refused_by_name(warnings):
@@ -77,11 +84,21 @@ def test_from_scratch_unset_fields_take_sd_values():
 def test_the_command_line_sets_a_field_and_a_wrong_value_fails_at_once(tmp_path):
   workdir = tmp_path / "run"
   # The full recipe leaves the field unset (a placeholder): the command line sets it all the same.
-  r = subprocess.run([sys.executable, "-m", "mre.train", "--config=configs/ip2p.py",
-                      "--config.model.pretrained=", f"--config.workdir={workdir}",
-                      "--config.model.scheduler.prediction_type=x0"],
-                     cwd=ROOT, capture_output=True, text=True,
-                     env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  r = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "mre.train",
+          "--config=configs/ip2p.py",
+          "--config.model.pretrained=",
+          f"--config.workdir={workdir}",
+          "--config.model.scheduler.prediction_type=x0",
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert r.returncode != 0 and "prediction_type: unsupported value 'x0'" in r.stderr
   assert not workdir.exists()  # nothing was started
 
@@ -99,8 +116,9 @@ def test_a_pretrained_start_trains_and_exports_with_the_set_field(tiny_pipeline_
 
 def test_a_scratch_start_is_built_once_with_its_makers(tmp_path):
   c = ip2p.get_config("toy")
-  models = model_setup.build_models(c, vocab_words=["turn", "red", "blue"],
-                                    tokenizer_dir=str(tmp_path / "tok"))
+  models = model_setup.build_models(
+      c, vocab_words=["turn", "red", "blue"], tokenizer_dir=str(tmp_path / "tok")
+  )
   assert set(models.makers) == {"unet", "text_encoder"}
   unet = models.makers["unet"]()  # what the trainer calls under jit, sharded
   shapes = {k: v.shape for k, v in _flat(models.pipe.unet)}
@@ -110,4 +128,5 @@ def test_a_scratch_start_is_built_once_with_its_makers(tmp_path):
 
 def _flat(module):
   from flax import nnx
+
   return nnx.to_flat_state(nnx.state(module, nnx.Param))

@@ -1,4 +1,5 @@
 """Mesh construction and the FSDP parameter rules."""
+
 import jax
 import numpy as np
 import pytest
@@ -10,9 +11,9 @@ from mre import sharding
 def test_param_spec_shards_the_largest_divisible_dim_of_large_arrays():
   assert sharding.param_spec((3, 3, 320, 640), 4, 1000) == P(None, None, None, "fsdp")
   assert sharding.param_spec((1280, 7), 4, 1000) == P("fsdp", None)
-  assert sharding.param_spec((7, 5), 4, 1) == P()            # nothing divides
-  assert sharding.param_spec((320,), 4, 1000) == P()          # too small
-  assert sharding.param_spec((4096, 4096), 1, 0) == P()       # no fsdp axis
+  assert sharding.param_spec((7, 5), 4, 1) == P()  # nothing divides
+  assert sharding.param_spec((320,), 4, 1000) == P()  # too small
+  assert sharding.param_spec((4096, 4096), 1, 0) == P()  # no fsdp axis
 
 
 def test_make_mesh_fills_and_checks():

@@ -3,6 +3,7 @@
 All runs share one tiny configuration (16 px toy data, a 2-level U-Net), so the train step compiles
 to the same program everywhere and the persistent compilation cache serves the later runs.
 """
+
 import json
 import os
 import signal
@@ -21,13 +22,24 @@ from mre.model_io.folders import load_any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
-    "data.config": "tiny", "data.resolution": 16, "train.batch_per_device": 8,
-    "train.grad_accum": 2, "train.log_every": 1, "train.validate_every": 0,
-    "train.checkpoint_every": 2, "train.warmup_steps": 2, "model.scratch.unet_channels": (16, 32),
-    "model.scratch.heads": 2, "model.scratch.attention_from_level": 0,
-    "model.scratch.text_hidden": 32, "model.scratch.text_layers": 1,
-    "model.scratch.text_heads": 2, "model.reward.score_dim": 16, "model.reward.heads": 2,
-    "model.reward.form": "released", "model.reward.attn_dropout": 0.1,
+    "data.config": "tiny",
+    "data.resolution": 16,
+    "train.batch_per_device": 8,
+    "train.grad_accum": 2,
+    "train.log_every": 1,
+    "train.validate_every": 0,
+    "train.checkpoint_every": 2,
+    "train.warmup_steps": 2,
+    "model.scratch.unet_channels": (16, 32),
+    "model.scratch.heads": 2,
+    "model.scratch.attention_from_level": 0,
+    "model.scratch.text_hidden": 32,
+    "model.scratch.text_layers": 1,
+    "model.scratch.text_heads": 2,
+    "model.reward.score_dim": 16,
+    "model.reward.heads": 2,
+    "model.reward.form": "released",
+    "model.reward.attn_dropout": 0.1,
     "model.pretrained": "",  # from scratch (the recipe's default starts from stage 1)
 }
 STEPS = 16
@@ -35,8 +47,13 @@ STEPS = 16
 
 def tiny_config(workdir, data_dir, **overrides):
   c = reward.get_config("toy")
-  for key, value in {**TINY, "workdir": workdir, "data.data_dir": data_dir,
-                     "train.steps": STEPS, **overrides}.items():
+  for key, value in {
+      **TINY,
+      "workdir": workdir,
+      "data.data_dir": data_dir,
+      "train.steps": STEPS,
+      **overrides,
+  }.items():
     node = c
     *path, leaf = key.split(".")
     for p in path:
@@ -46,15 +63,24 @@ def tiny_config(workdir, data_dir, **overrides):
 
 
 def cli_args(workdir, data_dir, **overrides):
-  args = [f"--config.{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
-          for k, v in {**TINY, "data.data_dir": data_dir, "train.steps": STEPS, **overrides}.items()]
-  return [sys.executable, "-m", "mre.train", "--config=configs/reward.py:toy",
-          f"--config.workdir={workdir}", *args]
+  args = [
+      f"--config.{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+      for k, v in {**TINY, "data.data_dir": data_dir, "train.steps": STEPS, **overrides}.items()
+  ]
+  return [
+      sys.executable,
+      "-m",
+      "mre.train",
+      "--config=configs/reward.py:toy",
+      f"--config.workdir={workdir}",
+      *args,
+  ]
 
 
 def final_state(workdir, step=STEPS, like=None):
   """The train state a run saved at `step`, restored onto this process's device."""
   import jax
+
   path = os.path.join(workdir, "checkpoints", str(step), "state")
   target = None
   if like is not None:  # a checkpoint written by another mesh needs target shardings here
@@ -65,6 +91,7 @@ def final_state(workdir, step=STEPS, like=None):
 
 def leaves(tree):
   import jax
+
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
@@ -88,8 +115,9 @@ def test_train_runs_end_to_end(reference_run, toy_data):
   (judged,) = summary["validation"]
   assert judged["step"] == STEPS
   metrics = judged["validation"]
-  assert set(metrics) == {f"{p}_{k}" for p in ("following", "preserving", "quality")
-                          for k in ("yes", "score")}
+  assert set(metrics) == {
+      f"{p}_{k}" for p in ("following", "preserving", "quality") for k in ("yes", "score")
+  }
   assert all(0.0 <= metrics[k] <= 1.0 for k in metrics if k.endswith("_yes"))
   assert all(0.0 <= metrics[k] <= 5.0 for k in metrics if k.endswith("_score"))
   # The export is a full editor that mre.edit loads; the diffusers U-Net is written too.
@@ -104,15 +132,32 @@ def test_train_runs_end_to_end(reference_run, toy_data):
 def test_sharded_run_matches_single_device(tmp_path, toy_data, reference_run):
   """8 fake CPU devices on a (data 4, fsdp 2) mesh, the same global batch: the same parameters."""
   workdir = str(tmp_path / "sharded")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  r = subprocess.run(cli_args(workdir, toy_data, **{"mesh.data": 4, "mesh.fsdp": 2,
-                                                    "mesh.fsdp_min_size": 512,
-                                                    "train.batch_per_device": 1,
-                                                    "train.export": False}),
-                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  env = {
+      **os.environ,
+      "JAX_PLATFORMS": "cpu",
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+  }
+  r = subprocess.run(
+      cli_args(
+          workdir,
+          toy_data,
+          **{
+              "mesh.data": 4,
+              "mesh.fsdp": 2,
+              "mesh.fsdp_min_size": 512,
+              "train.batch_per_device": 1,
+              "train.export": False,
+          },
+      ),
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   import jax
+
   ref_state = final_state(reference_run[0])
   ref = jax.tree_util.tree_flatten_with_path(ref_state)[0]
   got = leaves(final_state(workdir, like=ref_state))
@@ -135,8 +180,9 @@ def test_sigkill_and_rerun_resumes_exactly(tmp_path, toy_data, reference_run):
   workdir = str(tmp_path / "killed")
   args = cli_args(workdir, toy_data, **{"train.export": False})
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+      args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   first = os.path.join(workdir, "checkpoints", "2")
   deadline = time.time() + 300
   while not os.path.isdir(first) and time.time() < deadline and proc.poll() is None:
@@ -154,15 +200,25 @@ def test_sigkill_and_rerun_resumes_exactly(tmp_path, toy_data, reference_run):
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, toy_data):
   workdir = str(tmp_path / "terminated")
-  proc = subprocess.Popen(cli_args(workdir, toy_data, **{"train.steps": 10_000,
-                                                         "train.checkpoint_every": 10_000}),
-                          cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+      cli_args(workdir, toy_data, **{"train.steps": 10_000, "train.checkpoint_every": 10_000}),
+      cwd=ROOT,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   tb = os.path.join(workdir, "tensorboard")
   deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None and not (
-      os.path.isdir(tb) and os.listdir(tb) and os.path.getsize(
-          os.path.join(tb, os.listdir(tb)[0])) > 200):
+  while (
+      time.time() < deadline
+      and proc.poll() is None
+      and not (
+          os.path.isdir(tb)
+          and os.listdir(tb)
+          and os.path.getsize(os.path.join(tb, os.listdir(tb)[0])) > 200
+      )
+  ):
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=300)
@@ -183,12 +239,32 @@ def test_two_processes_train_together(tmp_path, toy_data):
   port = _free_port()
   procs = []
   for pid in range(2):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-           "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
-    procs.append(subprocess.Popen(
-        cli_args(workdir, toy_data, **{"train.steps": 3, "train.checkpoint_every": 3,
-                                       "train.batch_per_device": 4, "train.export": False}),
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+        "JAX_NUM_PROCESSES": "2",
+        "JAX_PROCESS_ID": str(pid),
+    }
+    procs.append(
+        subprocess.Popen(
+            cli_args(
+                workdir,
+                toy_data,
+                **{
+                    "train.steps": 3,
+                    "train.checkpoint_every": 3,
+                    "train.batch_per_device": 4,
+                    "train.export": False,
+                },
+            ),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    )
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
@@ -200,20 +276,36 @@ def test_two_processes_train_together(tmp_path, toy_data):
 
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path, toy_data):
   """An absurd learning rate blows the parameters up; the guard keeps the last good state."""
-  c = tiny_config(str(tmp_path / "nan"), toy_data, **{"train.lr": 1e38, "train.steps": 4,
-                                                      "train.checkpoint_every": 1})
+  c = tiny_config(
+      str(tmp_path / "nan"),
+      toy_data,
+      **{"train.lr": 1e38, "train.steps": 4, "train.checkpoint_every": 1},
+  )
   with pytest.raises(train.NonFiniteError, match="is not finite; the update was skipped"):
     train.train(c)
 
 
 def _from_pipeline_config(workdir, data_dir, pipeline_dir, precompute):
   c = reward.get_config()  # the paper's recipe, shrunk: a stage-1 folder on disk, toy data
-  for key, value in {"workdir": workdir, "model.pretrained": pipeline_dir, "data.name": "toy_edit",
-                     "data.config": "tiny", "data.data_dir": data_dir, "data.resolution": 16,
-                     "data.random_flip": False, "data.precompute_latents": precompute,
-                     "model.dtype": "float32", "model.remat": (), "train.batch_per_device": 4,
-                     "train.grad_accum": 1, "train.steps": 3, "train.validate_every": 0,
-                     "train.export": False, "train.log_every": 1, "train.lr": 1e-3}.items():
+  for key, value in {
+      "workdir": workdir,
+      "model.pretrained": pipeline_dir,
+      "data.name": "toy_edit",
+      "data.config": "tiny",
+      "data.data_dir": data_dir,
+      "data.resolution": 16,
+      "data.random_flip": False,
+      "data.precompute_latents": precompute,
+      "model.dtype": "float32",
+      "model.remat": (),
+      "train.batch_per_device": 4,
+      "train.grad_accum": 1,
+      "train.steps": 3,
+      "train.validate_every": 0,
+      "train.export": False,
+      "train.log_every": 1,
+      "train.lr": 1e-3,
+  }.items():
     node = c
     *path, leaf = key.split(".")
     for p in path:
@@ -222,10 +314,12 @@ def _from_pipeline_config(workdir, data_dir, pipeline_dir, precompute):
   return c
 
 
-def test_stage2_from_a_pipeline_folder_with_and_without_cached_latents(tmp_path, toy_data,
-                                                                        tiny_pipeline_dir):
-  plain = train.train(_from_pipeline_config(str(tmp_path / "plain"), toy_data, tiny_pipeline_dir,
-                                            False))
+def test_stage2_from_a_pipeline_folder_with_and_without_cached_latents(
+    tmp_path, toy_data, tiny_pipeline_dir
+):
+  plain = train.train(
+      _from_pipeline_config(str(tmp_path / "plain"), toy_data, tiny_pipeline_dir, False)
+  )
   cached_dir = str(tmp_path / "cached")
   cached = train.train(_from_pipeline_config(cached_dir, toy_data, tiny_pipeline_dir, True))
   with open(os.path.join(cached_dir, "latent_cache", "meta.json")) as f:
@@ -241,6 +335,7 @@ def test_latent_cache_resumes_a_partial_build(tmp_path, toy_data, tiny_pipeline_
   import tensorflow_datasets as tfds
   from mre.data import latent_cache
   from mre.model_io import diffusers_folder
+
   vae = diffusers_folder.load_vae(os.path.join(tiny_pipeline_dir, "vae"))
   source = tfds.data_source("toy_edit/tiny", split="train", data_dir=toy_data)
   full = str(tmp_path / "full")
@@ -257,8 +352,9 @@ def test_latent_cache_resumes_a_partial_build(tmp_path, toy_data, tiny_pipeline_
   arr.flush()
   latent_cache.build(vae, source, part, 16, batch_size=16)
   for name in latent_cache.ARRAYS:
-    np.testing.assert_array_equal(np.load(os.path.join(part, name + ".npy")),
-                                  np.load(os.path.join(full, name + ".npy")))
+    np.testing.assert_array_equal(
+        np.load(os.path.join(part, name + ".npy")), np.load(os.path.join(full, name + ".npy"))
+    )
   record = latent_cache.LatentSource(source, part)[3]
   assert "original" not in record and record["original_latent"].shape == (8, 8, 4)
   with pytest.raises(ValueError, match="another dataset or resolution"):

@@ -5,6 +5,7 @@ The dropout tests run `micro_loss` eagerly with stand-in modules: the U-Net reco
 feeds it, so the dropout masks of 20,000 samples are observed directly, at no compilation cost.
 The other tests build a tiny from-scratch editor (8 px, a 2-level U-Net) and jit the real step.
 """
+
 import dataclasses
 import math
 
@@ -22,15 +23,31 @@ from mre.editor import EditSettings, Editor
 from mre.models.pixel import PixelSpace
 from mre.models.reward_config import NULL_SCORE
 from mre.pipeline import tokenize
-from mre.train_step import (SplitModel, StepContext, TrainState, ema_decay, lr_schedule,
-                            make_optimizer, make_train_step, micro_loss)
+from mre.train_step import (
+    SplitModel,
+    StepContext,
+    TrainState,
+    ema_decay,
+    lr_schedule,
+    make_optimizer,
+    make_train_step,
+    micro_loss,
+)
 
 N = 20_000  # samples for the statistical tests: 5 binomial sd of a 5% rate is 0.0077
-TINY = {"data.resolution": 8, "model.scratch.unet_channels": (8, 16), "model.scratch.heads": 2,
-        "model.scratch.attention_from_level": 0, "model.scratch.text_hidden": 16,
-        "model.scratch.text_layers": 1, "model.scratch.text_heads": 2,
-        "model.reward.score_dim": 8, "model.reward.heads": 2, "model.reward.attn_dropout": 0.0,
-        "train.snr_gamma": 0.0}
+TINY = {
+    "data.resolution": 8,
+    "model.scratch.unet_channels": (8, 16),
+    "model.scratch.heads": 2,
+    "model.scratch.attention_from_level": 0,
+    "model.scratch.text_hidden": 16,
+    "model.scratch.text_layers": 1,
+    "model.scratch.text_heads": 2,
+    "model.reward.score_dim": 8,
+    "model.reward.heads": 2,
+    "model.reward.attn_dropout": 0.0,
+    "train.snr_gamma": 0.0,
+}
 WORDS = ["make", "the", "square", "circle", "red", "blue", "green", "bigger", "move", "left"]
 
 
@@ -52,12 +69,20 @@ def _within(rate, p, n, sds=5.0):
 
 # --- stand-ins: what the step feeds the U-Net, observed -------------------------------------------
 
+
 def _recording_unet(calls):
   class Recorder(nnx.Module):
+
     def __call__(self, sample, t, context, **kwargs):
-      calls.append({"sample": np.asarray(sample), "context": np.asarray(context),
-                    **{k: jax.tree.map(np.asarray, v) for k, v in kwargs.items()}})
+      calls.append(
+          {
+              "sample": np.asarray(sample),
+              "context": np.asarray(context),
+              **{k: jax.tree.map(np.asarray, v) for k, v in kwargs.items()},
+          }
+      )
       return jnp.zeros(sample.shape[:-1] + (1,), sample.dtype)
+
   return Recorder()
 
 
@@ -74,15 +99,23 @@ def _observed(cfg, with_reward=False, n=N, seed=0):
   twos and scores 4: whatever the step dropped shows as zeros (or NULL_SCORE) in the record.
   """
   calls = []
-  ctx = StepContext(unet=None, text_encoder=None, vae=None, frozen={},
-                    schedule=schedule_from_config(model_setup.scheduler_config(cfg)),
-                    empty_ids=jnp.zeros((1, 77), jnp.int32),
-                    reward=model_setup.reward_config(cfg) if with_reward else None, cfg=cfg)
+  ctx = StepContext(
+      unet=None,
+      text_encoder=None,
+      vae=None,
+      frozen={},
+      schedule=schedule_from_config(model_setup.scheduler_config(cfg)),
+      empty_ids=jnp.zeros((1, 77), jnp.int32),
+      reward=model_setup.reward_config(cfg) if with_reward else None,
+      cfg=cfg,
+  )
   ctx.modules = lambda params: (_recording_unet(calls), _stub_text, PixelSpace())
-  batch = {"instruction_ids": jnp.ones((n, 77), jnp.int32),
-           "original_latent": jnp.ones((n, 1, 1, 1), jnp.float32),
-           "edited_mean": jnp.zeros((n, 1, 1, 1), jnp.float32),
-           "edited_logvar": jnp.full((n, 1, 1, 1), -30.0, jnp.float32)}
+  batch = {
+      "instruction_ids": jnp.ones((n, 77), jnp.int32),
+      "original_latent": jnp.ones((n, 1, 1, 1), jnp.float32),
+      "edited_mean": jnp.zeros((n, 1, 1, 1), jnp.float32),
+      "edited_logvar": jnp.full((n, 1, 1, 1), -30.0, jnp.float32),
+  }
   if with_reward:
     slots = ctx.reward.text_slots
     batch["reward_ids"] = jnp.full((n, slots, 77), 2, jnp.int32)
@@ -105,9 +138,11 @@ def _cond_masks(seen):
 def test_conditioning_dropout_drops_text_image_and_both_at_p_each(p):
   """InstructPix2Pix: p of the samples lose the text only, p the image only, p both (not p^2)."""
   drop_text, drop_image = _cond_masks(_observed(_config(**{"train.cond_dropout": p})))
-  rates = {"text only": np.mean(drop_text & ~drop_image),
-           "image only": np.mean(~drop_text & drop_image),
-           "both": np.mean(drop_text & drop_image)}
+  rates = {
+      "text only": np.mean(drop_text & ~drop_image),
+      "image only": np.mean(~drop_text & drop_image),
+      "both": np.mean(drop_text & drop_image),
+  }
   for name, rate in rates.items():
     assert _within(rate, p, N), f"{name}: {rate:.4f}, expected {p} +- 5 sd"
   assert _within(np.mean(~drop_text & ~drop_image), 1 - 3 * p, N)
@@ -124,15 +159,16 @@ def _reward_masks(seen, slots):
   dropped = np.all(scores == NULL_SCORE, axis=1)
   # A whole reward is replaced, scores and every text slot together, or nothing of it.
   np.testing.assert_array_equal(scores[~dropped], 4.0)
-  np.testing.assert_array_equal(text[~dropped], 2 * 77)   # the reward texts' pooled stand-in
-  np.testing.assert_array_equal(text[dropped], 0.0)       # the empty prompt's
+  np.testing.assert_array_equal(text[~dropped], 2 * 77)  # the reward texts' pooled stand-in
+  np.testing.assert_array_equal(text[dropped], 0.0)  # the empty prompt's
   return dropped
 
 
 @pytest.mark.parametrize("form,prob", [("paper", 0.1), ("released", 0.3)])
 def test_reward_dropout_is_per_sample_at_the_configured_rate(form, prob):
-  cfg = _config(**{"model.reward.form": form, "model.reward.dropout_prob": prob,
-                   "train.cond_dropout": 0.1})
+  cfg = _config(
+      **{"model.reward.form": form, "model.reward.dropout_prob": prob, "train.cond_dropout": 0.1}
+  )
   seen = _observed(cfg, with_reward=True)
   dropped = _reward_masks(seen, 3 if form == "paper" else 1)
   assert _within(dropped.mean(), prob, N), dropped.mean()
@@ -149,6 +185,7 @@ def test_no_reward_dropout_at_prob_zero():
 
 # --- a tiny real editor ---------------------------------------------------------------------------
 
+
 def _pipeline(cfg, tmp_path):
   return model_setup.build_scratch(cfg, WORDS, str(tmp_path / "tokenizer"), abstract=False)
 
@@ -156,23 +193,31 @@ def _pipeline(cfg, tmp_path):
 def _context(cfg, pipe):
   """The StepContext as mre/train.py builds it (text encoder trained, as in the toy recipes)."""
   unet, text, vae = (SplitModel.of(m) for m in (pipe.unet, pipe.text_encoder, pipe.vae))
-  ctx = StepContext(unet=unet, text_encoder=text, vae=vae, frozen={"vae": vae.params},
-                    schedule=schedule_from_config(pipe.scheduler_config),
-                    empty_ids=jnp.asarray(tokenize(pipe.tokenizer, [""])),
-                    reward=model_setup.reward_config(cfg), cfg=cfg)
+  ctx = StepContext(
+      unet=unet,
+      text_encoder=text,
+      vae=vae,
+      frozen={"vae": vae.params},
+      schedule=schedule_from_config(pipe.scheduler_config),
+      empty_ids=jnp.asarray(tokenize(pipe.tokenizer, [""])),
+      reward=model_setup.reward_config(cfg),
+      cfg=cfg,
+  )
   return ctx, {"unet": unet.params, "text_encoder": text.params}
 
 
 def _batch(pipe, n, seed=0, res=8):
   rs = np.random.RandomState(seed)
   texts = [" ".join(rs.choice(WORDS, 4)) for _ in range(n)]
-  return {"original": jnp.asarray(rs.uniform(-1, 1, (n, res, res, 3)), jnp.float32),
-          "edited": jnp.asarray(rs.uniform(-1, 1, (n, res, res, 3)), jnp.float32),
-          "instruction_ids": jnp.asarray(tokenize(pipe.tokenizer, texts)),
-          "reward_ids": jnp.asarray(tokenize(pipe.tokenizer, texts[::-1]))[:, None],
-          "reward_scores": jnp.asarray(rs.uniform(0, 5, (n, 3)), jnp.float32),
-          "noise": jnp.asarray(rs.randn(n, res, res, 3), jnp.float32),
-          "timesteps": jnp.asarray(rs.randint(0, 1000, n), jnp.int32)}
+  return {
+      "original": jnp.asarray(rs.uniform(-1, 1, (n, res, res, 3)), jnp.float32),
+      "edited": jnp.asarray(rs.uniform(-1, 1, (n, res, res, 3)), jnp.float32),
+      "instruction_ids": jnp.asarray(tokenize(pipe.tokenizer, texts)),
+      "reward_ids": jnp.asarray(tokenize(pipe.tokenizer, texts[::-1]))[:, None],
+      "reward_scores": jnp.asarray(rs.uniform(0, 5, (n, 3)), jnp.float32),
+      "noise": jnp.asarray(rs.randn(n, res, res, 3), jnp.float32),
+      "timesteps": jnp.asarray(rs.randint(0, 1000, n), jnp.int32),
+  }
 
 
 @pytest.fixture(scope="module")
@@ -223,10 +268,13 @@ def test_released_attention_dropout_is_on_in_the_train_step(released):
 
 
 def _state(params, step=0, tx=None, ema=None):
-  return TrainState(step=jnp.int32(step), params=params,
-                    ema=jax.tree.map(jnp.copy, params) if ema is None else ema,
-                    opt_state=(tx.init(params) if tx is not None else None),
-                    rng=jax.random.key_data(jax.random.key(0)))
+  return TrainState(
+      step=jnp.int32(step),
+      params=params,
+      ema=jax.tree.map(jnp.copy, params) if ema is None else ema,
+      opt_state=(tx.init(params) if tx is not None else None),
+      rng=jax.random.key_data(jax.random.key(0)),
+  )
 
 
 def _leaves(tree):
@@ -236,8 +284,9 @@ def _leaves(tree):
 def _gradient_keeper():
   """An 'optimizer' that leaves the parameters alone and keeps the gradient as its state."""
   zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
-  return optax.GradientTransformation(zeros, lambda grads, state, params=None: (zeros(grads),
-                                                                               grads))
+  return optax.GradientTransformation(
+      zeros, lambda grads, state, params=None: (zeros(grads), grads)
+  )
 
 
 def test_k_micro_batches_equal_one_batch_k_times_larger(released):
@@ -278,7 +327,9 @@ def test_k_micro_batches_equal_one_batch_k_times_larger(released):
 
 # --- EMA and learning rate, on a one-parameter-matrix stand-in U-Net ----------------------------
 
+
 class _LinearUNet(nnx.Module):
+
   def __init__(self):
     self.w = nnx.Param(jnp.asarray([[0.5], [-0.3]], jnp.float32))  # [noisy | image] -> 1 channel
 
@@ -287,6 +338,7 @@ class _LinearUNet(nnx.Module):
 
 
 class _Text(nnx.Module):
+
   def __call__(self, ids):
     return _stub_text(ids)
 
@@ -294,15 +346,23 @@ class _Text(nnx.Module):
 def _linear_context(cfg):
   unet, text = SplitModel.of(_LinearUNet()), SplitModel.of(_Text())
   vae = SplitModel.of(PixelSpace())
-  ctx = StepContext(unet=unet, text_encoder=text, vae=vae,
-                    frozen={"text_encoder": text.params, "vae": vae.params},
-                    schedule=schedule_from_config(model_setup.scheduler_config(cfg)),
-                    empty_ids=jnp.zeros((1, 77), jnp.int32), reward=None, cfg=cfg)
+  ctx = StepContext(
+      unet=unet,
+      text_encoder=text,
+      vae=vae,
+      frozen={"text_encoder": text.params, "vae": vae.params},
+      schedule=schedule_from_config(model_setup.scheduler_config(cfg)),
+      empty_ids=jnp.zeros((1, 77), jnp.int32),
+      reward=None,
+      cfg=cfg,
+  )
   rs = np.random.RandomState(0)
-  batch = {"instruction_ids": jnp.ones((1, 4, 77), jnp.int32),
-           "original_latent": jnp.asarray(rs.randn(1, 4, 2, 2, 1), jnp.float32),
-           "edited_mean": jnp.asarray(rs.randn(1, 4, 2, 2, 1), jnp.float32),
-           "edited_logvar": jnp.full((1, 4, 2, 2, 1), -30.0, jnp.float32)}
+  batch = {
+      "instruction_ids": jnp.ones((1, 4, 77), jnp.int32),
+      "original_latent": jnp.asarray(rs.randn(1, 4, 2, 2, 1), jnp.float32),
+      "edited_mean": jnp.asarray(rs.randn(1, 4, 2, 2, 1), jnp.float32),
+      "edited_logvar": jnp.full((1, 4, 2, 2, 1), -30.0, jnp.float32),
+  }
   return ctx, {"unet": unet.params}, batch
 
 
@@ -312,8 +372,8 @@ def test_ema_decay_warms_up_as_one_plus_step_over_ten_plus_step():
   np.testing.assert_allclose(decay(0), 1 / 10, rtol=1e-6)
   np.testing.assert_allclose(decay(1), 2 / 11, rtol=1e-6)
   np.testing.assert_allclose(decay(10), 11 / 20, rtol=1e-6)
-  np.testing.assert_allclose(decay(10 ** 7), 0.9999, rtol=1e-7)  # capped at the configured decay
-  np.testing.assert_allclose(decay(10 ** 7, 0.995), 0.995, rtol=1e-7)
+  np.testing.assert_allclose(decay(10**7), 0.9999, rtol=1e-7)  # capped at the configured decay
+  np.testing.assert_allclose(decay(10**7, 0.995), 0.995, rtol=1e-7)
   assert all(decay(s) < decay(s + 1) for s in (0, 1, 10, 100, 1000))
 
 
@@ -323,36 +383,51 @@ def test_the_step_updates_the_ema_with_the_decay_of_its_step():
   tx = optax.sgd(0.1)
   step = jax.jit(make_train_step(ctx, tx))
   ema0 = jax.tree.map(lambda x: x + 1.0, params)  # apart from the parameters, to see the mix
-  for s, d in [(0, 0.1), (1, 2 / 11), (10, 0.55), (10 ** 6, 0.999)]:
+  for s, d in [(0, 0.1), (1, 2 / 11), (10, 0.55), (10**6, 0.999)]:
     state, metrics = step(_state(params, step=s, tx=tx, ema=ema0), batch)
     assert int(state.step) == s + 1 and bool(metrics["finite"])
     (new,), (ema,), (old_ema,) = _leaves(state.params), _leaves(state.ema), _leaves(ema0)
     assert np.abs(new - _leaves(params)[0]).max() > 1e-4  # the parameters did move
-    np.testing.assert_allclose(ema, d * old_ema + (1 - d) * new, rtol=1e-6, atol=1e-7,
-                               err_msg=f"step {s}")
+    np.testing.assert_allclose(
+        ema, d * old_ema + (1 - d) * new, rtol=1e-6, atol=1e-7, err_msg=f"step {s}"
+    )
 
 
 def _lr(kind, warmup, steps=100, lr=1e-3):
-  return lr_schedule(_config(**{"train.lr_schedule": kind, "train.warmup_steps": warmup,
-                                "train.steps": steps, "train.lr": lr}))
+  return lr_schedule(
+      _config(
+          **{
+              "train.lr_schedule": kind,
+              "train.warmup_steps": warmup,
+              "train.steps": steps,
+              "train.lr": lr,
+          }
+      )
+  )
 
 
 def test_constant_schedule_with_and_without_warmup():
   f = _lr("constant", 0)
-  assert [float(f(s)) for s in (0, 1, 50, 100, 10 ** 6)] == pytest.approx([1e-3] * 5, rel=1e-6)
+  assert [float(f(s)) for s in (0, 1, 50, 100, 10**6)] == pytest.approx([1e-3] * 5, rel=1e-6)
   f = _lr("constant", 10)
-  np.testing.assert_allclose([float(f(s)) for s in (0, 5, 10, 11, 100)],
-                             [0.0, 5e-4, 1e-3, 1e-3, 1e-3], rtol=1e-6, atol=1e-12)
+  np.testing.assert_allclose(
+      [float(f(s)) for s in (0, 5, 10, 11, 100)],
+      [0.0, 5e-4, 1e-3, 1e-3, 1e-3],
+      rtol=1e-6,
+      atol=1e-12,
+  )
 
 
 def test_cosine_schedule_with_warmup():
   f = _lr("cosine", 10, steps=110)
   end = 0.05 * 1e-3  # the recipe's floor: 5% of the peak
-  np.testing.assert_allclose([float(f(s)) for s in (0, 5, 10)], [0.0, 5e-4, 1e-3], rtol=1e-6,
-                             atol=1e-12)
+  np.testing.assert_allclose(
+      [float(f(s)) for s in (0, 5, 10)], [0.0, 5e-4, 1e-3], rtol=1e-6, atol=1e-12
+  )
   np.testing.assert_allclose(float(f(60)), end + (1e-3 - end) / 2, rtol=1e-5)  # half way down
-  np.testing.assert_allclose(float(f(35)), end + (1e-3 - end) * (1 + math.cos(math.pi / 4)) / 2,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      float(f(35)), end + (1e-3 - end) * (1 + math.cos(math.pi / 4)) / 2, rtol=1e-5
+  )
   np.testing.assert_allclose([float(f(s)) for s in (110, 500)], [end, end], rtol=1e-5)
   values = [float(f(s)) for s in range(10, 111)]
   assert all(a >= b for a, b in zip(values, values[1:]))
@@ -361,8 +436,9 @@ def test_cosine_schedule_with_warmup():
 def test_cosine_schedule_without_warmup_starts_at_the_peak():
   f = _lr("cosine", 0, steps=100)
   end = 0.05 * 1e-3
-  np.testing.assert_allclose([float(f(s)) for s in (0, 50, 100)],
-                             [1e-3, end + (1e-3 - end) / 2, end], rtol=1e-5)
+  np.testing.assert_allclose(
+      [float(f(s)) for s in (0, 50, 100)], [1e-3, end + (1e-3 - end) / 2, end], rtol=1e-5
+  )
 
 
 def test_unknown_schedule_is_refused():
@@ -370,12 +446,22 @@ def test_unknown_schedule_is_refused():
     _lr("linear", 0)
 
 
-@pytest.mark.parametrize("kind,warmup,first_lr", [("constant", 0, 1e-3), ("cosine", 0, 1e-3),
-                                                  ("constant", 10, 0.0), ("cosine", 10, 0.0)])
+@pytest.mark.parametrize(
+    "kind,warmup,first_lr",
+    [("constant", 0, 1e-3), ("cosine", 0, 1e-3), ("constant", 10, 0.0), ("cosine", 10, 0.0)],
+)
 def test_the_optimizer_and_the_logged_lr_follow_the_schedule(kind, warmup, first_lr):
   """Adam's first update is lr * g / (|g| + eps): the learning rate of step 0, element-wise."""
-  cfg = _config(**{"train.lr_schedule": kind, "train.warmup_steps": warmup, "train.steps": 100,
-                   "train.lr": 1e-3, "train.weight_decay": 0.0, "train.clip": 0.0})
+  cfg = _config(
+      **{
+          "train.lr_schedule": kind,
+          "train.warmup_steps": warmup,
+          "train.steps": 100,
+          "train.lr": 1e-3,
+          "train.weight_decay": 0.0,
+          "train.clip": 0.0,
+      }
+  )
   ctx, params, batch = _linear_context(cfg)
   tx = make_optimizer(cfg)
   step = jax.jit(make_train_step(ctx, tx))

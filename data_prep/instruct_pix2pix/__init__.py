@@ -6,6 +6,7 @@
 
 Configs and the manual dir layout are in instruct_pix2pix_dataset_builder's docstring.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -18,7 +19,14 @@ NAME = "instruct_pix2pix"
 
 
 def build(manual_dir_path: str, data_dir: str, config: Optional[str] = None) -> Builder:
-    return manual_dir.build(Builder, manual_dir_path, data_dir, config)
+  return manual_dir.build(Builder, manual_dir_path, data_dir, config)
 
 
-__all__ = ["NAME", "CONFIGS", "Builder", "InstructPix2PixConfig", "build", "instruct_pix2pix_dataset_builder"]
+__all__ = [
+    "NAME",
+    "CONFIGS",
+    "Builder",
+    "InstructPix2PixConfig",
+    "build",
+    "instruct_pix2pix_dataset_builder",
+]

@@ -6,6 +6,7 @@
 
 The manual dir layout is in real_edit_dataset_builder's docstring.
 """
+
 from __future__ import annotations
 
 from data_prep import manual_dir
@@ -16,7 +17,14 @@ NAME = "real_edit"
 
 
 def build(manual_dir_path: str, data_dir: str) -> Builder:
-    return manual_dir.build(Builder, manual_dir_path, data_dir)
+  return manual_dir.build(Builder, manual_dir_path, data_dir)
 
 
-__all__ = ["NAME", "CATEGORIES", "Builder", "build", "parse_instruction", "real_edit_dataset_builder"]
+__all__ = [
+    "NAME",
+    "CATEGORIES",
+    "Builder",
+    "build",
+    "parse_instruction",
+    "real_edit_dataset_builder",
+]

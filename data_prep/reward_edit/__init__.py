@@ -7,6 +7,7 @@
 The manual dir layout is in reward_edit_dataset_builder's docstring; what was skipped and why is
 in `manual_dir.read_report(builder)` (build_report.json next to the dataset).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -19,7 +20,7 @@ NAME = "reward_edit"
 
 
 def build(manual_dir_path: str, data_dir: str, config: Optional[str] = None) -> Builder:
-    return manual_dir.build(Builder, manual_dir_path, data_dir, config)
+  return manual_dir.build(Builder, manual_dir_path, data_dir, config)
 
 
 __all__ = ["NAME", "REWARD_FILES", "Builder", "build", "reward_edit_dataset_builder"]

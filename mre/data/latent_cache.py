@@ -7,6 +7,7 @@ step still draws a fresh posterior sample of the target, as training without the
 Images are resized (short side) and center-cropped to the resolution: a cache has no random crop or
 flip. Building is resumable (`meta.json` counts the records written) and runs on process 0.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,13 +35,20 @@ def center_square(image: np.ndarray, resolution: int) -> np.ndarray:
 
 
 def _open(folder, n, shape, mode):
-  return {k: np.lib.format.open_memmap(os.path.join(folder, k + ".npy"), mode=mode,
-                                       dtype=np.float32, shape=(n,) + shape if mode == "w+" else None)
-          for k in ARRAYS}
+  return {
+      k: np.lib.format.open_memmap(
+          os.path.join(folder, k + ".npy"),
+          mode=mode,
+          dtype=np.float32,
+          shape=(n,) + shape if mode == "w+" else None,
+      )
+      for k in ARRAYS
+  }
 
 
-def build(vae, source, folder: str, resolution: int, *, batch_size: int = 32,
-          keys=("original", "edited")) -> dict:
+def build(
+    vae, source, folder: str, resolution: int, *, batch_size: int = 32, keys=("original", "edited")
+) -> dict:
   """Encodes every record of `source` once (resuming a partial cache); returns the meta dict."""
   os.makedirs(folder, exist_ok=True)
   meta_path = os.path.join(folder, "meta.json")
@@ -52,10 +60,13 @@ def build(vae, source, folder: str, resolution: int, *, batch_size: int = 32,
   if os.path.exists(meta_path):
     with open(meta_path) as f:
       old = json.load(f)
-    if {k: old.get(k) for k in ("records", "resolution", "latent_shape")} != \
-        {k: meta[k] for k in ("records", "resolution", "latent_shape")}:
-      raise ValueError(f"{folder} holds a latent cache of another dataset or resolution ({old}); "
-                       "delete it or choose another workdir")
+    if {k: old.get(k) for k in ("records", "resolution", "latent_shape")} != {
+        k: meta[k] for k in ("records", "resolution", "latent_shape")
+    }:
+      raise ValueError(
+          f"{folder} holds a latent cache of another dataset or resolution ({old}); "
+          "delete it or choose another workdir"
+      )
     meta = old
   arrays = _open(folder, n, shape, "r+" if meta["done"] else "w+")
   with tqdm(total=n, initial=meta["done"], desc="encoding latents", unit="rec") as bar:
@@ -104,5 +115,6 @@ def ensure(vae, source, folder: str, resolution: int) -> LatentSource:
     build(vae, source, folder, resolution)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
     multihost_utils.sync_global_devices("latent cache built")
   return LatentSource(source, folder)

@@ -15,6 +15,7 @@ two places, in this order:
     judge of a prepared benchmark).
 A dataset that registers nothing (a plain TFDS dataset) has no hooks: `hooks_for` returns None.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,6 +35,7 @@ class DatasetHooks:
   serve_judge(): a context manager serving that judge over an OpenAI-compatible HTTP API on
     127.0.0.1; it yields an object with a `base_url`.
   """
+
   name: str
   default_config: str = ""
   build: Optional[Callable[[str, str], Any]] = None
@@ -79,6 +81,7 @@ def builder_module(name: str, data_dir: str) -> Optional[str]:
   if not os.path.isdir(os.path.join(data_dir, name.split("/")[0])):
     return None
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
   try:
     return tfds.builder(name, data_dir=data_dir).info.module_name or None
   except Exception:  # pylint: disable=broad-except

@@ -4,6 +4,7 @@ Any dataset of the project with the toy_edit feature names works (`config.data.n
 one whose module registers a builder (the toy world) is built on first use when
 `config.data.build_if_missing` is set (`mre.data.registry`).
 """
+
 from __future__ import annotations
 
 import os
@@ -28,9 +29,17 @@ def default_data_dir() -> str:
 class Source:
   """A prepared TFDS dataset: its train split, its validation split, and (toy) its vocabulary."""
 
-  def __init__(self, name: str, data_dir: str, split: str, val_split: str,
-               vocabulary: Optional[list], judge=None):
+  def __init__(
+      self,
+      name: str,
+      data_dir: str,
+      split: str,
+      val_split: str,
+      vocabulary: Optional[list],
+      judge=None,
+  ):
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
     self.name, self.data_dir, self.vocabulary = name, data_dir, vocabulary
     self.judge = judge  # (instruction, original, edited) -> verdicts, for datasets that have one
     try:
@@ -38,22 +47,26 @@ class Source:
     except Exception as e:  # pylint: disable=broad-except
       raise FileNotFoundError(
           f"dataset {name} (split {split}) is not prepared in {data_dir}: {e}. Build it first (see "
-          "README, 'Datasets'), or use the toy world: --config=configs/reward.py:toy") from e
+          "README, 'Datasets'), or use the toy world: --config=configs/reward.py:toy"
+      ) from e
     self._val_split = val_split
     self._tfds = tfds
 
   def validation_items(self, n: int, resolution: int):
     """(originals [n, R, R, 3] in [-1, 1], instructions, references or None): the first n items."""
-    source = self._tfds.data_source(self.name, split=self._val_split, data_dir=self.data_dir,
-                                    download=False)
+    source = self._tfds.data_source(
+        self.name, split=self._val_split, data_dir=self.data_dir, download=False
+    )
     n = min(n, len(source))
     records = [source[i] for i in range(n)]
     prep = lambda img: latent_cache.center_square(np.asarray(img), resolution)
     originals = np.stack([prep(r["original"]) for r in records])
     ref_key = "ideal" if "ideal" in records[0] else "edited"
     references = np.stack([prep(r[ref_key]) for r in records]) if ref_key in records[0] else None
-    texts = [r["instruction"].decode() if isinstance(r["instruction"], bytes) else
-             str(r["instruction"]) for r in records]
+    texts = [
+        r["instruction"].decode() if isinstance(r["instruction"], bytes) else str(r["instruction"])
+        for r in records
+    ]
     return originals, texts, references
 
 
@@ -64,18 +77,26 @@ def open_dataset(config) -> Source:
   data_dir = d.data_dir or default_data_dir()
   hooks = registry.hooks_for(d.name, data_dir, modules=tuple(d.get("modules", ())))
   if hooks is None:
-    return Source(f"{d.name}/{d.config}" if d.config else d.name, data_dir, d.split, d.val_split,
-                  vocabulary=None, judge=None)
+    return Source(
+        f"{d.name}/{d.config}" if d.config else d.name,
+        data_dir,
+        d.split,
+        d.val_split,
+        vocabulary=None,
+        judge=None,
+    )
   config_name = d.config or hooks.default_config
   if d.build_if_missing and hooks.build is not None:
     if jax.process_index() == 0:
       hooks.build(data_dir, config_name)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
       multihost_utils.sync_global_devices(f"{d.name} built")
   vocabulary = hooks.vocabulary() if hooks.vocabulary is not None else None
-  return Source(hooks.tfds_name(config_name), data_dir, d.split, d.val_split, vocabulary,
-                hooks.judge)
+  return Source(
+      hooks.tfds_name(config_name), data_dir, d.split, d.val_split, vocabulary, hooks.judge
+  )
 
 
 class TokenizeFn:
@@ -116,9 +137,13 @@ class InMemorySource:
   def __init__(self, source, key):
     if key not in InMemorySource._shared:
       from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-      InMemorySource._shared[key] = [source[i] for i in tqdm(range(len(source)),
-                                                              desc="reading into memory", mininterval=5,
-                                                              unit="rec", leave=False)]
+
+      InMemorySource._shared[key] = [
+          source[i]
+          for i in tqdm(
+              range(len(source)), desc="reading into memory", mininterval=5, unit="rec", leave=False
+          )
+      ]
     self._records = InMemorySource._shared[key]
 
   def __len__(self):
@@ -131,24 +156,42 @@ class InMemorySource:
 class TrainIterator:
   """Per-host batches shaped [accum, batch_size, ...] for the train step, with a resumable state."""
 
-  def __init__(self, source: Source, config, tokenizer, *, batch_size: int, accum: int,
-               reward: Optional[RewardConfig], latents=None):
+  def __init__(
+      self,
+      source: Source,
+      config,
+      tokenizer,
+      *,
+      batch_size: int,
+      accum: int,
+      reward: Optional[RewardConfig],
+      latents=None,
+  ):
     """`reward`: None for a model without reward (stage 1); `latents`: a
     `latent_cache.LatentSource` to read precomputed VAE latents from."""
     d = config.data
     keys = FeatureKeys() if reward else FeatureKeys(reward_scores=None, reward_texts=None)
-    pc = PipelineConfig(batch_size=batch_size * accum, resolution=d.resolution, seed=config.seed,
-                        random_flip=d.random_flip,
-                        max_upscale=RANDOM_CROP_UPSCALE if d.random_crop else 1.0,
-                        reward=reward or RewardConfig(), keys=keys,
-                        precomputed=latent_cache.ARRAYS if latents is not None else (),
-                        worker_count=d.workers)
+    pc = PipelineConfig(
+        batch_size=batch_size * accum,
+        resolution=d.resolution,
+        seed=config.seed,
+        random_flip=d.random_flip,
+        max_upscale=RANDOM_CROP_UPSCALE if d.random_crop else 1.0,
+        reward=reward or RewardConfig(),
+        keys=keys,
+        precomputed=latent_cache.ARRAYS if latents is not None else (),
+        worker_count=d.workers,
+    )
     records = latents if latents is not None else source.train
     if d.in_memory and latents is None:
       records = InMemorySource(records, (source.name, source.data_dir, d.split))
-    self.pipeline = EditPipeline(records, TokenizeFn(tokenizer), pc,
-                                 process_index=jax.process_index(),
-                                 process_count=jax.process_count())
+    self.pipeline = EditPipeline(
+        records,
+        TokenizeFn(tokenizer),
+        pc,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     self.accum, self.batch_size = accum, batch_size
     self._it = iter(self.pipeline)
 

@@ -1,5 +1,6 @@
 """Diffusion core: noise schedule and training targets, samplers, dual classifier-free guidance,
 and the training-time condition dropout that guidance needs."""
+
 from mre.diffusion.condition_dropout import conditioning_dropout, drop_rewards
 from mre.diffusion.editing import edit_latents, make_edit_sampler
 from mre.diffusion.guidance import dual_guidance, guidance_enabled

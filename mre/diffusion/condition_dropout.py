@@ -6,6 +6,7 @@ so that one network also predicts without the text, without the image and withou
 branches of dual classifier-free guidance). `drop_rewards` is reward dropout: per sample, the
 whole reward becomes the null reward (`RewardConfig.null_reward`), for reward guidance.
 """
+
 from __future__ import annotations
 
 import jax
@@ -35,6 +36,7 @@ def drop_rewards(key, reward, null, prob: float):
     return reward
   batch = jax.tree.leaves(reward)[0].shape[0]
   drop = jax.random.uniform(key, (batch,)) < prob
-  pick = lambda a, b: jnp.where(drop.reshape((-1,) + (1,) * (a.ndim - 1)),
-                                jnp.broadcast_to(b, a.shape).astype(a.dtype), a)
+  pick = lambda a, b: jnp.where(
+      drop.reshape((-1,) + (1,) * (a.ndim - 1)), jnp.broadcast_to(b, a.shape).astype(a.dtype), a
+  )
   return jax.tree.map(pick, reward, null)

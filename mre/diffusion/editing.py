@@ -4,6 +4,7 @@ This is the denoising half of StableDiffusionInstructPix2PixPipeline (encoding t
 and decoding the result are the caller's): `edit_latents` is a pure function usable under any
 transform, `make_edit_sampler` wraps it in one jitted computation.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Optional
@@ -38,57 +39,72 @@ def edit_latents(
     channel_axis: int = -1,
     latent_channels: Optional[int] = None,
 ) -> jax.Array:
-    """Edited latents (before VAE decoding) for a batch of B images.
+  """Edited latents (before VAE decoding) for a batch of B images.
 
-    Args:
-      unet: `unet(sample, timesteps, context, **extra_cond) -> output`; sample has the noisy latents
-        and the image latents concatenated on `channel_axis` (NHWC by default).
-      image_latents: VAE posterior mode of the original images, NOT scaled by the VAE scaling
-        factor (as the diffusers pipeline and InstructPix2Pix training use them), [B, h, w, 4].
-      text_emb, uncond_text_emb: CLIP contexts of the instruction and of the empty prompt.
-      key: split into the initial-noise key and the per-step-noise key.
-      noise: unit-variance initial noise (shape of the latents); drawn from `key` when omitted. Like
-        the pipeline's `latents=` argument, it is multiplied by the sampler's `init_noise_sigma`.
-      step_noise: optional pre-drawn per-step noise [num_steps, *latents.shape] for the stochastic
-        samplers (tests use it to match diffusers draw for draw).
-      Guidance settings (text_scale, image_scale, extra_cond, extra_cond_uncond, reward_scale) are
-      those of `dual_guidance`; sampler settings those of `samplers.sample`.
-    """
-    key_init = key_steps = None
-    if key is not None:
-        key_init, key_steps = jax.random.split(key)
-    if noise is None:
-        if key_init is None:
-            raise ValueError("key: needed to draw the initial noise when `noise` is not given")
-        shape = list(image_latents.shape)
-        if latent_channels is not None:
-            shape[channel_axis] = latent_channels
-        noise = jax.random.normal(key_init, tuple(shape), image_latents.dtype)
-    latents = noise * init_noise_sigma(schedule, num_steps, sampler).astype(noise.dtype)
-    model_fn = _stateless(unet)
+  Args:
+    unet: `unet(sample, timesteps, context, **extra_cond) -> output`; sample has the noisy latents
+      and the image latents concatenated on `channel_axis` (NHWC by default).
+    image_latents: VAE posterior mode of the original images, NOT scaled by the VAE scaling
+      factor (as the diffusers pipeline and InstructPix2Pix training use them), [B, h, w, 4].
+    text_emb, uncond_text_emb: CLIP contexts of the instruction and of the empty prompt.
+    key: split into the initial-noise key and the per-step-noise key.
+    noise: unit-variance initial noise (shape of the latents); drawn from `key` when omitted. Like
+      the pipeline's `latents=` argument, it is multiplied by the sampler's `init_noise_sigma`.
+    step_noise: optional pre-drawn per-step noise [num_steps, *latents.shape] for the stochastic
+      samplers (tests use it to match diffusers draw for draw).
+    Guidance settings (text_scale, image_scale, extra_cond, extra_cond_uncond, reward_scale) are
+    those of `dual_guidance`; sampler settings those of `samplers.sample`.
+  """
+  key_init = key_steps = None
+  if key is not None:
+    key_init, key_steps = jax.random.split(key)
+  if noise is None:
+    if key_init is None:
+      raise ValueError("key: needed to draw the initial noise when `noise` is not given")
+    shape = list(image_latents.shape)
+    if latent_channels is not None:
+      shape[channel_axis] = latent_channels
+    noise = jax.random.normal(key_init, tuple(shape), image_latents.dtype)
+  latents = noise * init_noise_sigma(schedule, num_steps, sampler).astype(noise.dtype)
+  model_fn = _stateless(unet)
 
-    def guided_unet(latents_input, t):
-        return dual_guidance(
-            model_fn, latents_input, image_latents, text_emb, uncond_text_emb, t,
-            text_scale=text_scale, image_scale=image_scale,
-            extra_cond=extra_cond, extra_cond_uncond=extra_cond_uncond,
-            reward_scale=reward_scale, channel_axis=channel_axis,
-        )
-
-    return sample(
-        guided_unet, latents, schedule, num_steps, key_steps,
-        sampler=sampler, prediction_type=prediction_type, eta=eta, noise=step_noise,
+  def guided_unet(latents_input, t):
+    return dual_guidance(
+        model_fn,
+        latents_input,
+        image_latents,
+        text_emb,
+        uncond_text_emb,
+        t,
+        text_scale=text_scale,
+        image_scale=image_scale,
+        extra_cond=extra_cond,
+        extra_cond_uncond=extra_cond_uncond,
+        reward_scale=reward_scale,
+        channel_axis=channel_axis,
     )
+
+  return sample(
+      guided_unet,
+      latents,
+      schedule,
+      num_steps,
+      key_steps,
+      sampler=sampler,
+      prediction_type=prediction_type,
+      eta=eta,
+      noise=step_noise,
+  )
 
 
 def _stateless(unet):
-    """An NNX module called inside the compiled loop must not mutate itself across trace levels
-    (flax raises TraceContextError), so each call runs on a fresh `nnx.merge` of its state: reads
-    see the current weights, writes (RNG counters, statistics) stay local to the sampling run."""
-    if not isinstance(unet, nnx.Module):
-        return unet
-    graphdef, state = nnx.split(unet)
-    return lambda *args, **kwargs: nnx.merge(graphdef, state)(*args, **kwargs)
+  """An NNX module called inside the compiled loop must not mutate itself across trace levels
+  (flax raises TraceContextError), so each call runs on a fresh `nnx.merge` of its state: reads
+  see the current weights, writes (RNG counters, statistics) stay local to the sampling run."""
+  if not isinstance(unet, nnx.Module):
+    return unet
+  graphdef, state = nnx.split(unet)
+  return lambda *args, **kwargs: nnx.merge(graphdef, state)(*args, **kwargs)
 
 
 def make_edit_sampler(
@@ -97,32 +113,72 @@ def make_edit_sampler(
     sampler: str = "euler_ancestral",
     **settings: Any,
 ) -> Callable[..., jax.Array]:
-    """A compiled editor with fixed settings (`settings`: the keyword settings of `edit_latents`,
-    e.g. text_scale, image_scale, reward_scale, eta, channel_axis). Returns
+  """A compiled editor with fixed settings (`settings`: the keyword settings of `edit_latents`,
+  e.g. text_scale, image_scale, reward_scale, eta, channel_axis). Returns
 
-      edit(unet, image_latents, text_emb, uncond_text_emb, *, key=None, noise=None,
-           step_noise=None, extra_cond=None, extra_cond_uncond=None) -> latents
+    edit(unet, image_latents, text_emb, uncond_text_emb, *, key=None, noise=None,
+         step_noise=None, extra_cond=None, extra_cond_uncond=None) -> latents
 
-    where `unet` is an `nnx.Module` (its state is a traced argument, so new weights do not
-    recompile) or a plain function (a static argument). The whole run is one XLA computation,
-    compiled once per input shape.
-    """
+  where `unet` is an `nnx.Module` (its state is a traced argument, so new weights do not
+  recompile) or a plain function (a static argument). The whole run is one XLA computation,
+  compiled once per input shape.
+  """
 
-    def run(unet, schedule, image_latents, text_emb, uncond_text_emb, key, noise, step_noise,
-            extra_cond, extra_cond_uncond):
-        return edit_latents(
-            unet, image_latents, text_emb, uncond_text_emb, schedule,
-            num_steps=num_steps, sampler=sampler, key=key, noise=noise, step_noise=step_noise,
-            extra_cond=extra_cond, extra_cond_uncond=extra_cond_uncond, **settings,
-        )
+  def run(
+      unet,
+      schedule,
+      image_latents,
+      text_emb,
+      uncond_text_emb,
+      key,
+      noise,
+      step_noise,
+      extra_cond,
+      extra_cond_uncond,
+  ):
+    return edit_latents(
+        unet,
+        image_latents,
+        text_emb,
+        uncond_text_emb,
+        schedule,
+        num_steps=num_steps,
+        sampler=sampler,
+        key=key,
+        noise=noise,
+        step_noise=step_noise,
+        extra_cond=extra_cond,
+        extra_cond_uncond=extra_cond_uncond,
+        **settings,
+    )
 
-    run_module = nnx.jit(run)
-    run_function = jax.jit(run, static_argnums=0)
+  run_module = nnx.jit(run)
+  run_function = jax.jit(run, static_argnums=0)
 
-    def edit(unet, image_latents, text_emb, uncond_text_emb, *, key=None, noise=None,
-             step_noise=None, extra_cond=None, extra_cond_uncond=None):
-        runner = run_module if isinstance(unet, nnx.Module) else run_function
-        return runner(unet, schedule, image_latents, text_emb, uncond_text_emb, key, noise,
-                      step_noise, extra_cond, extra_cond_uncond)
+  def edit(
+      unet,
+      image_latents,
+      text_emb,
+      uncond_text_emb,
+      *,
+      key=None,
+      noise=None,
+      step_noise=None,
+      extra_cond=None,
+      extra_cond_uncond=None,
+  ):
+    runner = run_module if isinstance(unet, nnx.Module) else run_function
+    return runner(
+        unet,
+        schedule,
+        image_latents,
+        text_emb,
+        uncond_text_emb,
+        key,
+        noise,
+        step_noise,
+        extra_cond,
+        extra_cond_uncond,
+    )
 
-    return edit
+  return edit

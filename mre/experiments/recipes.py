@@ -3,6 +3,7 @@
 Both stage-2 runs come from the same recipe (`configs/reward.py:toy`): (a) only switches the reward
 off, so the two differ in nothing but the reward condition.
 """
+
 from __future__ import annotations
 
 from configs import ip2p, reward
@@ -41,8 +42,17 @@ def stage1_config(workdir, *, steps=None, seed=0, data_dir="", overrides=None):
   return _finish(ip2p.get_config("toy"), workdir, steps, seed, data_dir, overrides or {})
 
 
-def stage2_config(workdir, stage1_export, *, rewards: bool, steps=None, seed=0, data_dir="",
-                  overrides=None, extra=None):
+def stage2_config(
+    workdir,
+    stage1_export,
+    *,
+    rewards: bool,
+    steps=None,
+    seed=0,
+    data_dir="",
+    overrides=None,
+    extra=None,
+):
   """Stage 1 trained further (`configs/reward.py:toy`), with or without the reward condition."""
   c = reward.get_config("toy")
   c.model.pretrained = stage1_export

@@ -1,4 +1,5 @@
 """Tables, the claim check and image grids of the toy replication."""
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,9 @@ def main_table(rows: dict, names) -> str:
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name in names:
     a = rows[name]["summary"]["all"]
-    cells = [name, str(a["n"])] + [_cell(a[p], k) for p in PERSPECTIVES
-                                   for k in ("yes_rate", "score")]
+    cells = [name, str(a["n"])] + [
+        _cell(a[p], k) for p in PERSPECTIVES for k in ("yes_rate", "score")
+    ]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
@@ -41,8 +43,10 @@ def category_table(rows: dict, names) -> str:
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name in names:
     s = rows[name]["summary"]
-    cells = [name] + [" / ".join(_pct(s[c][p]["yes_rate"]) for p in PERSPECTIVES) if c in s
-                      else "-" for c in CATEGORIES]
+    cells = [name] + [
+        " / ".join(_pct(s[c][p]["yes_rate"]) for p in PERSPECTIVES) if c in s else "-"
+        for c in CATEGORIES
+    ]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
@@ -50,12 +54,22 @@ def category_table(rows: dict, names) -> str:
 def claim(rows: dict) -> dict:
   """(b) at (5,5,5) against (a): per perspective, whether its yes-rate interval lies above."""
   a, b = rows["(a) baseline"]["summary"]["all"], rows["(b) reward 5,5,5"]["summary"]["all"]
-  per = {p: {"yes_rate_separated": separated(b[p], a[p]),
-             "score_separated": separated(b[p], a[p], "score"),
-             "yes_rate_gain": b[p]["yes_rate"] - a[p]["yes_rate"]} for p in PERSPECTIVES}
+  per = {
+      p: {
+          "yes_rate_separated": separated(b[p], a[p]),
+          "score_separated": separated(b[p], a[p], "score"),
+          "yes_rate_gain": b[p]["yes_rate"] - a[p]["yes_rate"],
+      }
+      for p in PERSPECTIVES
+  }
   goal = {p: b[p]["yes_rate"] >= GOAL[p] for p in PERSPECTIVES}
-  return {"holds": all(v["yes_rate_separated"] for v in per.values()), "perspectives": per,
-          "competent_at_5_5_5": all(goal.values()), "goal": GOAL, "goal_met": goal}
+  return {
+      "holds": all(v["yes_rate_separated"] for v in per.values()),
+      "perspectives": per,
+      "competent_at_5_5_5": all(goal.values()),
+      "goal": GOAL,
+      "goal_met": goal,
+  }
 
 
 def control(rows: dict) -> dict:
@@ -84,8 +98,9 @@ def grid(items, columns, n: int = 10, scale: int = 4) -> np.ndarray:
       picked.append(it)
   rows = []
   for it in picked[:n]:
-    cells = [it.original] + [np.asarray(Image.open(paths[it.id]).convert("RGB"))
-                             for paths in columns]
+    cells = [it.original] + [
+        np.asarray(Image.open(paths[it.id]).convert("RGB")) for paths in columns
+    ]
     rows.append(np.concatenate(cells, axis=1))
   image = np.concatenate(rows, axis=0)
   return np.kron(image, np.ones((scale, scale, 1), np.uint8))
@@ -93,34 +108,54 @@ def grid(items, columns, n: int = 10, scale: int = 4) -> np.ndarray:
 
 def build(rows: dict, items, workdir: str, *, timings: dict, settings: dict) -> dict:
   """The report: markdown, every row's numbers, the claim and control checks; writes the grids."""
-  result = {"rows": {name: row["summary"] for name, row in rows.items()},
-            "claim": claim(rows), "control": control(rows), "timings": timings,
-            "settings": settings}
+  result = {
+      "rows": {name: row["summary"] for name, row in rows.items()},
+      "claim": claim(rows),
+      "control": control(rows),
+      "timings": timings,
+      "settings": settings,
+  }
   main = [r for r in MAIN_ROWS if r in rows]
   others = [r for r in rows if r not in main and not r.startswith("(b) reward ")]
-  controls = ["(b) reward 5,5,5"] + [r for r in rows if r.startswith("(b) reward ") and
-                                     r != "(b) reward 5,5,5"]
+  controls = ["(b) reward 5,5,5"] + [
+      r for r in rows if r.startswith("(b) reward ") and r != "(b) reward 5,5,5"
+  ]
   c = result["claim"]
   gains = ", ".join(f"{p} {_pct(v['yes_rate_gain'])} points" for p, v in c["perspectives"].items())
-  md = ["## Main rows (yes-rate and mean score, 95% bootstrap intervals over test items)", "",
-        main_table(rows, main),
-        f"Claim ((b) at 5,5,5 above (a) on every perspective, non-overlapping yes-rate "
-        f"intervals): **{'holds' if c['holds'] else 'does not hold'}** ({gains}). "
-        f"Competent at 5,5,5 (following >= 70%, preserving >= 80%, quality >= 80%): "
-        f"{'yes' if c['competent_at_5_5_5'] else 'no'}.", "",
-        "## Per category (yes-rate following / preserving / quality)", "",
-        category_table(rows, main), "## Control: (b) with lowered scores", "",
-        main_table(rows, controls)]
-  md += [f"- score {v['row'][-5:]}: yes-rate drops " + ", ".join(
-      f"{q} {_pct(d)}" for q, d in v["drops"].items()) + (
-          f" (its own perspective, {p}, drops most)" if v["own_drop_largest"] else
-          f" (NOT its own perspective, {p}, most)") for p, v in result["control"].items()]
+  md = [
+      "## Main rows (yes-rate and mean score, 95% bootstrap intervals over test items)",
+      "",
+      main_table(rows, main),
+      f"Claim ((b) at 5,5,5 above (a) on every perspective, non-overlapping yes-rate "
+      f"intervals): **{'holds' if c['holds'] else 'does not hold'}** ({gains}). "
+      f"Competent at 5,5,5 (following >= 70%, preserving >= 80%, quality >= 80%): "
+      f"{'yes' if c['competent_at_5_5_5'] else 'no'}.",
+      "",
+      "## Per category (yes-rate following / preserving / quality)",
+      "",
+      category_table(rows, main),
+      "## Control: (b) with lowered scores",
+      "",
+      main_table(rows, controls),
+  ]
+  md += [
+      f"- score {v['row'][-5:]}: yes-rate drops "
+      + ", ".join(f"{q} {_pct(d)}" for q, d in v["drops"].items())
+      + (
+          f" (its own perspective, {p}, drops most)"
+          if v["own_drop_largest"]
+          else f" (NOT its own perspective, {p}, most)"
+      )
+      for p, v in result["control"].items()
+  ]
   if others:
     md += ["", "## Ablations and reward guidance", "", main_table(rows, main[-1:] + others)]
   md += ["", f"Timings (s): {timings}", f"Settings: {settings}", ""]
   result["markdown"] = "\n".join(md)
   Image.fromarray(grid(items, [rows[r]["paths"] for r in main])).save(
-      os.path.join(workdir, "grid.png"))
+      os.path.join(workdir, "grid.png")
+  )
   Image.fromarray(grid(items, [rows[r]["paths"] for r in controls])).save(
-      os.path.join(workdir, "control_grid.png"))
+      os.path.join(workdir, "control_grid.png")
+  )
   return result

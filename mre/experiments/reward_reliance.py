@@ -6,6 +6,7 @@ per band of timesteps. A model that ignores its reward gets the same loss both w
 it predicts its flawed targets better with the true reward. The bands tell where: low timesteps
 hold fine detail (noise, blur), higher ones layout and colours (following, preserving).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,9 @@ from mre.models.reward_unet import RewardUNet
 BANDS = ((0, 300), (300, 700), (700, 1000))
 
 
-def reward_reliance(export: str, config, *, batches: int = 4, batch_size: int = 128,
-                    bands=BANDS, seed: int = 0) -> dict:
+def reward_reliance(
+    export: str, config, *, batches: int = 4, batch_size: int = 128, bands=BANDS, seed: int = 0
+) -> dict:
   """{"t a-b": {"true": loss, "shuffled": loss, "gain": 1 - true/shuffled}} over `batches`
   batches of the training split `config` names (its data fields only)."""
   pipe = load_any(export)
@@ -33,9 +35,14 @@ def reward_reliance(export: str, config, *, batches: int = 4, batch_size: int = 
     raise ValueError(f"{export} holds an editor without reward: nothing to measure")
   schedule = schedule_from_config(pipe.scheduler_config)
   unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
-  data = train_input.TrainIterator(train_input.open_dataset(config), config, pipe.tokenizer,
-                                   batch_size=batch_size, accum=1,
-                                   reward=unet.reward_config)
+  data = train_input.TrainIterator(
+      train_input.open_dataset(config),
+      config,
+      pipe.tokenizer,
+      batch_size=batch_size,
+      accum=1,
+      reward=unet.reward_config,
+  )
 
   @jax.jit
   def per_sample_loss(original, edited, ids, scores, reward_ids, t, noise):
@@ -60,10 +67,14 @@ def reward_reliance(export: str, config, *, batches: int = 4, batch_size: int = 
       t = jnp.asarray(rng.integers(band[0], band[1], n))
       latent_shape = vae.encode(batch["edited"][:1]).mode().shape[1:]
       noise = jnp.asarray(rng.standard_normal((n,) + latent_shape), jnp.float32)
-      sums[band]["true"].append(per_sample_loss(*images, batch["reward_scores"],
-                                                batch["reward_ids"], t, noise))
-      sums[band]["shuffled"].append(per_sample_loss(*images, batch["reward_scores"][shuffle],
-                                                    batch["reward_ids"][shuffle], t, noise))
+      sums[band]["true"].append(
+          per_sample_loss(*images, batch["reward_scores"], batch["reward_ids"], t, noise)
+      )
+      sums[band]["shuffled"].append(
+          per_sample_loss(
+              *images, batch["reward_scores"][shuffle], batch["reward_ids"][shuffle], t, noise
+          )
+      )
   data.close()
   out = {}
   for (lo, hi), losses in sums.items():
@@ -76,21 +87,27 @@ def reward_reliance(export: str, config, *, batches: int = 4, batch_size: int = 
 def main(argv):
   del argv
   from configs import reward  # pylint: disable=import-outside-toplevel
+
   f = flags.FLAGS
   config = reward.get_config(f.dataset_config)
   if f.data_dir:
     config.data.data_dir = f.data_dir
   result = reward_reliance(f.model, config, batches=f.batches, batch_size=f.batch_size)
   for band, r in result.items():
-    print(f"{band}: loss with its own rewards {r['true']:.4f}, with shuffled rewards "
-          f"{r['shuffled']:.4f} ({r['gain']:+.1%} less with its own)")
+    print(
+        f"{band}: loss with its own rewards {r['true']:.4f}, with shuffled rewards "
+        f"{r['shuffled']:.4f} ({r['gain']:+.1%} less with its own)"
+    )
   print(json.dumps(result))
 
 
 if __name__ == "__main__":
   flags.DEFINE_string("model", None, "An exported reward editor (a folder).", required=True)
-  flags.DEFINE_string("dataset_config", "toy", "Variant of configs/reward.py whose training data "
-                      "is read ('toy': toy_edit/24px).")
+  flags.DEFINE_string(
+      "dataset_config",
+      "toy",
+      "Variant of configs/reward.py whose training data " "is read ('toy': toy_edit/24px).",
+  )
   flags.DEFINE_string("data_dir", "", "TFDS data_dir ('' = ~/tensorflow_datasets).")
   flags.DEFINE_integer("batches", 4, "Batches per band.")
   flags.DEFINE_integer("batch_size", 128, "Triplets per batch.")

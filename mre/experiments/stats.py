@@ -5,6 +5,7 @@ others. Its uncertainty comes from which items the test set happens to hold, so 
 percentile bootstraps over items: resample the items with replacement, recompute the yes-rate and
 the mean score, and take the 2.5th and 97.5th percentiles of the resampled values.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -14,8 +15,9 @@ import numpy as np
 PERSPECTIVES = ("following", "preserving", "quality")
 
 
-def bootstrap_ci(values: np.ndarray, *, resamples: int = 2000, level: float = 0.95,
-                 seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    values: np.ndarray, *, resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
   """Percentile bootstrap interval of the mean of `values` (one value per item)."""
   values = np.asarray(values, np.float64)
   if values.size == 0:
@@ -35,8 +37,12 @@ def perspective_stats(records: Sequence[dict], perspective: str, **bootstrap) ->
   if not len(records):
     nan = float("nan")
     return {"yes_rate": nan, "yes_rate_ci": [nan, nan], "score": nan, "score_ci": [nan, nan]}
-  return {"yes_rate": float(yes.mean()), "yes_rate_ci": list(bootstrap_ci(yes, **bootstrap)),
-          "score": float(score.mean()), "score_ci": list(bootstrap_ci(score, **bootstrap))}
+  return {
+      "yes_rate": float(yes.mean()),
+      "yes_rate_ci": list(bootstrap_ci(yes, **bootstrap)),
+      "score": float(score.mean()),
+      "score_ci": list(bootstrap_ci(score, **bootstrap)),
+  }
 
 
 def summarize_with_ci(records: Sequence[dict], **bootstrap) -> dict:
@@ -48,8 +54,10 @@ def summarize_with_ci(records: Sequence[dict], **bootstrap) -> dict:
     groups.setdefault(r["category"], []).append(r)
   out = {}
   for name, recs in groups.items():
-    out[name] = {"n": len(recs), **{p: perspective_stats(recs, p, **bootstrap)
-                                    for p in PERSPECTIVES}}
+    out[name] = {
+        "n": len(recs),
+        **{p: perspective_stats(recs, p, **bootstrap) for p in PERSPECTIVES},
+    }
   out["all"]["failed"] = len(records) - len(ok)
   return out
 

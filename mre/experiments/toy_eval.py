@@ -5,6 +5,7 @@ provenance file, so an interrupted evaluation resumes and a changed model or set
 (the machinery of `mre.evaluation`). The judge runs in process: the same measurements the toy
 judge server answers with, without HTTP.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,15 +30,20 @@ EVAL_SETTINGS = dict(steps=20, sampler="ddim", text_scale=2.0, image_scale=1.0, 
 def load_items(config, data_dir: str, limit: int = 0):
   """The test items of the config's toy_edit dataset (the split lists each scene's 5 edits
   together, so any prefix holds every category about equally)."""
-  return evaluation.load_benchmark(f"toy_edit/{config.data.config}", data_dir, "test",
-                                   limit=limit or None)
+  return evaluation.load_benchmark(
+      f"toy_edit/{config.data.config}", data_dir, "test", limit=limit or None
+  )
 
 
 def judge_record(item: evaluation.BenchItem, edited_path: str) -> dict:
   edited = np.asarray(Image.open(edited_path).convert("RGB"))
   verdict = toy_judge.judge(item.instruction, item.original, edited)
-  record = {"id": item.id, "category": item.category, "instruction": item.instruction,
-            "status": "ok"}
+  record = {
+      "id": item.id,
+      "category": item.category,
+      "instruction": item.instruction,
+      "status": "ok",
+  }
   for name, v in zip(stats.PERSPECTIVES, verdict.verdicts):
     record[name] = {"yes": bool(v.yes), "score": float(v.score), "failure": v.failure}
   return record
@@ -57,9 +63,16 @@ def judge_items(items, paths: dict, results_path: str) -> dict:
   return {it.id: done[it.id] for it in items}
 
 
-def evaluate_row(export: str, items, out_dir: str, resolution: int, *,
-                 reward: Optional[tuple] = None, reward_scale: Optional[float] = None,
-                 batch_size: int = 70) -> dict:
+def evaluate_row(
+    export: str,
+    items,
+    out_dir: str,
+    resolution: int,
+    *,
+    reward: Optional[tuple] = None,
+    reward_scale: Optional[float] = None,
+    batch_size: int = 70,
+) -> dict:
   """{"summary": per-category stats with 95% intervals, "paths": {id: edited PNG}}.
 
   `reward` is the score condition of a reward model (texts: "nothing wrong"); `reward_scale`
@@ -67,21 +80,28 @@ def evaluate_row(export: str, items, out_dir: str, resolution: int, *,
   """
   os.makedirs(out_dir, exist_ok=True)
   settings = EditSettings(resolution=resolution, reward_scale=reward_scale, **EVAL_SETTINGS)
-  evaluation.check_provenance(out_dir, {"model": os.path.abspath(export),
-                                        # a retrained model is another model
-                                        "model_time": os.path.getmtime(
-                                            os.path.join(export, "mre_model.json")),
-                                        "settings": dataclasses.asdict(settings),
-                                        "reward": reward, "judge": "toy judge, in process"})
+  evaluation.check_provenance(
+      out_dir,
+      {
+          "model": os.path.abspath(export),
+          # a retrained model is another model
+          "model_time": os.path.getmtime(os.path.join(export, "mre_model.json")),
+          "settings": dataclasses.asdict(settings),
+          "reward": reward,
+          "judge": "toy judge, in process",
+      },
+  )
   results_path = os.path.join(out_dir, "results.jsonl")
-  paths = {it.id: os.path.join(out_dir, "images", evaluation.safe_name(it.id) + ".png")
-           for it in items}
+  paths = {
+      it.id: os.path.join(out_dir, "images", evaluation.safe_name(it.id) + ".png") for it in items
+  }
   if not all(os.path.exists(p) for p in paths.values()):
     editor = Editor(load_any(export), settings)
     make_reward = None
     if reward is not None and editor.is_reward:
       make_reward = lambda n: editor.reward_inputs(n, scores=tuple(reward))  # noqa: E731
-    paths = evaluation.edit_items(editor, items, os.path.join(out_dir, "images"),
-                                  batch_size=batch_size, reward=make_reward)
+    paths = evaluation.edit_items(
+        editor, items, os.path.join(out_dir, "images"), batch_size=batch_size, reward=make_reward
+    )
   records = judge_items(items, paths, results_path)
   return {"summary": stats.summarize_with_ci(list(records.values())), "paths": paths}

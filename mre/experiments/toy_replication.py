@@ -18,6 +18,7 @@ paper's ablations (scores only, texts only, latent injection only, U-Net injecti
 reward guidance. Reruns resume: training from checkpoints, evaluation from cached edits and
 judgements.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,9 +46,17 @@ def _train(cfg, timings: dict, name: str) -> str:
   return os.path.join(cfg.workdir, "export")
 
 
-def replicate(workdir: str, *, seed: int = 0, stage1_steps=None, stage2_steps=None,
-              data_dir: str = "", eval_items: int = 0, ablations: bool = False,
-              overrides=None) -> dict:
+def replicate(
+    workdir: str,
+    *,
+    seed: int = 0,
+    stage1_steps=None,
+    stage2_steps=None,
+    data_dir: str = "",
+    eval_items: int = 0,
+    ablations: bool = False,
+    overrides=None,
+) -> dict:
   """Runs the whole replication; returns the report (also written to `workdir`).
 
   `overrides` ({"train.batch_per_device": 8, ...}) apply to every run (tests use tiny settings).
@@ -58,14 +67,24 @@ def replicate(workdir: str, *, seed: int = 0, stage1_steps=None, stage2_steps=No
   common = dict(seed=seed, data_dir=data_dir, overrides=overrides or {})
   s1 = stage1_config(os.path.join(workdir, "stage1"), steps=stage1_steps, **common)
   stage1 = _train(s1, timings, "stage 1")
-  runs = {"baseline": stage2_config(os.path.join(workdir, "baseline"), stage1, rewards=False,
-                                    steps=stage2_steps, **common),
-          "reward": stage2_config(os.path.join(workdir, "reward"), stage1, rewards=True,
-                                  steps=stage2_steps, **common)}
+  runs = {
+      "baseline": stage2_config(
+          os.path.join(workdir, "baseline"), stage1, rewards=False, steps=stage2_steps, **common
+      ),
+      "reward": stage2_config(
+          os.path.join(workdir, "reward"), stage1, rewards=True, steps=stage2_steps, **common
+      ),
+  }
   if ablations:
     for name, fields in ABLATIONS.items():
-      runs[name] = stage2_config(os.path.join(workdir, name), stage1, rewards=True,
-                                 steps=stage2_steps, extra=fields, **common)
+      runs[name] = stage2_config(
+          os.path.join(workdir, name),
+          stage1,
+          rewards=True,
+          steps=stage2_steps,
+          extra=fields,
+          **common,
+      )
   exports = {name: _train(cfg, timings, name) for name, cfg in runs.items()}
   exports["stage1"] = stage1
 
@@ -73,30 +92,42 @@ def replicate(workdir: str, *, seed: int = 0, stage1_steps=None, stage2_steps=No
   items = load_items(s1, data_dir, eval_items)
   rows = {}
   evaluate = lambda label, run, **kw: evaluate_row(  # noqa: E731
-      exports[run], items, os.path.join(workdir, "eval", label), s1.data.resolution, **kw)
+      exports[run], items, os.path.join(workdir, "eval", label), s1.data.resolution, **kw
+  )
   rows["stage 1"] = evaluate("stage1", "stage1")
   rows["(a) baseline"] = evaluate("baseline", "baseline")
   rows["(b) reward 5,5,5"] = evaluate("reward_5-5-5", "reward", reward=(5, 5, 5))
   for scores in CONTROL:
     tag = ",".join(map(str, scores))
-    rows[f"(b) reward {tag}"] = evaluate(f"reward_{tag.replace(',', '-')}", "reward",
-                                         reward=scores)
+    rows[f"(b) reward {tag}"] = evaluate(f"reward_{tag.replace(',', '-')}", "reward", reward=scores)
   if ablations:
     for name in ABLATIONS:
       if name == "reward_dropout":
         rows["(b) reward dropout 0.1, 5,5,5"] = evaluate(name, name, reward=(5, 5, 5))
         for scale in (1.5, 3.0):
           rows[f"(b) reward dropout 0.1, reward guidance {scale:g}"] = evaluate(
-              f"{name}_guidance_{scale:g}", name, reward=(5, 5, 5), reward_scale=scale)
+              f"{name}_guidance_{scale:g}", name, reward=(5, 5, 5), reward_scale=scale
+          )
       else:
         rows[f"(b) {name.replace('_', ' ')}"] = evaluate(name, name, reward=(5, 5, 5))
   timings["evaluate"] = round(time.time() - t0, 1)
   timings["total"] = round(time.time() - start, 1)
 
-  result = report.build(rows, items, workdir, timings=timings, settings={
-      "seed": seed, "stage1_steps": s1.train.steps,
-      "stage2_steps": runs["reward"].train.steps, "eval_items": len(items),
-      "eval": EVAL_SETTINGS, "batch": s1.train.batch_per_device, "resolution": s1.data.resolution})
+  result = report.build(
+      rows,
+      items,
+      workdir,
+      timings=timings,
+      settings={
+          "seed": seed,
+          "stage1_steps": s1.train.steps,
+          "stage2_steps": runs["reward"].train.steps,
+          "eval_items": len(items),
+          "eval": EVAL_SETTINGS,
+          "batch": s1.train.batch_per_device,
+          "resolution": s1.data.resolution,
+      },
+  )
   with open(os.path.join(workdir, "replication.json"), "w") as f:
     json.dump(result, f, indent=1)
   with open(os.path.join(workdir, "replication.md"), "w") as f:
@@ -110,23 +141,36 @@ def define_flags():
   flags.DEFINE_string("workdir", "runs/toy_replication", "Where the runs and reports go.")
   flags.DEFINE_integer("seed", 0, "Training seed of every run (stage 1 and stage 2).")
   flags.DEFINE_integer("stage1_steps", None, "Stage-1 steps (default: the recipe's).")
-  flags.DEFINE_integer("stage2_steps", None, "Stage-2 steps of (a) and (b) (default: the recipe's).")
+  flags.DEFINE_integer(
+      "stage2_steps", None, "Stage-2 steps of (a) and (b) (default: the recipe's)."
+  )
   flags.DEFINE_string("data_dir", "", "TFDS data_dir ('' = ~/tensorflow_datasets).")
   flags.DEFINE_integer("eval_items", 0, "Test edits judged per row (0 = all 560).")
-  flags.DEFINE_bool("ablations", False, "Also train and evaluate the ablations and reward guidance "
-                    "(a longer run).")
+  flags.DEFINE_bool(
+      "ablations",
+      False,
+      "Also train and evaluate the ablations and reward guidance " "(a longer run).",
+  )
 
 
 def main(argv):
   del argv
   f = flags.FLAGS
   train.quiet_library_logs()
-  result = replicate(f.workdir, seed=f.seed, stage1_steps=f.stage1_steps,
-                     stage2_steps=f.stage2_steps, data_dir=f.data_dir, eval_items=f.eval_items,
-                     ablations=f.ablations)
+  result = replicate(
+      f.workdir,
+      seed=f.seed,
+      stage1_steps=f.stage1_steps,
+      stage2_steps=f.stage2_steps,
+      data_dir=f.data_dir,
+      eval_items=f.eval_items,
+      ablations=f.ablations,
+  )
   print(result["markdown"])
-  print(f"reports: {os.path.join(os.path.abspath(f.workdir), 'replication.md')} and "
-        "replication.json; grids: grid.png, control_grid.png")
+  print(
+      f"reports: {os.path.join(os.path.abspath(f.workdir), 'replication.md')} and "
+      "replication.json; grids: grid.png, control_grid.png"
+  )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ component folder holds `config.json` and its weights (`mre.model_io.safetensors_
 downloaded: every path is a local folder. Besides the folders as diffusers writes them: SD 1.5's
 legacy VAE attention names, and an SD 1.5 U-Net widened to InstructPix2Pix's 8 input channels.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,19 +42,24 @@ def load_unet(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, remat=
   raw = read_json(folder)
   tensors = read_state_dict(folder)
   if reward_layout.has_reward(tensors, raw):
-    return reward_layout.load_reward_unet(folder, dtype=dtype, param_dtype=param_dtype,
-                                          remat=remat, tensors=tensors)
+    return reward_layout.load_reward_unet(
+        folder, dtype=dtype, param_dtype=param_dtype, remat=remat, tensors=tensors
+    )
   cfg = UNetConfig.from_dict(raw)
-  unet = _abstract(lambda: UNet2DConditionModel(cfg, dtype=dtype, param_dtype=param_dtype,
-                                                remat=remat, rngs=nnx.Rngs(0)))
+  unet = _abstract(
+      lambda: UNet2DConditionModel(
+          cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0)
+      )
+  )
   load_state_dict(unet, tensors, where=f"U-Net in {folder}")
   return materialize_non_params(unet)
 
 
 def load_vae(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32):
   cfg = VAEConfig.from_dict(read_json(folder))
-  vae = _abstract(lambda: AutoencoderKL(cfg, dtype=dtype, param_dtype=param_dtype,
-                                        rngs=nnx.Rngs(0)))
+  vae = _abstract(
+      lambda: AutoencoderKL(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+  )
   load_state_dict(vae, read_state_dict(folder), where=f"VAE in {folder}", rename=legacy_vae_rename)
   return materialize_non_params(vae)
 
@@ -65,10 +71,16 @@ def _clip_rename(name: str) -> str:
 
 def load_text_encoder(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32):
   cfg = CLIPTextConfig.from_dict(read_json(folder))
-  model = _abstract(lambda: CLIPTextModel(cfg, dtype=dtype, param_dtype=param_dtype,
-                                          rngs=nnx.Rngs(0)))
-  load_state_dict(model, read_state_dict(folder), where=f"text encoder in {folder}",
-                  ignore=_CLIP_BUFFERS, rename=_clip_rename)
+  model = _abstract(
+      lambda: CLIPTextModel(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+  )
+  load_state_dict(
+      model,
+      read_state_dict(folder),
+      where=f"text encoder in {folder}",
+      ignore=_CLIP_BUFFERS,
+      rename=_clip_rename,
+  )
   return materialize_non_params(model)
 
 
@@ -76,6 +88,7 @@ def load_tokenizer(folder: str):
   """transformers' CLIPTokenizer from a local folder, padded/truncated to its `model_max_length`
   (77 for CLIP; never more, since CLIP has 77 positions; the toy tokenizer asks for fewer)."""
   from transformers import CLIPTokenizer  # pylint: disable=import-outside-toplevel
+
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
   tok = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
@@ -90,8 +103,7 @@ def _sub(folder, name):
   return path
 
 
-def load_pipeline(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, remat=(),
-                  unet=None):
+def load_pipeline(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, remat=(), unet=None):
   """All components of a pipeline folder; `unet`, when given, replaces the folder's U-Net."""
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"model folder {folder} does not exist")
@@ -99,18 +111,26 @@ def load_pipeline(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, re
   index = read_json(index_path) if os.path.exists(index_path) else {}
   sched_dir = _sub(folder, "scheduler")
   return Pipeline(
-      unet=unet if unet is not None else load_unet(_sub(folder, "unet"), dtype=dtype,
-                                                   param_dtype=param_dtype, remat=remat),
+      unet=unet
+      if unet is not None
+      else load_unet(_sub(folder, "unet"), dtype=dtype, param_dtype=param_dtype, remat=remat),
       vae=load_vae(_sub(folder, "vae"), dtype=dtype, param_dtype=param_dtype),
-      text_encoder=load_text_encoder(_sub(folder, "text_encoder"), dtype=dtype,
-                                     param_dtype=param_dtype),
+      text_encoder=load_text_encoder(
+          _sub(folder, "text_encoder"), dtype=dtype, param_dtype=param_dtype
+      ),
       tokenizer=load_tokenizer(_sub(folder, "tokenizer")),
       scheduler_config=read_json(os.path.join(sched_dir, "scheduler_config.json")),
-      model_index=index)
+      model_index=index,
+  )
 
 
 # diffusers converts these pre-0.14 attention names on load; so do we (SD 1.5's own VAE uses them).
-_LEGACY_ATTENTION = {"query.": "to_q.", "key.": "to_k.", "value.": "to_v.", "proj_attn.": "to_out.0."}
+_LEGACY_ATTENTION = {
+    "query.": "to_q.",
+    "key.": "to_k.",
+    "value.": "to_v.",
+    "proj_attn.": "to_out.0.",
+}
 
 
 def legacy_vae_rename(name: str) -> str:
@@ -133,18 +153,24 @@ def widen_conv_in(tensors: dict, in_channels: int = 8) -> dict:
   return {**tensors, "conv_in.weight": np.concatenate([w, pad], axis=1)}
 
 
-def ip2p_unet_from_sd15(folder: str, *, in_channels=8, dtype=jnp.float32, param_dtype=jnp.float32,
-                        remat=()):
+def ip2p_unet_from_sd15(
+    folder: str, *, in_channels=8, dtype=jnp.float32, param_dtype=jnp.float32, remat=()
+):
   """The stage-1 starting point: an SD 1.5 `unet/` folder with `conv_in` widened to 8 channels."""
   raw = {**read_json(folder), "in_channels": in_channels}
-  unet = nnx.eval_shape(lambda: UNet2DConditionModel(raw, dtype=dtype, param_dtype=param_dtype,
-                                                     remat=remat, rngs=nnx.Rngs(0)))
-  load_state_dict(unet, widen_conv_in(read_state_dict(folder), in_channels),
-                  where=f"SD U-Net in {folder}")
+  unet = nnx.eval_shape(
+      lambda: UNet2DConditionModel(
+          raw, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0)
+      )
+  )
+  load_state_dict(
+      unet, widen_conv_in(read_state_dict(folder), in_channels), where=f"SD U-Net in {folder}"
+  )
   return materialize_non_params(unet)
 
 
 # --- export ---------------------------------------------------------------------------------------
+
 
 def _write_config(folder, cfg: dict, class_name: str, library: str):
   os.makedirs(folder, exist_ok=True)
@@ -170,20 +196,27 @@ def config_dict(module) -> dict:
 def save_unet(unet, folder: str):
   """Writes `config.json` + `diffusion_pytorch_model.safetensors` that diffusers loads as is."""
   _write_config(folder, config_dict(unet), "UNet2DConditionModel", "diffusers")
-  write_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"), state_dict(unet),
-                    metadata={"format": "pt"})
+  write_safetensors(
+      os.path.join(folder, "diffusion_pytorch_model.safetensors"),
+      state_dict(unet),
+      metadata={"format": "pt"},
+  )
 
 
 def save_vae(vae, folder: str):
   _write_config(folder, config_dict(vae), "AutoencoderKL", "diffusers")
-  write_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"), state_dict(vae),
-                    metadata={"format": "pt"})
+  write_safetensors(
+      os.path.join(folder, "diffusion_pytorch_model.safetensors"),
+      state_dict(vae),
+      metadata={"format": "pt"},
+  )
 
 
 def save_text_encoder(model, folder: str):
   _write_config(folder, config_dict(model), "CLIPTextModel", "transformers")
-  write_safetensors(os.path.join(folder, "model.safetensors"), state_dict(model),
-                    metadata={"format": "pt"})
+  write_safetensors(
+      os.path.join(folder, "model.safetensors"), state_dict(model), metadata={"format": "pt"}
+  )
 
 
 def save_pipeline(pipe: Pipeline, folder: str, *, scheduler_class: Optional[str] = None):
@@ -194,8 +227,11 @@ def save_pipeline(pipe: Pipeline, folder: str, *, scheduler_class: Optional[str]
   save_text_encoder(pipe.text_encoder, os.path.join(folder, "text_encoder"))
   pipe.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
   sched = dict(pipe.scheduler_config)
-  scheduler_class = (scheduler_class or sched.get("_class_name")
-                     or pipe.model_index.get("scheduler", [None, "EulerAncestralDiscreteScheduler"])[1])
+  scheduler_class = (
+      scheduler_class
+      or sched.get("_class_name")
+      or pipe.model_index.get("scheduler", [None, "EulerAncestralDiscreteScheduler"])[1]
+  )
   sched["_class_name"] = scheduler_class
   os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
   with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
@@ -203,11 +239,15 @@ def save_pipeline(pipe: Pipeline, folder: str, *, scheduler_class: Optional[str]
   index = {
       "_class_name": "StableDiffusionInstructPix2PixPipeline",
       "_diffusers_version": DIFFUSERS_VERSION,
-      "feature_extractor": [None, None], "safety_checker": [None, None],
-      "image_encoder": [None, None], "requires_safety_checker": False,
+      "feature_extractor": [None, None],
+      "safety_checker": [None, None],
+      "image_encoder": [None, None],
+      "requires_safety_checker": False,
       "scheduler": ["diffusers", scheduler_class],
       "text_encoder": ["transformers", "CLIPTextModel"],
       "tokenizer": ["transformers", "CLIPTokenizer"],
-      "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+      "unet": ["diffusers", "UNet2DConditionModel"],
+      "vae": ["diffusers", "AutoencoderKL"],
+  }
   with open(os.path.join(folder, "model_index.json"), "w") as f:
     json.dump(index, f, indent=2, sort_keys=True)

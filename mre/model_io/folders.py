@@ -4,6 +4,7 @@ A folder is an mre checkpoint (`mre.model_io.native_format`, `mre_model.json`) o
 pipeline folder (`mre.model_io.diffusers_folder`, `model_index.json` and `unet/`, `vae/`, ...).
 `mre.edit`, `mre.eval`, `mre.convert` and a stage-2 start take either.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,8 @@ from mre.pipeline import Pipeline
 def is_diffusers(folder: str) -> bool:
   """A diffusers pipeline folder: `model_index.json`, or at least a `unet/`."""
   return os.path.exists(os.path.join(folder, "model_index.json")) or os.path.isdir(
-      os.path.join(folder, "unet"))
+      os.path.join(folder, "unet")
+  )
 
 
 def load_any(folder: str, **kw) -> Pipeline:
@@ -26,5 +28,7 @@ def load_any(folder: str, **kw) -> Pipeline:
     return native_format.load_native(folder, **kw)
   if is_diffusers(folder):
     return diffusers_folder.load_pipeline(folder, **kw)
-  raise FileNotFoundError(f"{folder} is neither an mre checkpoint ({native_format.MARKER}) nor a "
-                          "diffusers pipeline folder (model_index.json, unet/, vae/, ...)")
+  raise FileNotFoundError(
+      f"{folder} is neither an mre checkpoint ({native_format.MARKER}) nor a "
+      "diffusers pipeline folder (model_index.json, unet/, vae/, ...)"
+  )

@@ -5,6 +5,7 @@ Layout: `mre_model.json` (format version, component configs, scheduler config, m
 text_encoder}` parameter trees). Unlike a diffusers folder, Orbax restores each array straight
 into its target sharding, which matters on TPU pods.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,9 +42,12 @@ def save_native(pipe: Pipeline, folder: str):
   ckpt.save(os.path.join(folder, "params"), params, force=True)
   ckpt.wait_until_finished()
   pipe.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
-  meta = {"format_version": FORMAT_VERSION,
-          "configs": {n: config_dict(m) for n, m in modules.items()},
-          "scheduler_config": pipe.scheduler_config, "model_index": pipe.model_index}
+  meta = {
+      "format_version": FORMAT_VERSION,
+      "configs": {n: config_dict(m) for n, m in modules.items()},
+      "scheduler_config": pipe.scheduler_config,
+      "model_index": pipe.model_index,
+  }
   with open(os.path.join(folder, MARKER), "w") as f:
     json.dump(meta, f, indent=2, sort_keys=True)
 
@@ -55,8 +59,9 @@ def load_native(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, rema
   with open(os.path.join(folder, MARKER)) as f:
     meta = json.load(f)
   if meta.get("format_version") != FORMAT_VERSION:
-    raise ValueError(f"{folder}: checkpoint format {meta.get('format_version')} is not "
-                     f"{FORMAT_VERSION}")
+    raise ValueError(
+        f"{folder}: checkpoint format {meta.get('format_version')} is not " f"{FORMAT_VERSION}"
+    )
   modules = {}
   for name, cls in _CLASSES.items():
     cfg, extra = meta["configs"][name], {"remat": remat} if name == "unet" else {}
@@ -64,8 +69,11 @@ def load_native(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, rema
       cls = reward_layout.reward_unet_from_config
     if name == "vae" and cfg.get("_class_name") == pixel.CLASS_NAME:
       cls = pixel.PixelSpace
-    modules[name] = nnx.eval_shape(lambda cls=cls, cfg=cfg, extra=extra: cls(
-        cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), **extra))
+    modules[name] = nnx.eval_shape(
+        lambda cls=cls, cfg=cfg, extra=extra: cls(
+            cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), **extra
+        )
+    )
   states = {n: nnx.state(m, nnx.Param) for n, m in modules.items()}
   target = {n: nnx.to_pure_dict(s) for n, s in states.items()}
   restored = ocp.StandardCheckpointer().restore(os.path.join(folder, "params"), target)
@@ -73,6 +81,9 @@ def load_native(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, rema
     nnx.replace_by_pure_dict(states[name], restored[name])
     nnx.update(module, states[name])
     materialize_non_params(module)
-  return Pipeline(tokenizer=load_tokenizer(os.path.join(folder, "tokenizer")),
-                             scheduler_config=meta["scheduler_config"],
-                             model_index=meta["model_index"], **modules)
+  return Pipeline(
+      tokenizer=load_tokenizer(os.path.join(folder, "tokenizer")),
+      scheduler_config=meta["scheduler_config"],
+      model_index=meta["model_index"],
+      **modules,
+  )

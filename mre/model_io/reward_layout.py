@@ -7,6 +7,7 @@ embedding, `text_linear*` for the failure texts, `proj_deal.*` and `ca.*` for th
 forms keep the tensor names the modules have, so a state dict imports and exports unchanged
 (docs/released_reward_form.md).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,15 +38,22 @@ def reward_config_of(tensors: dict, cfg: dict) -> RewardConfig:
     return RewardConfig(**cfg[CONFIG_KEY])
   has = lambda prefix: any(k.startswith(prefix) for k in tensors)
   if not (has("add_embedding.linear_") or has("text_linear") or has("proj_deal.")):
-    raise ValueError("this U-Net checkpoint has no reward modules (neither our `mre_reward` "
-                     "config entry nor the released `add_embedding`/`proj_deal`/`ca` tensors)")
-  return RewardConfig(form="released", use_scores=has("add_embedding.linear_"),
-                      use_texts=has("text_linear"), inject_latent=has("proj_deal."),
-                      inject_unet=has("add_embedding.linear_") or has("text_linear2."))
+    raise ValueError(
+        "this U-Net checkpoint has no reward modules (neither our `mre_reward` "
+        "config entry nor the released `add_embedding`/`proj_deal`/`ca` tensors)"
+    )
+  return RewardConfig(
+      form="released",
+      use_scores=has("add_embedding.linear_"),
+      use_texts=has("text_linear"),
+      inject_latent=has("proj_deal."),
+      inject_unet=has("add_embedding.linear_") or has("text_linear2."),
+  )
 
 
-def load_reward_unet(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, remat=(),
-                     tensors=None):
+def load_reward_unet(
+    folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, remat=(), tensors=None
+):
   """A reward U-Net from a diffusers-format `unet/` folder: ours, or the released stage-2 one."""
   raw = read_json(folder)
   tensors = read_state_dict(folder) if tensors is None else tensors
@@ -56,9 +64,17 @@ def load_reward_unet(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
       text_dim = tensors[name].shape[1]
   text_dim = raw.get(TEXT_DIM_KEY, text_dim)
   cfg = UNetConfig.from_dict(raw)
-  model = nnx.eval_shape(lambda: RewardUNet(cfg, reward, text_dim=text_dim, dtype=dtype,
-                                            param_dtype=param_dtype, remat=remat,
-                                            rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(
+      lambda: RewardUNet(
+          cfg,
+          reward,
+          text_dim=text_dim,
+          dtype=dtype,
+          param_dtype=param_dtype,
+          remat=remat,
+          rngs=nnx.Rngs(0),
+      )
+  )
   load_state_dict(model, tensors, where=f"reward U-Net in {folder}")
   return materialize_non_params(model)
 

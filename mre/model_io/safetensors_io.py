@@ -4,6 +4,7 @@
 included, checked bit for bit against the `safetensors` package); `read_state_dict` gathers all
 tensors of a diffusers/transformers model folder (sharded or not; `.bin` only with torch installed).
 """
+
 from __future__ import annotations
 
 import glob
@@ -21,9 +22,18 @@ class WeightsError(ValueError):
   file cannot be read."""
 
 
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-              "BOOL": np.bool_}
+_ST_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
@@ -35,7 +45,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     raise WeightsError(f"{path} is too short to be a safetensors file")
   (n,) = struct.unpack("<Q", data[:8])
   try:
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise WeightsError(f"{path} has no valid safetensors header: {e}") from e
   base, out = 8 + n, {}
@@ -45,7 +55,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     if info["dtype"] not in _ST_DTYPES:
       raise WeightsError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
     start, end = info["data_offsets"]
-    arr = np.frombuffer(data[base + start:base + end], dtype=_ST_DTYPES[info["dtype"]])
+    arr = np.frombuffer(data[base + start : base + end], dtype=_ST_DTYPES[info["dtype"]])
     out[name] = arr.reshape(info["shape"]).copy()
   return out
 
@@ -56,8 +66,11 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata=None):
   for name in sorted(tensors):
     arr = np.asarray(tensors[name])  # not ascontiguousarray: it turns a scalar into shape [1]
     raw = arr.tobytes()
-    header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
-                    "data_offsets": [offset, offset + len(raw)]}
+    header[name] = {
+        "dtype": _ST_NAMES[arr.dtype],
+        "shape": list(arr.shape),
+        "data_offsets": [offset, offset + len(raw)],
+    }
     chunks.append(raw)
     offset += len(raw)
   if metadata:
@@ -98,8 +111,10 @@ def read_state_dict(folder: str, stem: Optional[str] = None) -> dict[str, np.nda
     try:
       import torch  # pylint: disable=import-outside-toplevel
     except ImportError as e:
-      raise WeightsError(f"{folder} holds only .bin weights; install torch to read them, or "
-                         "convert them to .safetensors") from e
+      raise WeightsError(
+          f"{folder} holds only .bin weights; install torch to read them, or "
+          "convert them to .safetensors"
+      ) from e
     state = {}
     for f in bins:
       for k, v in torch.load(f, map_location="cpu", weights_only=True).items():

@@ -4,6 +4,7 @@ Our modules name their attributes after the PyTorch ones, so a parameter's NNX p
 is its state-dict name once the leaf is renamed (`kernel`/`scale`/`embedding` -> `weight`). Layouts:
 conv kernels are OIHW in PyTorch and HWIO here; linear weights are (out, in) there and (in, out) here.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Iterable, Optional
@@ -63,9 +64,15 @@ def state_dict(module: nnx.Module, *, prefix: str = "", dtype=np.float32) -> dic
   return out
 
 
-def load_state_dict(module: nnx.Module, tensors: dict[str, np.ndarray], *, where: str,
-                    prefix: str = "", ignore: Iterable[str] = (),
-                    rename: Optional[Callable[[str], str]] = None):
+def load_state_dict(
+    module: nnx.Module,
+    tensors: dict[str, np.ndarray],
+    *,
+    where: str,
+    prefix: str = "",
+    ignore: Iterable[str] = (),
+    rename: Optional[Callable[[str], str]] = None,
+):
   """Copies a PyTorch state dict into `module` in place, checking names and shapes exhaustively.
 
   `ignore` lists state-dict names (or suffixes) that carry no parameter here (buffers such as
@@ -77,7 +84,7 @@ def load_state_dict(module: nnx.Module, tensors: dict[str, np.ndarray], *, where
   for k, v in tensors.items():
     if prefix and not k.startswith(prefix):
       continue
-    k = k[len(prefix):]
+    k = k[len(prefix) :]
     k = rename(k) if rename else k
     if not (ignore and k.endswith(ignore)):
       given[k] = v
@@ -97,13 +104,16 @@ def load_state_dict(module: nnx.Module, tensors: dict[str, np.ndarray], *, where
     arr = np.asarray(given[name])
     want = torch_layout_shape(tuple(var.shape)) if path[-1] == "kernel" else tuple(var.shape)
     if tuple(arr.shape) != want:
-      problems.append(f"tensor {prefix}{name} has shape {tuple(arr.shape)} in the checkpoint but "
-                      f"the model expects {want}")
+      problems.append(
+          f"tensor {prefix}{name} has shape {tuple(arr.shape)} in the checkpoint but "
+          f"the model expects {want}"
+      )
       continue
     updates.append((var, from_torch_layout(arr, path[-1])))
   if problems:
-    raise WeightsError(f"{where}: checkpoint does not match the model config:\n  " +
-                       "\n  ".join(problems))
+    raise WeightsError(
+        f"{where}: checkpoint does not match the model config:\n  " + "\n  ".join(problems)
+    )
   for var, arr in updates:
     old = var.get_value()  # a real array, or a ShapeDtypeStruct when built under nnx.eval_shape
     new = jnp.asarray(arr.astype(np.float32), dtype=old.dtype)

@@ -4,6 +4,7 @@ The toy world and the tests need a real `CLIPTokenizer` but cannot download CLIP
 vocabulary. We write `vocab.json` + `merges.txt` whose merges assemble each listed word from its
 characters, so in-vocabulary words become one token and anything else falls back to characters.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,15 @@ def write_word_tokenizer(folder: str, words, max_length: int = 77):
   with open(os.path.join(folder, "merges.txt"), "w") as f:
     f.write("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
   with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-    json.dump({"model_max_length": max_length, "bos_token": SPECIALS[0], "eos_token": SPECIALS[1],
-               "unk_token": SPECIALS[1], "pad_token": SPECIALS[1],
-               "tokenizer_class": "CLIPTokenizer"}, f)
+    json.dump(
+        {
+            "model_max_length": max_length,
+            "bos_token": SPECIALS[0],
+            "eos_token": SPECIALS[1],
+            "unk_token": SPECIALS[1],
+            "pad_token": SPECIALS[1],
+            "tokenizer_class": "CLIPTokenizer",
+        },
+        f,
+    )
   return folder

@@ -3,6 +3,7 @@
 Structural keys must be present (a config without them is not the model it claims to be); other
 keys take the library defaults. Values we do not implement are refused by name rather than ignored.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,7 +37,9 @@ def require(cfg: dict, keys, where: str):
 def refuse(cfg: dict, key: str, allowed, where: str, default=None):
   value = cfg.get(key, default)
   if value not in allowed:
-    raise ConfigError(f"{where}: config key {key}={value!r} is not supported (supported: {allowed})")
+    raise ConfigError(
+        f"{where}: config key {key}={value!r} is not supported (supported: {allowed})"
+    )
   return value
 
 
@@ -57,14 +60,14 @@ class UNetConfig:
   down_block_types: tuple
   up_block_types: tuple
   layers_per_block: tuple
-  heads: tuple                      # attention heads per down block
+  heads: tuple  # attention heads per down block
   transformer_layers: tuple
   cross_attention_dim: int
   # Per down block (mirrored in the up blocks): attn1 attends to the context too. diffusers'
   # UNetMidBlock2DCrossAttn ignores it (and `mid_block_only_cross_attention`): its attn1 stays
   # self-attention.
   only_cross_attention: tuple = ()
-  addition_embed_type: str | None = None   # None, or "text": the pooled context joins the time
+  addition_embed_type: str | None = None  # None, or "text": the pooled context joins the time
   addition_embed_type_num_heads: int = 64  # embedding (TextTimeEmbedding)
   norm_num_groups: int = 32
   norm_eps: float = 1e-5
@@ -80,18 +83,31 @@ class UNetConfig:
   @classmethod
   def from_dict(cls, cfg: dict) -> "UNetConfig":
     where = "UNet2DConditionModel"
-    require(cfg, ["in_channels", "out_channels", "block_out_channels", "down_block_types",
-                  "up_block_types", "cross_attention_dim"], where)
+    require(
+        cfg,
+        [
+            "in_channels",
+            "out_channels",
+            "block_out_channels",
+            "down_block_types",
+            "up_block_types",
+            "cross_attention_dim",
+        ],
+        where,
+    )
     n = len(cfg["block_out_channels"])
     if len(cfg["down_block_types"]) != n or len(cfg["up_block_types"]) != n:
-      raise ConfigError(f"{where}: down_block_types/up_block_types must have {n} entries "
-                        "(one per block_out_channels)")
+      raise ConfigError(
+          f"{where}: down_block_types/up_block_types must have {n} entries "
+          "(one per block_out_channels)"
+      )
     for t in cfg["down_block_types"]:
       refuse({"t": t}, "t", ("CrossAttnDownBlock2D", "DownBlock2D"), where + " down_block_types")
     for t in cfg["up_block_types"]:
       refuse({"t": t}, "t", ("CrossAttnUpBlock2D", "UpBlock2D"), where + " up_block_types")
-    mid = refuse(cfg, "mid_block_type", ("UNetMidBlock2DCrossAttn", None), where,
-                 "UNetMidBlock2DCrossAttn")
+    mid = refuse(
+        cfg, "mid_block_type", ("UNetMidBlock2DCrossAttn", None), where, "UNetMidBlock2DCrossAttn"
+    )
     refuse(cfg, "act_fn", ("silu",), where, "silu")
     refuse(cfg, "resnet_time_scale_shift", ("default",), where, "default")
     refuse(cfg, "time_embedding_type", ("positional",), where, "positional")
@@ -109,26 +125,33 @@ class UNetConfig:
     heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
     only_cross = cfg.get("only_cross_attention", False)
     return cls(
-        in_channels=cfg["in_channels"], out_channels=cfg["out_channels"],
+        in_channels=cfg["in_channels"],
+        out_channels=cfg["out_channels"],
         block_out_channels=tuple(cfg["block_out_channels"]),
         down_block_types=tuple(cfg["down_block_types"]),
         up_block_types=tuple(cfg["up_block_types"]),
         layers_per_block=per_block(cfg.get("layers_per_block", 2), n, "layers_per_block", where),
         heads=per_block(heads, n, "attention_head_dim", where),
-        transformer_layers=per_block(cfg.get("transformer_layers_per_block", 1), n,
-                                     "transformer_layers_per_block", where),
+        transformer_layers=per_block(
+            cfg.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block", where
+        ),
         cross_attention_dim=cfg["cross_attention_dim"],
-        only_cross_attention=tuple(bool(v) for v in per_block(
-            only_cross, n, "only_cross_attention", where)),
+        only_cross_attention=tuple(
+            bool(v) for v in per_block(only_cross, n, "only_cross_attention", where)
+        ),
         addition_embed_type=cfg.get("addition_embed_type"),
         addition_embed_type_num_heads=cfg.get("addition_embed_type_num_heads", 64),
-        norm_num_groups=cfg.get("norm_num_groups", 32), norm_eps=cfg.get("norm_eps", 1e-5),
+        norm_num_groups=cfg.get("norm_num_groups", 32),
+        norm_eps=cfg.get("norm_eps", 1e-5),
         use_linear_projection=cfg.get("use_linear_projection", False),
-        flip_sin_to_cos=cfg.get("flip_sin_to_cos", True), freq_shift=cfg.get("freq_shift", 0),
+        flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
+        freq_shift=cfg.get("freq_shift", 0),
         downsample_padding=cfg.get("downsample_padding", 1),
         mid_block_scale_factor=cfg.get("mid_block_scale_factor", 1.0),
         has_mid_block=mid is not None,
-        center_input_sample=cfg.get("center_input_sample", False), raw=dict(cfg))
+        center_input_sample=cfg.get("center_input_sample", False),
+        raw=dict(cfg),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,20 +174,29 @@ class VAEConfig:
     where = "AutoencoderKL"
     require(cfg, ["in_channels", "out_channels", "latent_channels", "block_out_channels"], where)
     n = len(cfg["block_out_channels"])
-    for key, ok in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+    for key, ok in (
+        ("down_block_types", "DownEncoderBlock2D"),
+        ("up_block_types", "UpDecoderBlock2D"),
+    ):
       types = cfg.get(key, [ok] * n)
       if list(types) != [ok] * n:
         raise ConfigError(f"{where}: {key}={types} is not supported (only {ok} x {n})")
     refuse(cfg, "act_fn", ("silu",), where, "silu")
     refuse(cfg, "norm_type", ("group",), where, "group")
     return cls(
-        in_channels=cfg["in_channels"], out_channels=cfg["out_channels"],
-        latent_channels=cfg["latent_channels"], block_out_channels=tuple(cfg["block_out_channels"]),
-        layers_per_block=cfg.get("layers_per_block", 1), norm_num_groups=cfg.get("norm_num_groups", 32),
-        scaling_factor=cfg.get("scaling_factor", 0.18215), shift_factor=cfg.get("shift_factor") or 0.0,
+        in_channels=cfg["in_channels"],
+        out_channels=cfg["out_channels"],
+        latent_channels=cfg["latent_channels"],
+        block_out_channels=tuple(cfg["block_out_channels"]),
+        layers_per_block=cfg.get("layers_per_block", 1),
+        norm_num_groups=cfg.get("norm_num_groups", 32),
+        scaling_factor=cfg.get("scaling_factor", 0.18215),
+        shift_factor=cfg.get("shift_factor") or 0.0,
         use_quant_conv=cfg.get("use_quant_conv", True),
         use_post_quant_conv=cfg.get("use_post_quant_conv", True),
-        mid_block_add_attention=cfg.get("mid_block_add_attention", True), raw=dict(cfg))
+        mid_block_add_attention=cfg.get("mid_block_add_attention", True),
+        raw=dict(cfg),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,13 +216,27 @@ class CLIPTextConfig:
   def from_dict(cls, cfg: dict) -> "CLIPTextConfig":
     where = "CLIPTextModel"
     cfg = cfg.get("text_config", cfg) if "text_config" in cfg and "vocab_size" not in cfg else cfg
-    require(cfg, ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads"], where)
+    require(
+        cfg,
+        [
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        ],
+        where,
+    )
     act = refuse(cfg, "hidden_act", ("quick_gelu", "gelu"), where, "quick_gelu")
     return cls(
-        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"],
         num_attention_heads=cfg["num_attention_heads"],
         max_position_embeddings=cfg.get("max_position_embeddings", 77),
-        layer_norm_eps=cfg.get("layer_norm_eps", 1e-5), hidden_act=act,
-        eos_token_id=cfg.get("eos_token_id", 2), raw=dict(cfg))
+        layer_norm_eps=cfg.get("layer_norm_eps", 1e-5),
+        hidden_act=act,
+        eos_token_id=cfg.get("eos_token_id", 2),
+        raw=dict(cfg),
+    )

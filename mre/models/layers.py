@@ -4,6 +4,7 @@ Attribute names mirror the diffusers PyTorch modules (`conv1`, `time_emb_proj`, 
 that a parameter's NNX path *is* its diffusers state-dict name; `mre/model_io/torch_state_dict.py`
 relies on it.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,8 +54,16 @@ def group_norm(channels, groups, eps, *, dtype, param_dtype, rngs):
 
 def conv(cin, cout, kernel=3, stride=1, padding=1, *, dtype, param_dtype, rngs):
   pad = ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
-  return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=pad, dtype=dtype,
-                  param_dtype=param_dtype, rngs=rngs)
+  return nnx.Conv(
+      cin,
+      cout,
+      (kernel, kernel),
+      strides=stride,
+      padding=pad,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+  )
 
 
 def linear(cin, cout, *, use_bias=True, dtype, param_dtype, rngs):
@@ -94,7 +103,8 @@ class AttentionPooling(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.heads, self.dtype = heads, dtype
     self.positional_embedding = nnx.Param(
-        jax.random.normal(rngs.params(), (1, dim), param_dtype) / dim ** 0.5)
+        jax.random.normal(rngs.params(), (1, dim), param_dtype) / dim**0.5
+    )
     self.k_proj, self.q_proj, self.v_proj = (linear(dim, dim, **kw) for _ in range(3))
 
   def __call__(self, x):
@@ -104,8 +114,9 @@ class AttentionPooling(nnx.Module):
     split = lambda t: t.reshape(b, t.shape[1], self.heads, d // self.heads)  # noqa: E731
     q, k, v = split(self.q_proj(cls)), split(self.k_proj(tokens)), split(self.v_proj(tokens))
     # diffusers scales q and k by dim**-0.25 each; the product is the usual dim**-0.5.
-    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
-                                       scale=(d // self.heads) ** -0.5)
+    out = jax.nn.dot_product_attention(
+        q, k.astype(q.dtype), v.astype(q.dtype), scale=(d // self.heads) ** -0.5
+    )
     return out.reshape(b, d)
 
 
@@ -131,13 +142,26 @@ class Attention(nnx.Module):
   `group_norm_groups` adds the VAE-style GroupNorm + residual around it (4-D input).
   """
 
-  def __init__(self, query_dim, heads, head_dim, *, context_dim=None, qkv_bias=False,
-               group_norm_groups=None, norm_eps=1e-6, dtype, param_dtype, rngs):
+  def __init__(
+      self,
+      query_dim,
+      heads,
+      head_dim,
+      *,
+      context_dim=None,
+      qkv_bias=False,
+      group_norm_groups=None,
+      norm_eps=1e-6,
+      dtype,
+      param_dtype,
+      rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     inner = heads * head_dim
     self.heads, self.head_dim = heads, head_dim
-    self.group_norm = (group_norm(query_dim, group_norm_groups, norm_eps, **kw)
-                       if group_norm_groups else None)
+    self.group_norm = (
+        group_norm(query_dim, group_norm_groups, norm_eps, **kw) if group_norm_groups else None
+    )
     self.to_q = linear(query_dim, inner, use_bias=qkv_bias, **kw)
     self.to_k = linear(context_dim or query_dim, inner, use_bias=qkv_bias, **kw)
     self.to_v = linear(context_dim or query_dim, inner, use_bias=qkv_bias, **kw)
@@ -149,7 +173,7 @@ class Attention(nnx.Module):
     split = lambda t: t.reshape(b, t.shape[1], self.heads, self.head_dim)
     q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
     k, v = k.astype(q.dtype), v.astype(q.dtype)
-    out = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim ** -0.5)
+    out = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
     return self.to_out[0](out.reshape(b, x.shape[1], self.heads * self.head_dim))
 
   def __call__(self, x, context=None):
@@ -163,8 +187,9 @@ class Attention(nnx.Module):
 class ResnetBlock2D(nnx.Module):
   """GroupNorm-SiLU-conv twice, time embedding added in between, 1x1 shortcut when widths differ."""
 
-  def __init__(self, cin, cout, temb_dim, groups, eps, output_scale_factor=1.0, *, dtype,
-               param_dtype, rngs):
+  def __init__(
+      self, cin, cout, temb_dim, groups, eps, output_scale_factor=1.0, *, dtype, param_dtype, rngs
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm1 = group_norm(cin, groups, eps, **kw)
     self.conv1 = conv(cin, cout, **kw)
@@ -190,8 +215,16 @@ class Downsample2D(nnx.Module):
 
   def __init__(self, channels, padding=1, *, dtype, param_dtype, rngs):
     pad = padding if padding else ((0, 1), (0, 1))
-    self.conv = conv(channels, channels, 3, stride=2, padding=pad, dtype=dtype,
-                     param_dtype=param_dtype, rngs=rngs)
+    self.conv = conv(
+        channels,
+        channels,
+        3,
+        stride=2,
+        padding=pad,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
 
   def __call__(self, x):
     return self.conv(x)

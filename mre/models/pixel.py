@@ -4,6 +4,7 @@ At 24-32 px there is nothing to compress, and training an autoencoder first woul
 the editor needs. `PixelSpace` lets the same trainer, sampler and `Editor` run on pixels: the
 "latent" is the image itself (posterior with zero variance, scaling factor 1).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,6 +37,7 @@ class PixelSpaceConfig:
 
 
 class PixelSpace(nnx.Module):
+
   def __init__(self, config=None, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs=None):
     del param_dtype, rngs  # no parameters
     cfg = dict(config or {})

@@ -9,6 +9,7 @@ score in [0, 5] and a failure text. The U-Net sees it in two places: in the late
 What a reward is (`RewardConfig`: slots, perfect and null rewards) is `mre.models.reward_config`;
 reward dropout is `mre.diffusion.condition_dropout`.
 """
+
 from __future__ import annotations
 
 import jax
@@ -22,10 +23,13 @@ from mre.models.reward_config import RewardConfig, RewardInputs
 def score_sinusoid(scores, dim, flip_sin_to_cos=True, freq_shift=0.0):
   """[B, 3] raw scores -> [B, 3, dim] sinusoids (float32), the release's `Timesteps(dim)` on each."""
   b, k = scores.shape
-  return sinusoidal_embedding(scores.reshape(-1), dim, flip_sin_to_cos, freq_shift).reshape(b, k, dim)
+  return sinusoidal_embedding(scores.reshape(-1), dim, flip_sin_to_cos, freq_shift).reshape(
+      b, k, dim
+  )
 
 
 # --- paper form -----------------------------------------------------------------------------------
+
 
 class RewardTokens(nnx.Module):
   """c_k = concat(MLP(PE(s_k)), text_k) + E_type[k], for k = following, preserving, quality."""
@@ -40,7 +44,8 @@ class RewardTokens(nnx.Module):
       width += text_dim
     self.width = width
     self.type_embedding = nnx.Param(
-        jax.random.normal(kw["rngs"].params(), (3, width), kw["param_dtype"]) * 0.02)
+        jax.random.normal(kw["rngs"].params(), (3, width), kw["param_dtype"]) * 0.02
+    )
 
   def __call__(self, reward: RewardInputs, dtype):
     parts = []
@@ -68,7 +73,9 @@ class RewardEncoder(nnx.Module):
     self.to_q, self.to_k = linear(channels, channels, **kw), linear(channels, channels, **kw)
     self.to_v, self.to_out = linear(channels, channels, **kw), linear(channels, channels, **kw)
     self.ff_norm = nnx.LayerNorm(channels, use_fast_variance=False, **kw)
-    self.ff_in, self.ff_out = linear(channels, 4 * channels, **kw), linear(4 * channels, channels, **kw)
+    self.ff_in, self.ff_out = linear(channels, 4 * channels, **kw), linear(
+        4 * channels, channels, **kw
+    )
     self.proj_out = conv(channels, channels, 1, padding=0, **kw)
     self.proj_out.kernel[...] = jnp.zeros_like(self.proj_out.kernel[...])
 
@@ -78,8 +85,9 @@ class RewardEncoder(nnx.Module):
     ctx = self.token_proj(tokens.astype(x.dtype))
     split = lambda t: t.reshape(b, t.shape[1], self.heads, c // self.heads)
     q = self.to_q(self.attn_norm(x))
-    att = jax.nn.dot_product_attention(split(q), split(self.to_k(ctx)), split(self.to_v(ctx)),
-                                       scale=(c // self.heads) ** -0.5)
+    att = jax.nn.dot_product_attention(
+        split(q), split(self.to_k(ctx)), split(self.to_v(ctx)), scale=(c // self.heads) ** -0.5
+    )
     x = x + self.to_out(att.reshape(b, hh * ww, c))
     x = x + self.ff_out(jax.nn.gelu(self.ff_in(self.ff_norm(x)), approximate=False))
     return h + self.proj_out(x.reshape(b, hh, ww, c)).astype(h.dtype)
@@ -88,8 +96,17 @@ class RewardEncoder(nnx.Module):
 class PaperReward(nnx.Module):
   """The paper's MRC module: reward tokens, the reward encoder, and the time-embedding projection."""
 
-  def __init__(self, cfg: RewardConfig, channels, temb_dim, text_dim, groups, flip_sin_to_cos,
-               freq_shift, **kw):
+  def __init__(
+      self,
+      cfg: RewardConfig,
+      channels,
+      temb_dim,
+      text_dim,
+      groups,
+      flip_sin_to_cos,
+      freq_shift,
+      **kw,
+  ):
     self.cfg = cfg
     self.tokens = RewardTokens(cfg, text_dim, flip_sin_to_cos, freq_shift, **kw)
     if cfg.inject_latent:
@@ -104,24 +121,29 @@ class PaperReward(nnx.Module):
 
 # --- released form --------------------------------------------------------------------------------
 
+
 class _BertSelfAttention(nnx.Module):
+
   def __init__(self, dim, **kw):
     self.query, self.key, self.value = (linear(dim, dim, **kw) for _ in range(3))
 
 
 class _BertSelfOutput(nnx.Module):
+
   def __init__(self, dim, **kw):
     self.dense = linear(dim, dim, **kw)
     self.LayerNorm = nnx.LayerNorm(dim, epsilon=1e-12, use_fast_variance=False, **kw)  # pylint: disable=invalid-name
 
 
 class _BertAttention(nnx.Module):
+
   def __init__(self, dim, **kw):
     setattr(self, "self", _BertSelfAttention(dim, **kw))
     self.output = _BertSelfOutput(dim, **kw)
 
 
 class _Dense(nnx.Module):
+
   def __init__(self, din, dout, **kw):
     self.dense = linear(din, dout, **kw)
 

@@ -9,6 +9,7 @@ the editor and the judge prompts all take these from here.
 
 This module imports no JAX at load time: the judge prompts and grain's worker processes use it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,13 +23,13 @@ PERFECT_SCORES = (5.0, 5.0, 5.0)
 PAPER_PERFECT_TEXTS = ("No negative aspects", "No unintended changes", "No noticeable issues")
 RELEASED_PERFECT_TEXTS = ("None", "None", "None")
 NULL_SCORE = -1.0  # the "no reward" condition of reward dropout; outside the [0, 5] score range
-NULL_TEXT = ""     # the null reward's text in every slot: the empty prompt
+NULL_TEXT = ""  # the null reward's text in every slot: the empty prompt
 TEXT_SEPARATOR = "; "  # the released form encodes the three failure texts as one prompt
 
 
 class RewardInputs(NamedTuple):
   scores: "jax.Array"  # [B, 3] float
-  text: "jax.Array"    # [B, 3, D] (paper) or [B, 1, D] (released) pooled CLIP features
+  text: "jax.Array"  # [B, 3, D] (paper) or [B, 1, D] (released) pooled CLIP features
 
 
 def join_texts(texts: Sequence[str]) -> str:
@@ -38,15 +39,15 @@ def join_texts(texts: Sequence[str]) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
-  form: str = "paper"              # "paper" (zero-initialised MRC module) or "released"
-  use_scores: bool = True          # ablation: drop the score half of the reward
-  use_texts: bool = True           # ablation: drop the failure-text half
-  inject_latent: bool = True       # the reward encoder after conv_in
-  inject_unet: bool = True         # the projection added to the time embedding
-  score_dim: int = 256             # sinusoid width per score (256 in the release)
-  heads: int = 8                   # reward cross-attention heads (8 x 40 at SD scale)
-  attn_dropout: float = 0.1        # released form's BERT-style dropout, training only
-  dropout_prob: float = 0.0        # reward dropout during training (0 as in the paper)
+  form: str = "paper"  # "paper" (zero-initialised MRC module) or "released"
+  use_scores: bool = True  # ablation: drop the score half of the reward
+  use_texts: bool = True  # ablation: drop the failure-text half
+  inject_latent: bool = True  # the reward encoder after conv_in
+  inject_unet: bool = True  # the projection added to the time embedding
+  score_dim: int = 256  # sinusoid width per score (256 in the release)
+  heads: int = 8  # reward cross-attention heads (8 x 40 at SD scale)
+  attn_dropout: float = 0.1  # released form's BERT-style dropout, training only
+  dropout_prob: float = 0.0  # reward dropout during training (0 as in the paper)
 
   def __post_init__(self):
     if self.form not in FORMS:
@@ -79,13 +80,16 @@ class RewardConfig:
     """The null reward for `batch` samples: NULL_SCORE scores and, in every text slot, the pooled
     text features of the empty prompt (`empty_pooled`: [D] or [1, D])."""
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel  (this module stays JAX-free)
+
     pooled = jnp.reshape(empty_pooled, (-1,))
-    return RewardInputs(jnp.full((batch, 3), NULL_SCORE, jnp.float32),
-                        jnp.broadcast_to(pooled, (batch, self.text_slots, pooled.shape[0])))
+    return RewardInputs(
+        jnp.full((batch, 3), NULL_SCORE, jnp.float32),
+        jnp.broadcast_to(pooled, (batch, self.text_slots, pooled.shape[0])),
+    )
 
 
 def parse_scores(text: str) -> tuple:
-  """"5,4.5,3" -> (5.0, 4.5, 3.0): three scores in [0, 5] (following, preserving, quality)."""
+  """ "5,4.5,3" -> (5.0, 4.5, 3.0): three scores in [0, 5] (following, preserving, quality)."""
   try:
     values = tuple(float(v) for v in text.split(","))
   except ValueError:

@@ -2,6 +2,7 @@
 
 Its checkpoint layouts (ours and the released one) are read and written by `mre.model_io.reward_layout`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,6 +16,7 @@ from mre.models.reward import BertCrossLayer, PaperReward, ProjDeal, score_sinus
 from mre.models.reward_config import RewardConfig, RewardInputs
 from mre.models.unet import UNet2DConditionModel
 
+
 class RewardUNet(UNet2DConditionModel):
   """`__call__(sample, timesteps, context, *, reward: RewardInputs)`; a UNet2DConditionModel else.
 
@@ -22,8 +24,17 @@ class RewardUNet(UNet2DConditionModel):
   so that its state dict imports and exports unchanged; the paper form lives under `reward.*`.
   """
 
-  def __init__(self, config, reward: RewardConfig, *, text_dim=None, dtype=jnp.float32,
-               param_dtype=jnp.float32, remat=(), rngs: nnx.Rngs):
+  def __init__(
+      self,
+      config,
+      reward: RewardConfig,
+      *,
+      text_dim=None,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      remat=(),
+      rngs: nnx.Rngs,
+  ):
     config = config if isinstance(config, UNetConfig) else UNetConfig.from_dict(config)
     if reward.form == "released" and config.addition_embed_type is not None:
       # The release ignores `addition_embed_type`; its `add_embedding` is the score embedding.
@@ -36,8 +47,9 @@ class RewardUNet(UNet2DConditionModel):
     text_dim = text_dim or cfg.cross_attention_dim  # CLIP's pooled width = its hidden width
     self.text_dim = text_dim
     if r.form == "paper":
-      self.reward = PaperReward(r, ch0, temb, text_dim, cfg.norm_num_groups, cfg.flip_sin_to_cos,
-                                cfg.freq_shift, **kw)
+      self.reward = PaperReward(
+          r, ch0, temb, text_dim, cfg.norm_num_groups, cfg.flip_sin_to_cos, cfg.freq_shift, **kw
+      )
       return
     pe = 3 * r.score_dim
     if r.use_scores and r.inject_unet:
@@ -56,23 +68,32 @@ class RewardUNet(UNet2DConditionModel):
     """(extra time embedding or None, function applied after conv_in or None)."""
     r, cfg = self.reward_config, self.config
     if reward.text.shape[1] != r.text_slots:
-      raise ValueError(f"{r.form} reward form takes {r.text_slots} text feature(s) per sample, "
-                       f"got reward.text of shape {reward.text.shape}")
+      raise ValueError(
+          f"{r.form} reward form takes {r.text_slots} text feature(s) per sample, "
+          f"got reward.text of shape {reward.text.shape}"
+      )
     if r.form == "paper":
       tokens = self.reward.tokens(reward, self.dtype)
       after = (lambda h: self.reward.encoder(h, tokens)) if r.inject_latent else None
       return self.reward.time_emb(tokens), after
-    pe = score_sinusoid(reward.scores.astype(jnp.float32), r.score_dim, cfg.flip_sin_to_cos,
-                        cfg.freq_shift).reshape(reward.scores.shape[0], -1).astype(self.dtype)
+    pe = (
+        score_sinusoid(
+            reward.scores.astype(jnp.float32), r.score_dim, cfg.flip_sin_to_cos, cfg.freq_shift
+        )
+        .reshape(reward.scores.shape[0], -1)
+        .astype(self.dtype)
+    )
     text = reward.text[:, 0].astype(self.dtype)
     extra, tokens = None, []
     if r.inject_unet:
-      parts = ([self.add_embedding(pe)] if r.use_scores else []) + \
-              ([self.text_linear2(text)] if r.use_texts else [])
+      parts = ([self.add_embedding(pe)] if r.use_scores else []) + (
+          [self.text_linear2(text)] if r.use_texts else []
+      )
       extra = sum(parts[1:], parts[0])
     if r.inject_latent:
-      tokens = ([self.add_embedding2(pe)] if r.use_scores else []) + \
-               ([self.text_linear(text)] if r.use_texts else [])
+      tokens = ([self.add_embedding2(pe)] if r.use_scores else []) + (
+          [self.text_linear(text)] if r.use_texts else []
+      )
     return extra, (self._released_latent(jnp.stack(tokens, axis=1)) if tokens else None)
 
   def _released_latent(self, tokens):
@@ -81,6 +102,7 @@ class RewardUNet(UNet2DConditionModel):
       x = self.proj_deal.proj_in(self.proj_deal.norm(h)).reshape(b, hh * ww, c)
       x = self.ca(x, tokens.astype(x.dtype))
       return h + self.proj_deal.proj_out(x.reshape(b, hh, ww, c)).astype(h.dtype)
+
     return apply
 
   def __call__(self, sample, timesteps, context, *, reward: RewardInputs):
@@ -90,10 +112,26 @@ class RewardUNet(UNet2DConditionModel):
 
 # --- stage 2's starting point ---------------------------------------------------------------------
 
-def reward_unet_from_stage1(stage1: UNet2DConditionModel, reward: RewardConfig, *, seed=0,
-                            text_dim=None, dtype=None, param_dtype=jnp.float32, remat=()):
+
+def reward_unet_from_stage1(
+    stage1: UNet2DConditionModel,
+    reward: RewardConfig,
+    *,
+    seed=0,
+    text_dim=None,
+    dtype=None,
+    param_dtype=jnp.float32,
+    remat=(),
+):
   """Stage 2's starting point: every stage-1 U-Net weight, plus freshly initialised reward modules."""
-  model = RewardUNet(stage1.config, reward, text_dim=text_dim, dtype=dtype or stage1.dtype,
-                     param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(seed))
+  model = RewardUNet(
+      stage1.config,
+      reward,
+      text_dim=text_dim,
+      dtype=dtype or stage1.dtype,
+      param_dtype=param_dtype,
+      remat=remat,
+      rngs=nnx.Rngs(seed),
+  )
   nnx.update(model, nnx.state(stage1, nnx.Param))
   return model

@@ -4,6 +4,7 @@ Two hooks let the reward modules (and any other conditioning) plug in without a 
 `extra_time_emb` is added to the time embedding, so it reaches every ResNet block, and
 `after_conv_in(h)` transforms the feature map right after `conv_in`.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -12,8 +13,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mre.models.config import UNetConfig
-from mre.models.layers import (TextTimeEmbedding, TimestepEmbedding, conv, group_norm,
-                               sinusoidal_embedding)
+from mre.models.layers import (
+    TextTimeEmbedding,
+    TimestepEmbedding,
+    conv,
+    group_norm,
+    sinusoidal_embedding,
+)
 from mre.models.unet_blocks import DownBlock, MidBlock, UpBlock
 
 REMAT_CHOICES = ("resnet", "transformer")
@@ -22,8 +28,15 @@ REMAT_CHOICES = ("resnet", "transformer")
 class UNet2DConditionModel(nnx.Module):
   """`__call__(sample [B,H,W,Cin], timesteps [B] or scalar, context [B,T,D]) -> [B,H,W,Cout]`."""
 
-  def __init__(self, config: UNetConfig | dict, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               remat=(), rngs: nnx.Rngs):
+  def __init__(
+      self,
+      config: UNetConfig | dict,
+      *,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      remat=(),
+      rngs: nnx.Rngs,
+  ):
     cfg = config if isinstance(config, UNetConfig) else UNetConfig.from_dict(config)
     bad = set(remat) - set(REMAT_CHOICES)
     if bad:
@@ -35,20 +48,37 @@ class UNet2DConditionModel(nnx.Module):
     self.conv_in = conv(cfg.in_channels, ch[0], **kw)
     self.time_embedding = TimestepEmbedding(ch[0], temb_dim, **kw)
     if cfg.addition_embed_type == "text":
-      self.add_embedding = TextTimeEmbedding(cfg.cross_attention_dim, temb_dim,
-                                             cfg.addition_embed_type_num_heads, **kw)
+      self.add_embedding = TextTimeEmbedding(
+          cfg.cross_attention_dim, temb_dim, cfg.addition_embed_type_num_heads, **kw
+      )
 
     down, cout = [], ch[0]
     for i, kind in enumerate(cfg.down_block_types):
       cin, cout = cout, ch[i]
-      down.append(DownBlock(cin, cout, temb_dim, cfg.layers_per_block[i], cfg.heads[i],
-                            cfg.transformer_layers[i], cfg,
-                            cross_attn=kind.startswith("CrossAttn"),
-                            add_downsample=i < len(ch) - 1, remat=remat,
-                            only_cross=cfg.only_cross_attention[i], **kw))
+      down.append(
+          DownBlock(
+              cin,
+              cout,
+              temb_dim,
+              cfg.layers_per_block[i],
+              cfg.heads[i],
+              cfg.transformer_layers[i],
+              cfg,
+              cross_attn=kind.startswith("CrossAttn"),
+              add_downsample=i < len(ch) - 1,
+              remat=remat,
+              only_cross=cfg.only_cross_attention[i],
+              **kw,
+          )
+      )
     self.down_blocks = nnx.List(down)
-    self.mid_block = MidBlock(ch[-1], temb_dim, cfg.heads[-1], cfg.transformer_layers[-1], cfg,
-                              remat=remat, **kw) if cfg.has_mid_block else None
+    self.mid_block = (
+        MidBlock(
+            ch[-1], temb_dim, cfg.heads[-1], cfg.transformer_layers[-1], cfg, remat=remat, **kw
+        )
+        if cfg.has_mid_block
+        else None
+    )
 
     rev_ch, rev_heads = ch[::-1], cfg.heads[::-1]
     rev_layers, rev_depth = cfg.layers_per_block[::-1], cfg.transformer_layers[::-1]
@@ -56,22 +86,43 @@ class UNet2DConditionModel(nnx.Module):
     for i, kind in enumerate(cfg.up_block_types):
       prev, cout = cout, rev_ch[i]
       cin = rev_ch[min(i + 1, len(ch) - 1)]
-      up.append(UpBlock(cin, cout, prev, temb_dim, rev_layers[i] + 1, rev_heads[i], rev_depth[i],
-                        cfg, cross_attn=kind.startswith("CrossAttn"),
-                        add_upsample=i < len(ch) - 1, remat=remat,
-                        only_cross=cfg.only_cross_attention[::-1][i], **kw))
+      up.append(
+          UpBlock(
+              cin,
+              cout,
+              prev,
+              temb_dim,
+              rev_layers[i] + 1,
+              rev_heads[i],
+              rev_depth[i],
+              cfg,
+              cross_attn=kind.startswith("CrossAttn"),
+              add_upsample=i < len(ch) - 1,
+              remat=remat,
+              only_cross=cfg.only_cross_attention[::-1][i],
+              **kw,
+          )
+      )
     self.up_blocks = nnx.List(up)
     self.conv_norm_out = group_norm(ch[0], cfg.norm_num_groups, cfg.norm_eps, **kw)
     self.conv_out = conv(ch[0], cfg.out_channels, **kw)
 
   def time_embed(self, timesteps, batch):
     t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (batch,))
-    t_emb = sinusoidal_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
-                                 self.config.freq_shift)
+    t_emb = sinusoidal_embedding(
+        t, self.config.block_out_channels[0], self.config.flip_sin_to_cos, self.config.freq_shift
+    )
     return self.time_embedding(t_emb.astype(self.dtype))
 
-  def __call__(self, sample, timesteps, context, *, extra_time_emb=None,
-               after_conv_in: Optional[Callable] = None):
+  def __call__(
+      self,
+      sample,
+      timesteps,
+      context,
+      *,
+      extra_time_emb=None,
+      after_conv_in: Optional[Callable] = None,
+  ):
     sample = sample.astype(self.dtype)
     context = context.astype(self.dtype)
     emb = self.time_embed(timesteps, sample.shape[0])

@@ -1,4 +1,5 @@
 """AutoencoderKL of Stable Diffusion (diffusers' `AutoencoderKL`), NHWC, images in [-1, 1]."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,9 +15,14 @@ _EPS = 1e-6  # diffusers' encoder/decoder blocks use eps 1e-6 regardless of the 
 
 
 class _EncoderBlock(nnx.Module):
+
   def __init__(self, cin, cout, layers, groups, add_downsample, **kw):
-    self.resnets = nnx.List([ResnetBlock2D(cin if i == 0 else cout, cout, None, groups, _EPS, **kw)
-                             for i in range(layers)])
+    self.resnets = nnx.List(
+        [
+            ResnetBlock2D(cin if i == 0 else cout, cout, None, groups, _EPS, **kw)
+            for i in range(layers)
+        ]
+    )
     self.downsamplers = nnx.List([Downsample2D(cout, padding=0, **kw)]) if add_downsample else None
 
   def __call__(self, x):
@@ -26,9 +32,14 @@ class _EncoderBlock(nnx.Module):
 
 
 class _DecoderBlock(nnx.Module):
+
   def __init__(self, cin, cout, layers, groups, add_upsample, **kw):
-    self.resnets = nnx.List([ResnetBlock2D(cin if i == 0 else cout, cout, None, groups, _EPS, **kw)
-                             for i in range(layers)])
+    self.resnets = nnx.List(
+        [
+            ResnetBlock2D(cin if i == 0 else cout, cout, None, groups, _EPS, **kw)
+            for i in range(layers)
+        ]
+    )
     self.upsamplers = nnx.List([Upsample2D(cout, **kw)]) if add_upsample else None
 
   def __call__(self, x):
@@ -42,8 +53,13 @@ class _MidBlock(nnx.Module):
 
   def __init__(self, ch, groups, add_attention, **kw):
     self.resnets = nnx.List([ResnetBlock2D(ch, ch, None, groups, _EPS, **kw) for _ in range(2)])
-    self.attentions = nnx.List([Attention(ch, 1, ch, qkv_bias=True, group_norm_groups=groups,
-                                          norm_eps=_EPS, **kw)]) if add_attention else None
+    self.attentions = (
+        nnx.List(
+            [Attention(ch, 1, ch, qkv_bias=True, group_norm_groups=groups, norm_eps=_EPS, **kw)]
+        )
+        if add_attention
+        else None
+    )
 
   def __call__(self, x):
     x = self.resnets[0](x)
@@ -53,12 +69,23 @@ class _MidBlock(nnx.Module):
 
 
 class Encoder(nnx.Module):
+
   def __init__(self, cfg: VAEConfig, **kw):
     ch = cfg.block_out_channels
     self.conv_in = conv(cfg.in_channels, ch[0], **kw)
-    self.down_blocks = nnx.List([
-        _EncoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, cfg.norm_num_groups,
-                      i < len(ch) - 1, **kw) for i in range(len(ch))])
+    self.down_blocks = nnx.List(
+        [
+            _EncoderBlock(
+                ch[max(i - 1, 0)],
+                ch[i],
+                cfg.layers_per_block,
+                cfg.norm_num_groups,
+                i < len(ch) - 1,
+                **kw,
+            )
+            for i in range(len(ch))
+        ]
+    )
     self.mid_block = _MidBlock(ch[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, **kw)
     self.conv_norm_out = group_norm(ch[-1], cfg.norm_num_groups, _EPS, **kw)
     self.conv_out = conv(ch[-1], 2 * cfg.latent_channels, **kw)
@@ -72,13 +99,24 @@ class Encoder(nnx.Module):
 
 
 class Decoder(nnx.Module):
+
   def __init__(self, cfg: VAEConfig, **kw):
     rev = cfg.block_out_channels[::-1]
     self.conv_in = conv(cfg.latent_channels, rev[0], **kw)
     self.mid_block = _MidBlock(rev[0], cfg.norm_num_groups, cfg.mid_block_add_attention, **kw)
-    self.up_blocks = nnx.List([
-        _DecoderBlock(rev[max(i - 1, 0)], rev[i], cfg.layers_per_block + 1, cfg.norm_num_groups,
-                      i < len(rev) - 1, **kw) for i in range(len(rev))])
+    self.up_blocks = nnx.List(
+        [
+            _DecoderBlock(
+                rev[max(i - 1, 0)],
+                rev[i],
+                cfg.layers_per_block + 1,
+                cfg.norm_num_groups,
+                i < len(rev) - 1,
+                **kw,
+            )
+            for i in range(len(rev))
+        ]
+    )
     self.conv_norm_out = group_norm(rev[-1], cfg.norm_num_groups, _EPS, **kw)
     self.conv_out = conv(rev[-1], cfg.out_channels, **kw)
 
@@ -92,6 +130,7 @@ class Decoder(nnx.Module):
 @dataclasses.dataclass
 class DiagonalGaussian:
   """The encoder's posterior; `logvar` clipped to [-30, 20] as in diffusers."""
+
   mean: jax.Array
   logvar: jax.Array
 
@@ -118,8 +157,9 @@ class AutoencoderKL(nnx.Module):
   sees: the diffusion model works on `scale_latents(posterior.sample())`.
   """
 
-  def __init__(self, config: VAEConfig | dict, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+      self, config: VAEConfig | dict, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs
+  ):
     cfg = config if isinstance(config, VAEConfig) else VAEConfig.from_dict(config)
     self.config = cfg
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -1,5 +1,6 @@
 """Shared pieces of the diffusers-parity tests: the SD 1.5 scheduler config and a fake denoiser
 computed identically in PyTorch and in JAX."""
+
 import jax.numpy as jnp
 import torch
 
@@ -20,9 +21,9 @@ SD15_SCHEDULER_CONFIG = {
 
 
 def fake_model_torch(x, t):
-    """Mostly-linear in x (so latents stay O(1) like with a real denoiser), nonlinear in x and t."""
-    return 0.9 * x + 0.1 * torch.sin(torch.as_tensor(t).float() / 100 + x)
+  """Mostly-linear in x (so latents stay O(1) like with a real denoiser), nonlinear in x and t."""
+  return 0.9 * x + 0.1 * torch.sin(torch.as_tensor(t).float() / 100 + x)
 
 
 def fake_model_jax(x, t):
-    return 0.9 * x + 0.1 * jnp.sin(jnp.asarray(t, jnp.float32) / 100 + x)
+  return 0.9 * x + 0.1 * jnp.sin(jnp.asarray(t, jnp.float32) / 100 + x)

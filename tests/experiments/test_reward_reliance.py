@@ -1,4 +1,5 @@
 """The reward-reliance measurement: zero for a model that cannot read its reward, not otherwise."""
+
 import pytest
 
 from configs import reward
@@ -22,18 +23,29 @@ def _config(toy_data):
   return c
 
 
-def test_reliance_is_zero_without_a_reward_path_and_not_with_one(tmp_path, tiny_pipeline_dir,
-                                                                 toy_data):
+def test_reliance_is_zero_without_a_reward_path_and_not_with_one(
+    tmp_path, tiny_pipeline_dir, toy_data
+):
   bands = ((0, 500), (500, 1000))
   # The paper form starts as the stage-1 model (zero-initialised outputs): rewards change nothing.
-  fresh = reward_reliance(_export(tiny_pipeline_dir, tmp_path / "paper", "paper"), _config(toy_data),
-                          batches=1, batch_size=8, bands=bands)
+  fresh = reward_reliance(
+      _export(tiny_pipeline_dir, tmp_path / "paper", "paper"),
+      _config(toy_data),
+      batches=1,
+      batch_size=8,
+      bands=bands,
+  )
   assert set(fresh) == {"t 0-500", "t 500-1000"}
   for r in fresh.values():
     assert r["true"] == pytest.approx(r["shuffled"], rel=1e-6) and r["true"] > 0
   # The released form's reward modules are random from the start: shuffling the rewards matters.
-  random = reward_reliance(_export(tiny_pipeline_dir, tmp_path / "released", "released"),
-                           _config(toy_data), batches=1, batch_size=8, bands=bands)
+  random = reward_reliance(
+      _export(tiny_pipeline_dir, tmp_path / "released", "released"),
+      _config(toy_data),
+      batches=1,
+      batch_size=8,
+      bands=bands,
+  )
   assert all(abs(r["gain"]) > 1e-4 for r in random.values())
   # A model without reward is refused by name.
   with pytest.raises(ValueError, match="without reward"):

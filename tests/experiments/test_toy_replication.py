@@ -1,5 +1,6 @@
 """The whole replication at a few steps (stage 1 -> (a), (b) -> evaluation -> tables with
 intervals), so the machinery cannot rot; and the statistics it reports, checked by hand."""
+
 import json
 import os
 
@@ -23,9 +24,14 @@ def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_items():
 
 
 def test_summary_and_separation():
-  recs = [{"category": "local" if i % 2 else "add", "status": "ok",
-           **{p: {"yes": i % 3 == 0, "score": float(i % 6)} for p in stats.PERSPECTIVES}}
-          for i in range(60)] + [{"category": "add", "status": "failed"}]
+  recs = [
+      {
+          "category": "local" if i % 2 else "add",
+          "status": "ok",
+          **{p: {"yes": i % 3 == 0, "score": float(i % 6)} for p in stats.PERSPECTIVES},
+      }
+      for i in range(60)
+  ] + [{"category": "add", "status": "failed"}]
   s = stats.summarize_with_ci(recs)
   assert s["all"]["n"] == 60 and s["all"]["failed"] == 1 and s["local"]["n"] == 30
   assert s["all"]["following"]["yes_rate"] == pytest.approx(20 / 60)
@@ -38,14 +44,28 @@ def test_summary_and_separation():
 
 def test_replication_runs_end_to_end_and_resumes(tmp_path, toy_data):
   overrides = {k: v for k, v in TINY.items()}
-  overrides.update({"model.pretrained": "", "train.warmup_steps": 1,
-                    "train.grad_accum": 1, "train.validate_every": 3})
+  overrides.update(
+      {
+          "model.pretrained": "",
+          "train.warmup_steps": 1,
+          "train.grad_accum": 1,
+          "train.validate_every": 3,
+      }
+  )
   workdir = str(tmp_path / "replication")
-  result = toy_replication.replicate(workdir, seed=3, stage1_steps=4, stage2_steps=2,
-                                     data_dir=toy_data, overrides=overrides)
+  result = toy_replication.replicate(
+      workdir, seed=3, stage1_steps=4, stage2_steps=2, data_dir=toy_data, overrides=overrides
+  )
   rows = result["rows"]
-  names = ["stage 1", "(a) baseline", "(b) reward 5,5,5", "(b) reward 1,5,5",
-           "(b) reward 5,1,5", "(b) reward 5,5,1", "(b) reward 1,1,1"]
+  names = [
+      "stage 1",
+      "(a) baseline",
+      "(b) reward 5,5,5",
+      "(b) reward 1,5,5",
+      "(b) reward 5,1,5",
+      "(b) reward 5,5,1",
+      "(b) reward 1,1,1",
+  ]
   assert list(rows) == names
   n = result["settings"]["eval_items"]
   assert n == 20  # the tiny test split: 4 scenes x 5 categories
@@ -79,8 +99,9 @@ def test_replication_runs_end_to_end_and_resumes(tmp_path, toy_data):
   stamps = {f: os.path.getmtime(os.path.join(cached, f)) for f in os.listdir(cached)}
   export = os.path.join(workdir, "reward", "export", "mre_model.json")
   export_stamp = os.path.getmtime(export)
-  again = toy_replication.replicate(workdir, seed=3, stage1_steps=4, stage2_steps=2,
-                                    data_dir=toy_data, overrides=overrides)
+  again = toy_replication.replicate(
+      workdir, seed=3, stage1_steps=4, stage2_steps=2, data_dir=toy_data, overrides=overrides
+  )
   assert again["rows"] == json.loads(json.dumps(rows))
   assert {f: os.path.getmtime(os.path.join(cached, f)) for f in os.listdir(cached)} == stamps
   assert os.path.getmtime(export) == export_stamp

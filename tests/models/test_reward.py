@@ -1,4 +1,5 @@
 """Multi-reward conditioning: zero-init identity, learning to use the reward, and the released form."""
+
 import os
 
 import jax
@@ -22,10 +23,15 @@ CFG = UNET_CONFIGS["sd15_like"]  # block_out (16, 32, 32), cross_attention_dim 3
 
 def _inputs(seed, batch=2, slots=3, text_dim=32):
   rs = np.random.RandomState(seed)
-  return (jnp.asarray(rs.randn(batch, 16, 16, 8), jnp.float32), jnp.asarray([5, 700][:batch]),
-          jnp.asarray(rs.randn(batch, 7, 32), jnp.float32),
-          RewardInputs(jnp.asarray(rs.uniform(0, 5, (batch, 3)), jnp.float32),
-                       jnp.asarray(rs.randn(batch, slots, text_dim), jnp.float32)))
+  return (
+      jnp.asarray(rs.randn(batch, 16, 16, 8), jnp.float32),
+      jnp.asarray([5, 700][:batch]),
+      jnp.asarray(rs.randn(batch, 7, 32), jnp.float32),
+      RewardInputs(
+          jnp.asarray(rs.uniform(0, 5, (batch, 3)), jnp.float32),
+          jnp.asarray(rs.randn(batch, slots, text_dim), jnp.float32),
+      ),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +58,29 @@ def test_training_makes_the_output_depend_on_the_reward(stage1, form):
 
   @nnx.jit
   def step(model, opt, reward):
-    loss_fn = lambda m: jnp.mean((m(x, t, ctx, reward=reward) - target * reward.scores[:, :1, None, None]) ** 2)
+    loss_fn = lambda m: jnp.mean(
+        (m(x, t, ctx, reward=reward) - target * reward.scores[:, :1, None, None]) ** 2
+    )
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     opt.update(model, grads)
     return loss, grads
 
   for i in range(4):
     _, grads = step(model, opt, reward._replace(scores=reward.scores + i))
-  reward_grads = {k: v for k, v in nnx.to_flat_state(grads)
-                  if k[0] in ("reward", "add_embedding", "add_embedding2", "text_linear",
-                              "text_linear2", "proj_deal", "ca")}
+  reward_grads = {
+      k: v
+      for k, v in nnx.to_flat_state(grads)
+      if k[0]
+      in (
+          "reward",
+          "add_embedding",
+          "add_embedding2",
+          "text_linear",
+          "text_linear2",
+          "proj_deal",
+          "ca",
+      )
+  }
   assert reward_grads, "no reward parameters found"
   dead = [k for k, v in reward_grads.items() if not np.any(np.asarray(v.get_value()))]
   assert not dead, f"no gradient reached {dead}"
@@ -102,6 +121,7 @@ def test_widen_conv_in_keeps_old_channels_and_zeroes_new():
 
 # --- the released form against a PyTorch reference written from docs/released_reward_form.md ------
 
+
 class _Fn(torch.nn.Module):
   """A function as a torch module, so it can replace a U-Net child for the reference run."""
 
@@ -116,20 +136,24 @@ class _Fn(torch.nn.Module):
 def _released_reference(unet):
   """The release's extra modules, as PyTorch modules with its names, patched into a diffusers U-Net."""
   from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+
   nn = torch.nn
   ch0, temb, text_dim = 16, 64, 32
 
   class Lin(nn.Module):
+
     def __init__(self, d):
       super().__init__()
       self.dense = nn.Linear(d, d)
 
   class Out(Lin):
+
     def __init__(self, d):
       super().__init__(d)
       self.LayerNorm = nn.LayerNorm(d, eps=1e-12)
 
   class Ca(nn.Module):
+
     def __init__(self, d, heads=8):
       super().__init__()
       self.heads = heads
@@ -190,6 +214,7 @@ def _released_reference(unet):
 
 def test_released_checkpoint_imports_runs_and_exports_exactly(tmp_path):
   from diffusers import UNet2DConditionModel as TorchUNet
+
   torch.manual_seed(0)
   tunet = randomize(TorchUNet(**CFG), 12)
   extra, forward = _released_reference(tunet)
@@ -207,19 +232,28 @@ def test_released_checkpoint_imports_runs_and_exports_exactly(tmp_path):
   ctx, text = rs.randn(2, 7, 32).astype(np.float32), rs.randn(2, 32).astype(np.float32)
   scores, t = np.array([[5, 5, 5], [1.5, 3.0, 0.0]], np.float32), np.array([20, 900])
   with torch.no_grad():
-    want = forward(torch.tensor(x), torch.tensor(t), torch.tensor(ctx), torch.tensor(scores),
-                   torch.tensor(text)).numpy()
+    want = forward(
+        torch.tensor(x),
+        torch.tensor(t),
+        torch.tensor(ctx),
+        torch.tensor(scores),
+        torch.tensor(text),
+    ).numpy()
   got = model(nhwc(x), t, ctx, reward=RewardInputs(jnp.asarray(scores), jnp.asarray(text)[:, None]))
   np.testing.assert_allclose(nchw(got), want, atol=1e-4, rtol=0)
 
   save_unet(model, str(tmp_path / "again"))
-  back = safetensors_io.read_safetensors(str(tmp_path / "again" / "diffusion_pytorch_model.safetensors"))
+  back = safetensors_io.read_safetensors(
+      str(tmp_path / "again" / "diffusion_pytorch_model.safetensors")
+  )
   assert back.keys() == sd.keys()
   assert all(back[k].tobytes() == sd[k].astype(np.float32).tobytes() for k in sd)
 
   del sd["ca.attention.output.LayerNorm.bias"]
   safetensors_io.write_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"), sd)
-  with pytest.raises(safetensors_io.WeightsError, match="missing tensors: ca.attention.output.LayerNorm.bias"):
+  with pytest.raises(
+      safetensors_io.WeightsError, match="missing tensors: ca.attention.output.LayerNorm.bias"
+  ):
     load_reward_unet(folder)
 
 
@@ -229,14 +263,16 @@ def test_paper_form_export_round_trip(tmp_path, stage1):
   back = load_unet(str(tmp_path / "u"))  # the generic loader recognises a reward U-Net
   assert back.reward_config == model.reward_config
   x, t, ctx, reward = _inputs(6)
-  np.testing.assert_array_equal(np.asarray(back(x, t, ctx, reward=reward)),
-                                np.asarray(model(x, t, ctx, reward=reward)))
+  np.testing.assert_array_equal(
+      np.asarray(back(x, t, ctx, reward=reward)), np.asarray(model(x, t, ctx, reward=reward))
+  )
 
 
 def test_sd15_unet_widened_for_instruct_pix2pix_ignores_the_image_at_first(tmp_path):
   """conv_in 4 -> 8 channels with zero new weights: the stage-1 start equals SD 1.5 exactly."""
   from diffusers import UNet2DConditionModel as TorchUNet
   from mre.model_io.diffusers_folder import ip2p_unet_from_sd15
+
   cfg = {**CFG, "in_channels": 4}
   torch.manual_seed(0)
   sd = randomize(TorchUNet(**cfg), 13)

@@ -1,4 +1,5 @@
 """U-Net parity with diffusers' UNet2DConditionModel (8 input channels, as InstructPix2Pix)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,10 +13,13 @@ from tests.reference import UNET_CONFIGS, nchw, nhwc, randomize, torch
 
 def _pair(name):
   from diffusers import UNet2DConditionModel as TorchUNet
+
   torch.manual_seed(0)
   ref = randomize(TorchUNet(**UNET_CONFIGS[name]), 7)
   ours = UNet2DConditionModel(dict(ref.config), rngs=nnx.Rngs(0))
-  torch_state_dict.load_state_dict(ours, {k: v.numpy() for k, v in ref.state_dict().items()}, where=name)
+  torch_state_dict.load_state_dict(
+      ours, {k: v.numpy() for k, v in ref.state_dict().items()}, where=name
+  )
   return ref, ours
 
 
@@ -53,8 +57,9 @@ def test_unet_odd_size_and_hooks():
 def test_bf16_compute_keeps_fp32_params_and_stays_close():
   cfg = dict(UNET_CONFIGS["linear_per_block_heads"])
   full = UNet2DConditionModel(cfg, rngs=nnx.Rngs(0))
-  half = UNet2DConditionModel(cfg, dtype=jnp.bfloat16, remat=("resnet", "transformer"),
-                              rngs=nnx.Rngs(0))
+  half = UNet2DConditionModel(
+      cfg, dtype=jnp.bfloat16, remat=("resnet", "transformer"), rngs=nnx.Rngs(0)
+  )
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(half, nnx.Param)))
   rs = np.random.RandomState(2)
   x, ctx = rs.randn(1, 16, 16, 8).astype(np.float32), rs.randn(1, 4, 24).astype(np.float32)

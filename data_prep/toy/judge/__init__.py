@@ -28,14 +28,21 @@ Modules: `verdicts` (what it answers, the failure texts), `measure` (image readi
 colour names, masks, shape fitting), `view` (the measurements following and preserving share),
 `following`, `preserving` and `quality` (one perspective each).
 """
+
 from __future__ import annotations
 
 from data_prep.toy.judge.following import following_verdict
 from data_prep.toy.judge.measure import to_rgb_array
 from data_prep.toy.judge.preserving import preserving_verdict
 from data_prep.toy.judge.quality import judge_quality, quality_levels
-from data_prep.toy.judge.verdicts import (FAILURES, NOTHING_WRONG, PERSPECTIVES, YES_THRESHOLD, Judgement,
-                                          Verdict)
+from data_prep.toy.judge.verdicts import (
+    FAILURES,
+    NOTHING_WRONG,
+    PERSPECTIVES,
+    YES_THRESHOLD,
+    Judgement,
+    Verdict,
+)
 from data_prep.toy.judge.view import EditView
 
 __all__ = [
@@ -56,23 +63,25 @@ __all__ = [
 
 
 def judge(instruction: str, original, edited) -> Judgement:
-    """All three perspectives. Images: uint8 [H, W, 3] arrays, PIL images or PNG bytes."""
-    view = EditView(instruction, original, edited)
-    return Judgement(following_verdict(view), preserving_verdict(view), judge_quality(view.edited_uint8))
+  """All three perspectives. Images: uint8 [H, W, 3] arrays, PIL images or PNG bytes."""
+  view = EditView(instruction, original, edited)
+  return Judgement(
+      following_verdict(view), preserving_verdict(view), judge_quality(view.edited_uint8)
+  )
 
 
 def judge_following(instruction: str, original, edited) -> Verdict:
-    return following_verdict(EditView(instruction, original, edited))
+  return following_verdict(EditView(instruction, original, edited))
 
 
 def judge_preserving(instruction: str, original, edited) -> Verdict:
-    return preserving_verdict(EditView(instruction, original, edited))
+  return preserving_verdict(EditView(instruction, original, edited))
 
 
 def judge_perspective(perspective: str, instruction: str, original, edited) -> Verdict:
-    if perspective == "quality":
-        return judge_quality(edited)
-    if perspective not in PERSPECTIVES:
-        raise ValueError(f"unknown perspective {perspective!r}; expected one of {PERSPECTIVES}")
-    verdict = following_verdict if perspective == "following" else preserving_verdict
-    return verdict(EditView(instruction, original, edited))
+  if perspective == "quality":
+    return judge_quality(edited)
+  if perspective not in PERSPECTIVES:
+    raise ValueError(f"unknown perspective {perspective!r}; expected one of {PERSPECTIVES}")
+  verdict = following_verdict if perspective == "following" else preserving_verdict
+  return verdict(EditView(instruction, original, edited))

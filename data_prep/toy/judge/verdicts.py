@@ -1,4 +1,5 @@
 """What the toy judge answers: a verdict per perspective, and the failure texts it may write."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,39 +56,39 @@ DONE_COVERAGE = 0.95  # following counts as complete from this fraction of the e
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
-    score: float  # 0..5, one decimal
-    yes: bool
-    failure: str  # what is wrong, or the perspective's "nothing wrong" text
+  score: float  # 0..5, one decimal
+  yes: bool
+  failure: str  # what is wrong, or the perspective's "nothing wrong" text
 
 
 @dataclasses.dataclass(frozen=True)
 class Judgement:
-    following: Verdict
-    preserving: Verdict
-    quality: Verdict
+  following: Verdict
+  preserving: Verdict
+  quality: Verdict
 
-    @property
-    def verdicts(self) -> tuple[Verdict, Verdict, Verdict]:
-        return (self.following, self.preserving, self.quality)
+  @property
+  def verdicts(self) -> tuple[Verdict, Verdict, Verdict]:
+    return (self.following, self.preserving, self.quality)
 
-    @property
-    def scores(self) -> tuple[float, float, float]:
-        return tuple(v.score for v in self.verdicts)
+  @property
+  def scores(self) -> tuple[float, float, float]:
+    return tuple(v.score for v in self.verdicts)
 
-    @property
-    def failures(self) -> tuple[str, str, str]:
-        return tuple(v.failure for v in self.verdicts)
+  @property
+  def failures(self) -> tuple[str, str, str]:
+    return tuple(v.failure for v in self.verdicts)
 
 
 def failure_text(key: str, **fields) -> str:
-    return instructions.fix_articles(FAILURES[key].format(**fields))
+  return instructions.fix_articles(FAILURES[key].format(**fields))
 
 
 def coverage_score(coverage: float) -> float:
-    """0 for (almost) nothing done, 5 from DONE_COVERAGE on, linear in between."""
-    return 5.0 * float(np.clip((coverage - 0.05) / (DONE_COVERAGE - 0.05), 0.0, 1.0))
+  """0 for (almost) nothing done, 5 from DONE_COVERAGE on, linear in between."""
+  return 5.0 * float(np.clip((coverage - 0.05) / (DONE_COVERAGE - 0.05), 0.0, 1.0))
 
 
 def make_verdict(perspective: str, score: float, problems: list[str]) -> Verdict:
-    score = round(float(np.clip(score, 0.0, 5.0)), 1)
-    return Verdict(score, score >= YES_THRESHOLD, "; ".join(problems) or NOTHING_WRONG[perspective])
+  score = round(float(np.clip(score, 0.0, 5.0)), 1)
+  return Verdict(score, score >= YES_THRESHOLD, "; ".join(problems) or NOTHING_WRONG[perspective])
