@@ -13,6 +13,7 @@ import sys
 import time
 
 import numpy as np
+from PIL import Image
 import orbax.checkpoint as ocp
 import pytest
 
@@ -109,7 +110,10 @@ def test_train_runs_end_to_end(reference_run, toy_data):
   losses = [h["loss"] for h in summary["history"]]
   assert len(losses) == STEPS and all(np.isfinite(losses))
   assert all(h["images_per_s"] > 0 and h["grad_norm"] > 0 for h in summary["history"])
-  assert os.path.exists(os.path.join(workdir, "validation", f"step_{STEPS:06d}.png"))
+  # The validation grid: 4 items (rows) x original | edit per reward | reference, 16 px cells at
+  # scale 4, and edits that are images, not one flat colour.
+  grid = np.asarray(Image.open(os.path.join(workdir, "validation", f"step_{STEPS:06d}.png")))
+  assert grid.shape[0] % (16 * 4) == 0 and grid.shape[2] == 3 and grid.std() > 1.0
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   # The toy world has a judge: validation edits are judged in process at every validation.
   (judged,) = summary["validation"]
