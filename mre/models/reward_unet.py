@@ -124,6 +124,13 @@ def reward_unet_from_stage1(
     remat=(),
 ):
   """Stage 2's starting point: every stage-1 U-Net weight, plus freshly initialised reward modules."""
+  if reward.form == "released" and stage1.config.addition_embed_type is not None:
+    # The release's `add_embedding` is its score embedding: the stage-1 one would be lost.
+    raise ValueError(
+        f"the released reward form cannot start from a U-Net with addition_embed_type="
+        f"{stage1.config.addition_embed_type!r} (its add_embedding is the score embedding); use "
+        "model.reward.form=paper, or a stage-1 U-Net without it"
+    )
   model = RewardUNet(
       stage1.config,
       reward,
