@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 from PIL import Image
@@ -106,6 +107,9 @@ def grid(items, columns, n: int = 10, scale: int = 4) -> np.ndarray:
   return np.kron(image, np.ones((scale, scale, 1), np.uint8))
 
 
+_CONTROL_ROW = re.compile(r"\(b\) reward [0-9.]+,[0-9.]+,[0-9.]+")
+
+
 def build(rows: dict, items, workdir: str, *, timings: dict, settings: dict) -> dict:
   """The report: markdown, every row's numbers, the claim and control checks; writes the grids."""
   result = {
@@ -116,10 +120,11 @@ def build(rows: dict, items, workdir: str, *, timings: dict, settings: dict) -> 
       "settings": settings,
   }
   main = [r for r in MAIN_ROWS if r in rows]
-  others = [r for r in rows if r not in main and not r.startswith("(b) reward ")]
+  # Control rows are (b) at given scores ("(b) reward 1,5,5"); other (b) variants are ablations.
   controls = ["(b) reward 5,5,5"] + [
-      r for r in rows if r.startswith("(b) reward ") and r != "(b) reward 5,5,5"
+      r for r in rows if _CONTROL_ROW.fullmatch(r) and r != "(b) reward 5,5,5"
   ]
+  others = [r for r in rows if r not in main and r not in controls]
   c = result["claim"]
   gains = ", ".join(f"{p} {_pct(v['yes_rate_gain'])} points" for p, v in c["perspectives"].items())
   md = [
