@@ -325,10 +325,10 @@ def train(config) -> dict:
   return summary
 
 
-def _validation_grid(config, pipe, source):
+def _validation_settings(config) -> EditSettings:
+  """How validation edits are made (grid and judged edits alike)."""
   t = config.train
-  originals, instructions, references = source.validation_items(t.val_count, config.data.resolution)
-  settings = EditSettings(
+  return EditSettings(
       steps=t.val_steps,
       sampler=t.val_sampler,
       text_scale=t.val_text_scale,
@@ -336,7 +336,14 @@ def _validation_grid(config, pipe, source):
       seed=config.seed,
       resolution=config.data.resolution,
   )
-  return ValidationGrid(pipe, originals, instructions, references, t.val_rewards, settings)
+
+
+def _validation_grid(config, pipe, source):
+  t = config.train
+  originals, instructions, references = source.validation_items(t.val_count, config.data.resolution)
+  return ValidationGrid(
+      pipe, originals, instructions, references, t.val_rewards, _validation_settings(config)
+  )
 
 
 def _validation_judge(config, pipe, source):
@@ -345,15 +352,7 @@ def _validation_judge(config, pipe, source):
   if not (t.val_judge_items and source.judge is not None):
     return None
   originals, instructions, _ = source.validation_items(t.val_judge_items, config.data.resolution)
-  settings = EditSettings(
-      steps=t.val_steps,
-      sampler=t.val_sampler,
-      text_scale=t.val_text_scale,
-      image_scale=t.val_image_scale,
-      seed=config.seed,
-      resolution=config.data.resolution,
-  )
-  return ValidationJudge(pipe, originals, instructions, source.judge, settings)
+  return ValidationJudge(pipe, originals, instructions, source.judge, _validation_settings(config))
 
 
 def _validate(grid, judged, state, step, workdir, writer) -> dict:
