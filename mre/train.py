@@ -401,6 +401,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if _CONFIG.value is None:
     raise app.UsageError("--config is required, e.g. --config=configs/reward.py:toy")
+  family = _CONFIG.value.model.family
+  if family not in model_setup.FAMILIES:  # a message, not a stack trace
+    raise app.UsageError(
+        f"training of model.family={family!r} is not built yet (trainable: "
+        f"{', '.join(model_setup.FAMILIES)}); for its sizes and memory: "
+        "python -m mre.smartedit_dryrun --config=configs/smartedit.py"
+    )
   train(_CONFIG.value)
 
 
