@@ -7,10 +7,11 @@ the template; that first `<img_0>` is a placeholder which the model replaces by 
 patch embeddings. The answer ends with ` <img_0> ... <img_31></s>`; the LLM's hidden states at
 those 32 positions condition the U-Net.
 
-Tokenisation: the text between added tokens goes to `encode` (any function text -> ids without
-BOS, e.g. a LLaMA tokenizer's), each added token becomes its id, BOS starts the sequence. A Hugging
-Face tokenizer with the 35 tokens added splits the same way; sentencepiece's word-boundary marks
-next to an added token may differ by a space.
+Tokenisation: the text between added tokens, stripped of the spaces next to them, goes to `encode`
+(any function text -> ids without BOS, e.g. a LLaMA tokenizer's); each added token becomes its id,
+BOS starts the sequence. Stripping makes the generation prompt (ending `ASSISTANT:`) a prefix of the
+training conversation (`ASSISTANT: <img_0> ...`), so teacher-forced and generated states agree; a
+Hugging Face tokenizer with the 35 tokens added may keep a word-boundary mark there.
 """
 
 from __future__ import annotations
@@ -98,11 +99,11 @@ def tokenize(text: str, encode: Callable[[str], Sequence[int]], ids: TokenIds = 
       plain, i = plain + text[i], i + 1
       continue
     if plain.strip():
-      out.extend(int(t) for t in encode(plain))
+      out.extend(int(t) for t in encode(plain.strip()))
     out.append(special[hit])
     plain, i = "", i + len(hit)
   if plain.strip():
-    out.extend(int(t) for t in encode(plain))
+    out.extend(int(t) for t in encode(plain.strip()))
   return out
 
 
