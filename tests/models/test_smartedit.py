@@ -162,3 +162,21 @@ def test_7b_dry_run_counts_the_known_sizes():
   assert abs(sizes["unet"].params - 859.5e6) / 859.5e6 < 1e-4
   total = sum(s.device_bytes for s in sizes.values())
   assert 4 * 2**30 < total < 8 * 2**30  # ~5.6 GiB per device before activations
+
+
+def test_the_trainer_refuses_the_family_with_a_message_not_a_stack_trace():
+  import os
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  r = subprocess.run(
+      [sys.executable, "-m", "mre.train", "--config=configs/smartedit.py:toy"],
+      cwd=root,
+      capture_output=True,
+      text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+      timeout=300,
+  )
+  assert r.returncode != 0 and "Traceback" not in r.stderr
+  assert "model.family='smartedit' is not built yet" in r.stderr and "smartedit_dryrun" in r.stderr
