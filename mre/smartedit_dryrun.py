@@ -123,21 +123,20 @@ def report(config, fsdp: int = 8) -> str:
   return "\n".join(lines)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/smartedit.py[:toy]")
-_FSDP = flags.DEFINE_integer("fsdp", 8, "devices of the fsdp mesh axis the estimate assumes")
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if _CONFIG.value is None:
+  config = flags.FLAGS.config
+  if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/smartedit.py")
-  if _CONFIG.value.model.family != "smartedit":
-    raise app.UsageError(
-        f"model.family={_CONFIG.value.model.family!r}: this dry run is SmartEdit's"
-    )
-  print(report(_CONFIG.value, _FSDP.value))
+  if config.model.family != "smartedit":
+    raise app.UsageError(f"model.family={config.model.family!r}: this dry run is SmartEdit's")
+  print(report(config, flags.FLAGS.fsdp))
 
 
 if __name__ == "__main__":
+  # Defined only when run as a command: importing this module (tests) must not claim --config,
+  # which mre.train defines too.
+  config_flags.DEFINE_config_file("config", None, "configs/smartedit.py[:toy]")
+  flags.DEFINE_integer("fsdp", 8, "devices of the fsdp mesh axis the estimate assumes")
   app.run(main)
