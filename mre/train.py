@@ -25,7 +25,13 @@ from mre.editor import EditSettings
 from mre.model_io import diffusers_folder, native_format
 from mre.models.vae import AutoencoderKL
 from mre.pipeline import tokenize
-from mre.train_step import SplitModel, StepContext, TrainState, make_optimizer, make_train_step
+from mre.train_step import (
+    SplitModel,
+    StepContext,
+    init_train_state,
+    make_optimizer,
+    make_train_step,
+)
 from mre.validation import ValidationGrid, ValidationJudge, save_grid
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -37,7 +43,7 @@ class NonFiniteError(FloatingPointError):
   """Loss or gradients became NaN/inf; the state of the last good step is kept."""
 
 
-def _materialize(module, mesh, min_size, make=None):
+def materialize(module, mesh, min_size, make=None):
   """(SplitModel, params sharded over the mesh). With `make`, parameters are created by a jitted
   initialiser whose out_shardings come from eval_shape, so they never exist unsharded."""
   if make is not None:
@@ -55,7 +61,7 @@ def _materialize(module, mesh, min_size, make=None):
   return SplitModel(split.graphdef, params, rest), params
 
 
-def _cost_flops(compiled) -> float:
+def cost_flops(compiled) -> float:
   try:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -128,9 +134,9 @@ def train(config) -> dict:
   pipe, makers = models.pipe, models.makers
   reward_cfg = model_setup.reward_config(config)
   min_size = config.mesh.fsdp_min_size
-  unet, unet_params = _materialize(pipe.unet, mesh, min_size, makers.get("unet"))
-  text, text_params = _materialize(pipe.text_encoder, mesh, min_size, makers.get("text_encoder"))
-  vae, vae_params = _materialize(pipe.vae, mesh, min_size)
+  unet, unet_params = materialize(pipe.unet, mesh, min_size, makers.get("unet"))
+  text, text_params = materialize(pipe.text_encoder, mesh, min_size, makers.get("text_encoder"))
+  vae, vae_params = materialize(pipe.vae, mesh, min_size)
   trainable = {"unet": unet_params}
   frozen = {"vae": vae_params}
   if config.model.train_text_encoder:
@@ -153,15 +159,7 @@ def train(config) -> dict:
   )
   tx = make_optimizer(config)
 
-  def init_state(params):
-    return TrainState(
-        step=jnp.int32(0),
-        params=params,
-        ema=jax.tree.map(jnp.copy, params),
-        opt_state=tx.init(params),
-        rng=jax.random.key_data(jax.random.key(config.seed)),
-    )
-
+  init_state = lambda params: init_train_state(params, tx, config.seed)  # noqa: E731
   abstract = jax.eval_shape(init_state, trainable)
   state_shardings = sharding.tree_shardings(mesh, abstract, min_size)
   state = jax.jit(init_state, out_shardings=state_shardings)(trainable)
@@ -218,7 +216,7 @@ def train(config) -> dict:
   )
   compile_start = time.time()
   compiled = step_fn.lower(state, example).compile()
-  flops = _cost_flops(compiled)
+  flops = cost_flops(compiled)
   logging.info(
       "train step compiled in %.1f s (%.3g FLOP per step)", time.time() - compile_start, flops
   )

@@ -34,6 +34,17 @@ class TrainState:
   rng: jax.Array  # raw key data; each step uses fold_in(rng, step), so resuming is exact
 
 
+def init_train_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  """The state at step 0: EMA equal to the parameters, a fresh optimizer state."""
+  return TrainState(
+      step=jnp.int32(0),
+      params=params,
+      ema=jax.tree.map(jnp.copy, params),
+      opt_state=tx.init(params),
+      rng=jax.random.key_data(jax.random.key(seed)),
+  )
+
+
 @dataclasses.dataclass
 class SplitModel:
   """A module split into its static graph, its parameters and its other state (dropout RNGs)."""

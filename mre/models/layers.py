@@ -250,5 +250,17 @@ class Upsample2D(nnx.Module):
 
 
 def maybe_remat(fn, enabled):
-  """Rematerialise `fn(module, *args)` in the backward pass when `enabled` (saves activations)."""
-  return nnx.remat(fn) if enabled else fn
+  """Rematerialise `fn(module, *args)` in the backward pass when `enabled` (saves activations).
+
+  `jax.checkpoint` over the module's state, not `nnx.remat`: the block is pure, and `nnx.remat`
+  writes its Variables back after the call, which fails when the module was made at another trace
+  level (the editor's compiled sampling loop calls the U-Net inside `lax.fori_loop`).
+  """
+  if not enabled:
+    return fn
+
+  def call(module, *args):
+    graphdef, state = nnx.split(module)
+    return jax.checkpoint(lambda state, *a: fn(nnx.merge(graphdef, state), *a))(state, *args)
+
+  return call
