@@ -56,6 +56,7 @@ def base_config():
           attention_from_level=1,  # no self-attention over all pixels at full resolution
           only_cross_attention=False,  # attn1 attends to the text too (no attention over pixels)
           text_time_embedding=False,  # the pooled instruction joins the time embedding
+          source_skip=False,  # denoiser relative to the source image (pixel space only)
           text_hidden=64,
           text_layers=2,
           text_heads=4,
@@ -157,6 +158,7 @@ def apply_toy(c):
   c.model.scratch.heads = 2
   c.model.scratch.attention_from_level = 2
   c.model.scratch.text_time_embedding = True
+  c.model.scratch.source_skip = True
   c.train.steps = 3000
   c.train.batch_per_device = 32
   c.train.grad_accum = 1

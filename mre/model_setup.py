@@ -131,6 +131,8 @@ def scratch_unet_config(config, channels: int, context_dim: int) -> dict:
       "attention_head_dim": s.heads,
       "norm_num_groups": s.norm_groups,
       "only_cross_attention": s.only_cross_attention,
+      # ours (mre/diffusion/source_skip.py): the denoiser relative to the source image
+      **({"mre_source_skip": True} if s.source_skip else {}),
       # diffusers' TextTimeEmbedding: the pooled instruction joins the time embedding
       **(
           {"addition_embed_type": "text", "addition_embed_type_num_heads": s.text_heads}

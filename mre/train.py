@@ -80,8 +80,10 @@ def export_model(pipe, ema: dict, workdir: str):
   diffusers_dir = os.path.join(workdir, "export_diffusers")
   if isinstance(pipe.vae, AutoencoderKL):
     diffusers_folder.save_pipeline(pipe, diffusers_dir)
-  else:  # pixel space has no diffusers counterpart; the U-Net alone still exports
-    diffusers_folder.save_unet(pipe.unet, os.path.join(diffusers_dir, "unet"))
+  elif not pipe.unet.config.source_skip:  # pixel space has no diffusers counterpart; the U-Net
+    diffusers_folder.save_unet(pipe.unet, os.path.join(diffusers_dir, "unet"))  # alone exports
+  else:
+    logging.info("no diffusers export: diffusers does not apply the U-Net's source skip")
   return out
 
 

@@ -21,6 +21,7 @@ from flax import nnx
 
 from mre.diffusion.condition_dropout import conditioning_dropout, drop_rewards
 from mre.diffusion.schedule import NoiseSchedule, add_noise, min_snr_weight, training_target
+from mre.diffusion.source_skip import denoiser
 from mre.models.reward_config import RewardConfig, RewardInputs
 from mre.models.vae import DiagonalGaussian
 
@@ -174,7 +175,8 @@ def micro_loss(ctx: StepContext, params, batch, key):
     kwargs["reward"] = reward
 
   sample = jnp.concatenate([noisy, image_latents.astype(noisy.dtype)], axis=-1)
-  out = unet(sample, t, context, **kwargs).astype(jnp.float32)
+  denoise = denoiser(unet, ctx.schedule)
+  out = denoise(sample, t, context, **kwargs).astype(jnp.float32)
   target = training_target(ctx.schedule, target_latents, noise, t)
   per_sample = jnp.mean((out - target) ** 2, axis=tuple(range(1, out.ndim)))
   if cfg.snr_gamma > 0:

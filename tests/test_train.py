@@ -124,10 +124,11 @@ def test_train_runs_end_to_end(reference_run, toy_data):
   }
   assert all(0.0 <= metrics[k] <= 1.0 for k in metrics if k.endswith("_yes"))
   assert all(0.0 <= metrics[k] <= 5.0 for k in metrics if k.endswith("_score"))
-  # The export is a full editor that mre.edit loads; the diffusers U-Net is written too.
+  # The export is a full editor that mre.edit loads; the toy U-Net keeps its source skip, which
+  # diffusers would not apply, so no diffusers U-Net is written for it.
   pipe = load_any(os.path.join(workdir, "export"))
-  assert type(pipe.unet).__name__ == "RewardUNet"
-  assert os.path.exists(os.path.join(workdir, "export_diffusers", "unet", "config.json"))
+  assert type(pipe.unet).__name__ == "RewardUNet" and pipe.unet.config.source_skip
+  assert not os.path.exists(os.path.join(workdir, "export_diffusers", "unet"))
   # Re-running the finished command resumes at the end and does nothing.
   again = train.train(tiny_config(workdir, toy_data))
   assert again["resumed_from"] == STEPS and again["history"] == []

@@ -15,6 +15,7 @@ from flax import nnx
 from mre.diffusion.guidance import dual_guidance
 from mre.diffusion.samplers import init_noise_sigma, sample
 from mre.diffusion.schedule import NoiseSchedule
+from mre.diffusion.source_skip import denoiser
 
 
 def edit_latents(
@@ -66,7 +67,7 @@ def edit_latents(
       shape[channel_axis] = latent_channels
     noise = jax.random.normal(key_init, tuple(shape), image_latents.dtype)
   latents = noise * init_noise_sigma(schedule, num_steps, sampler).astype(noise.dtype)
-  model_fn = _stateless(unet)
+  model_fn = denoiser(unet, schedule, prediction_type, channel_axis, call=_stateless(unet))
 
   def guided_unet(latents_input, t):
     return dual_guidance(

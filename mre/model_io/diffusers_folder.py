@@ -195,6 +195,12 @@ def config_dict(module) -> dict:
 
 def save_unet(unet, folder: str):
   """Writes `config.json` + `diffusion_pytorch_model.safetensors` that diffusers loads as is."""
+  if getattr(unet.config, "source_skip", False):
+    raise ValueError(
+        "this U-Net uses the source skip (mre_source_skip, mre/diffusion/source_skip.py), which "
+        "diffusers' pipelines do not apply: a diffusers folder would edit differently; keep the "
+        "mre export (mre.edit, mre.eval load it)"
+    )
   _write_config(folder, config_dict(unet), "UNet2DConditionModel", "diffusers")
   write_safetensors(
       os.path.join(folder, "diffusion_pytorch_model.safetensors"),

@@ -78,6 +78,9 @@ class UNetConfig:
   mid_block_scale_factor: float = 1.0
   has_mid_block: bool = True
   center_input_sample: bool = False
+  # Ours, not diffusers': the denoiser is parameterised relative to the source image
+  # (mre/diffusion/source_skip.py); diffusers cannot run such a U-Net the same way.
+  source_skip: bool = False
   raw: Any = dataclasses.field(default=None, compare=False, repr=False)
 
   @classmethod
@@ -150,6 +153,7 @@ class UNetConfig:
         mid_block_scale_factor=cfg.get("mid_block_scale_factor", 1.0),
         has_mid_block=mid is not None,
         center_input_sample=cfg.get("center_input_sample", False),
+        source_skip=bool(cfg.get("mre_source_skip", False)),
         raw=dict(cfg),
     )
 

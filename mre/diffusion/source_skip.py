@@ -1,0 +1,95 @@
+"""The source skip: an InstructPix2Pix denoiser parameterised relative to the source image.
+
+An editor's output equals its input almost everywhere. A plain InstructPix2Pix U-Net has to learn
+that copy: at every noise level it rebuilds, from the noisy latents and the concatenated source,
+the part of the image the instruction does not touch, and every error of that copy shows in the
+edit as noise or a shifted colour. With the source skip the network sees the noisy latents with
+the (noised) source taken out, `x_t - sqrt(alpha_bar_t) * x_src`, and its output is shifted back:
+
+  v_prediction:  v = F - sqrt(1 - alpha_bar_t) * x_src
+  epsilon:       eps = F
+  sample:        x0 = F + x_src
+
+so an unchanged pixel is the network's easiest answer (the edit residual x0 - x_src is zero
+there). This is only a reparameterisation: the forward process, the training target, the loss and
+every sampler are those of InstructPix2Pix, and F is trained on exactly the target it would
+predict if the edit residual x0 - x_src were diffused. Where the source is dropped (conditioning
+dropout, the unconditional branches of guidance) x_src is zero and the skip does nothing.
+
+It needs the source in the same units as the noisy latents: pixel space (the toy editors), or a
+latent space whose scaling factor is 1. Measured in the toy world: README, "What the toy editor
+needed".
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax.numpy as jnp
+
+from mre.diffusion.schedule import NoiseSchedule, resolve_prediction_type
+
+PREDICTION_TYPES = ("v_prediction", "epsilon", "sample")
+
+
+def signal_and_noise_scale(schedule: NoiseSchedule, timesteps, batch: int):
+  """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t) per example [B]; fractional timesteps (Euler
+  sampling) take the sigma interpolated linearly in t, the rule by which those samplers scale
+  their model input, so the skip removes exactly the source the input carries."""
+  t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (batch,))
+  ab = schedule.alphas_cumprod.astype(jnp.float32)
+  sigmas = jnp.sqrt((1.0 - ab) / ab)
+  sigma = jnp.interp(t, jnp.arange(ab.shape[0], dtype=jnp.float32), sigmas)
+  exact = ab[jnp.clip(t, 0, ab.shape[0] - 1).astype(jnp.int32)]
+  alpha_bar = jnp.where(t == jnp.floor(t), exact, 1.0 / (1.0 + sigma**2))  # integers: exact
+  return jnp.sqrt(alpha_bar), jnp.sqrt(1.0 - alpha_bar)
+
+
+def with_source_skip(
+    unet: Callable, schedule: NoiseSchedule, prediction_type: str, channel_axis: int = -1
+) -> Callable:
+  """`unet(sample, timesteps, context, **kw)` reparameterised by the source skip; `sample` is the
+  noisy latents and the source latents concatenated on `channel_axis` (InstructPix2Pix's input)."""
+  if prediction_type not in PREDICTION_TYPES:
+    raise ValueError(
+        f"the source skip is defined for prediction types {PREDICTION_TYPES}, "
+        f"not {prediction_type!r}"
+    )
+
+  def denoise(sample, timesteps, context, **kwargs):
+    noisy, source = jnp.split(sample, 2, axis=channel_axis)
+    signal, noise_scale = signal_and_noise_scale(schedule, timesteps, sample.shape[0])
+    shape = [1] * sample.ndim
+    shape[0] = sample.shape[0]
+    signal = signal.reshape(shape).astype(sample.dtype)
+    noise_scale = noise_scale.reshape(shape)
+    shifted = jnp.concatenate([noisy - signal * source, source], axis=channel_axis)
+    out = unet(shifted, timesteps, context, **kwargs)
+    source = source.astype(out.dtype)
+    if prediction_type == "v_prediction":
+      return out - noise_scale.astype(out.dtype) * source
+    if prediction_type == "sample":
+      return out + source
+    return out
+
+  return denoise
+
+
+def denoiser(
+    unet,
+    schedule: NoiseSchedule,
+    prediction_type: Optional[str] = None,
+    channel_axis: int = -1,
+    call: Optional[Callable] = None,
+):
+  """The U-Net as the samplers and the loss call it (`call`, default the U-Net itself): with the
+  source skip when the U-Net's config asks for one (`mre_source_skip` in its config.json).
+  `prediction_type` defaults to the schedule's."""
+  call = unet if call is None else call
+  if getattr(getattr(unet, "config", None), "source_skip", False):
+    prediction_type = resolve_prediction_type(schedule, prediction_type)
+    return with_source_skip(call, schedule, prediction_type, channel_axis)
+  return call
+
+
+__all__ = ["denoiser", "signal_and_noise_scale", "with_source_skip"]
