@@ -8,6 +8,7 @@ relies on it.
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,31 @@ class GroupNorm(nnx.Module):
     inv = to_channels(jax.lax.rsqrt(var + self.eps)) * self.scale[...].astype(jnp.float32)
     out = centred * bcast(inv) + self.bias[...].astype(jnp.float32)
     return out.astype(self.dtype or x.dtype)
+
+
+def attention_implementation(dtype, head_dim, backend, compute_capability=None):
+  """The `implementation` of `jax.nn.dot_product_attention` to ask for: "cudnn" (the fused,
+  flash-style kernel) on a GPU where its constraints hold (float16/bfloat16, head dim a multiple of
+  8 up to 128, 256 from Hopper on), else None (XLA's, the only one on CPU and TPU).
+  MRE_ATTENTION=xla in the environment keeps XLA's everywhere."""
+  if os.environ.get("MRE_ATTENTION", "auto") == "xla" or backend != "gpu":
+    return None
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return None
+  try:
+    hopper = float(compute_capability or 0) >= 9.0
+  except ValueError:
+    hopper = False
+  return "cudnn" if head_dim % 8 == 0 and head_dim <= (256 if hopper else 128) else None
+
+
+def attention(q, k, v, *, scale):
+  """Multi-head attention over [B, T, heads, head_dim] inputs, cuDNN's kernel where it applies."""
+  device = jax.devices()[0]
+  implementation = attention_implementation(
+      q.dtype, q.shape[-1], device.platform, getattr(device, "compute_capability", None)
+  )
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
 
 
 def group_norm(channels, groups, eps, *, dtype, param_dtype, rngs):
@@ -173,7 +199,7 @@ class Attention(nnx.Module):
     split = lambda t: t.reshape(b, t.shape[1], self.heads, self.head_dim)
     q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
     k, v = k.astype(q.dtype), v.astype(q.dtype)
-    out = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
+    out = attention(q, k, v, scale=self.head_dim**-0.5)
     return self.to_out[0](out.reshape(b, x.shape[1], self.heads * self.head_dim))
 
   def __call__(self, x, context=None):
