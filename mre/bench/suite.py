@@ -133,6 +133,7 @@ def _run(preset: Preset, settings: Settings, log) -> dict:
     result["rows"].append(row)
     del runners, timings
     gc.collect()
+    torch_side.release(dev)  # cached GPU memory back for the next row's JAX side
     log(
         f"[{preset.name}] {name}: JAX {row['jax']['ms']:.1f} ms"
         + (

@@ -63,6 +63,14 @@ def device(platform: str) -> str:
   return "cpu"
 
 
+def release(dev: str | None):
+  """Returns the memory torch's caching allocator holds on the GPU (JAX shares the device)."""
+  if dev == "cuda":
+    import torch  # pylint: disable=import-outside-toplevel
+
+    torch.cuda.empty_cache()
+
+
 def info(dev: str) -> dict:
   import diffusers  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
