@@ -35,11 +35,19 @@ PEAK_TFLOPS = (
 )
 
 
+def usable_cores() -> int:
+  """The cores this process may run on (its affinity: `taskset` narrows it)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
 def device_info() -> dict:
   d = jax.devices()[0]
   info = {"platform": d.platform, "kind": d.device_kind, "devices_used": 1}
   if d.platform == "cpu":
-    info["cores"] = os.cpu_count()
+    info["cores"] = usable_cores()
     info["cpu"] = _cpu_model()
   return info
 
@@ -77,7 +85,7 @@ def stated_cpu_peak_tflops(dtype: str = "float32") -> float | None:
   if not mhz:
     return None
   per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 16
-  return (os.cpu_count() or 1) * mhz * 1e6 * per_cycle / 1e12
+  return usable_cores() * mhz * 1e6 * per_cycle / 1e12
 
 
 def measured_matmul_tflops(n: int = 1024, reps: int = 5) -> float:

@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mre import sharding, train
+from mre.data import train_input
 from mre.bench import hardware
 from mre.bench.inputs import Inputs
 from mre.bench.presets import Preset
@@ -78,14 +79,20 @@ def _device_memory() -> dict:
   return {"device_peak_memory_gb": hardware.device_peak_memory_gb()}
 
 
-def _compile(fn, *args):
+def _compile(fn, *args, compiler_options=None):
   start = time.perf_counter()
-  compiled = fn.lower(*args).compile()
+  compiled = fn.lower(*args).compile(compiler_options=compiler_options)
   return compiled, time.perf_counter() - start
 
 
-def unet_train(preset: Preset, inputs: Inputs) -> Runner:
-  """The U-Net alone: forward, MSE to a target, backward, the recipe's optimizer (clip + AdamW)."""
+def unet_train(
+    preset: Preset, inputs: Inputs, *, compiler_options=None, donate=True, flat_state=False
+) -> Runner:
+  """The U-Net alone: forward, MSE to a target, backward, the recipe's optimizer (clip + AdamW).
+
+  The options are levers (`mre.bench.levers`): XLA compiler options for this computation, no
+  buffer donation, and the state passed as a flat list of arrays instead of NNX pytrees.
+  """
   mesh = one_device_mesh()
   unet, params = train.materialize(None, mesh, REPLICATED, makers(preset)["unet"])
   tx = make_optimizer(preset.config)
@@ -103,7 +110,17 @@ def unet_train(preset: Preset, inputs: Inputs) -> Runner:
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), loss
 
-  compiled, compile_s = _compile(jax.jit(step, donate_argnums=(0,)), state, batch)
+  if flat_state:  # no Variable objects to flatten and rebuild around each call
+    treedef = jax.tree.structure(state)
+    state = jax.tree.leaves(state)
+    structured = step
+
+    def step(leaves, batch):  # pylint: disable=function-redefined
+      new, loss = structured(jax.tree.unflatten(treedef, leaves), batch)
+      return jax.tree.leaves(new), loss
+
+  fn = jax.jit(step, donate_argnums=(0,) if donate else ())
+  compiled, compile_s = _compile(fn, state, batch, compiler_options=compiler_options)
   return Runner(
       _carried(compiled, state, batch), preset.batch, _info(compiled, compile_s), _device_memory
   )
@@ -239,3 +256,25 @@ def conv(preset: Preset, inputs: Inputs, row: str) -> Runner:
   compiled, compile_s = _compile(jax.jit(fn), *args)
   call = lambda: compiled(*args).block_until_ready()  # noqa: E731
   return Runner(call, preset.batch, _info(compiled, compile_s))
+
+
+def input_pipeline(preset: Preset) -> Runner | str:
+  """The trainer's input: one batch from `TrainIterator` (the config's dataset, decoding, flips,
+  tokenising, reward texts) placed on the device as `mre.train` places it; or why not."""
+  if preset.models is None:
+    return "a preset without a training config's dataset"
+  cfg = preset.config.copy_and_resolve_references()
+  cfg.data.build_if_missing = False
+  try:
+    source = train_input.open_dataset(cfg)
+    data = train_input.TrainIterator(
+        source, cfg, preset.tokenizer, batch_size=preset.batch, accum=1, reward=reward_config(cfg)
+    )
+    data.peek()
+  except Exception as e:  # pylint: disable=broad-except  (not prepared, unreadable: skip the row)
+    return f"dataset {cfg.data.name} not readable here ({type(e).__name__})"
+  mesh = one_device_mesh()
+  call = lambda: jax.block_until_ready(  # noqa: E731
+      sharding.global_batch(mesh, data.next(), leading_unsharded=1)
+  )
+  return Runner(call, preset.batch, {}, lambda: (data.close(), {})[1])

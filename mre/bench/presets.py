@@ -23,7 +23,7 @@ TRAIN_ROWS = ("unet_train", "trainer")
 EDIT_ROWS = ("unet_forward", "edit", "edit_batch")
 # One 3x3 convolution of the U-Net's first level: where XLA:CPU and oneDNN differ most.
 CONV_ROWS = ("conv_forward", "conv_input_grad", "conv_weight_grad")
-ROWS = TRAIN_ROWS + EDIT_ROWS + CONV_ROWS
+ROWS = TRAIN_ROWS + EDIT_ROWS + CONV_ROWS + ("input_pipeline",)
 
 # diffusers' UNet2DConditionModel config of SD 1.5, with InstructPix2Pix's 8 input channels.
 SD15_UNET = {
@@ -225,7 +225,8 @@ def preset(name: str, tokenizer_dir: str) -> Preset:
   if name == "toy":
     from configs import ip2p  # pylint: disable=import-outside-toplevel
 
-    return from_config(ip2p.get_config("toy"), tokenizer_dir, name="toy", rows=ROWS, edit_steps=20)
+    rows = ("input_pipeline",) + TRAIN_ROWS + EDIT_ROWS + CONV_ROWS
+    return from_config(ip2p.get_config("toy"), tokenizer_dir, name="toy", rows=rows, edit_steps=20)
   if name == "sd15-256-train":
     return sd15(name, resolution=256, batch=8, edit_batch=8, edit_steps=30, rows=TRAIN_ROWS)
   if name == "sd15-512-edit":

@@ -11,6 +11,7 @@ ROW_TITLES = {
     "unet_forward": "guided U-Net call (3 branches)",
     "edit": "one edit",
     "edit_batch": "batch edit",
+    "input_pipeline": "input pipeline (one batch)",
     "conv_forward": "3x3 conv, level 1: forward",
     "conv_input_grad": "3x3 conv, level 1: input grad",
     "conv_weight_grad": "3x3 conv, level 1: kernel grad",
@@ -48,6 +49,16 @@ def make_row(name: str, batch: int, jax_r: dict, torch_r: dict, peak_tflops) -> 
   return row
 
 
+def skipped_row(name: str, batch: int, why: str) -> dict:
+  return {
+      "row": name,
+      "title": ROW_TITLES.get(name, name),
+      "batch": batch,
+      "jax": {"skipped": why},
+      "torch": {"skipped": why},
+  }
+
+
 def _fmt(v, digits=3):
   if v is None:
     return "-"
@@ -71,7 +82,7 @@ def _cells(row: dict) -> list:
   return [
       title,
       str(row["batch"]),
-      _fmt(j.get("ms")),
+      _fmt(j.get("ms")) if "ms" in j else j.get("skipped", "-"),
       _fmt(j.get("items_per_s")),
       _fmt(j.get("tflops")),
       f"{mfu:.1%}" if mfu is not None else "-",
@@ -126,6 +137,13 @@ def _footnotes(result: dict) -> list:
       if "step_ms" in t:
         per += f", {_fmt(t['step_ms'])} ms (PyTorch: {t.get('how')})"
       notes.append(per)
+  rows = {r["row"]: r["jax"] for r in result["rows"]}
+  if "ms" in rows.get("input_pipeline", {}) and "ms" in rows.get("trainer", {}):
+    share = rows["input_pipeline"]["ms"] / rows["trainer"]["ms"]
+    notes.append(
+        f"input pipeline: {share:.0%} of the trainer step's time (prepared while the previous "
+        "step runs; on a CPU it competes for the same cores)"
+    )
   return notes
 
 

@@ -29,6 +29,8 @@ class Settings:
 
 
 def _jax_runner(name, preset, inputs, nets):
+  if name == "input_pipeline":
+    return jax_side.input_pipeline(preset)
   if name == "unet_train":
     return jax_side.unet_train(preset, inputs)
   if name == "trainer":
@@ -41,6 +43,8 @@ def _jax_runner(name, preset, inputs, nets):
 
 
 def _torch_runner(name, preset, inputs, dev, nets):
+  if name == "input_pipeline":
+    return "the same for both (numpy)"
   if name == "unet_train":
     return torch_side.unet_train(preset, inputs, dev)
   if name == "trainer":
@@ -112,7 +116,12 @@ def _run(preset: Preset, settings: Settings, log) -> dict:
   torch_nets = _once(lambda: torch_side.EditNetworks(preset, dev))
   for name in preset.rows:
     log(f"[{preset.name}] {name}: preparing")
-    runners = {"jax": _jax_runner(name, preset, inputs, jax_nets)}
+    jax_runner = _jax_runner(name, preset, inputs, jax_nets)
+    if isinstance(jax_runner, str):  # a row that cannot run here
+      result["rows"].append(report.skipped_row(name, row_batch(name, preset), jax_runner))
+      log(f"[{preset.name}] {name}: skipped ({jax_runner})")
+      continue
+    runners = {"jax": jax_runner}
     torch_r = {"skipped": why_not} if dev is None else None
     if dev is not None:
       runner = _torch_runner(name, preset, inputs, dev, torch_nets)

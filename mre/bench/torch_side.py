@@ -109,8 +109,11 @@ class _Side:
     from diffusers import UNet2DConditionModel  # pylint: disable=import-outside-toplevel
 
     self.torch.manual_seed(0)
+    # Our own keys (mre_source_skip: applied around the U-Net by the train step and samplers,
+    # not inside it) are not diffusers'; the network is the same without them.
+    cfg = {k: v for k, v in self.preset.unet.items() if not k.startswith("mre_")}
     with self.torch.device(self.dev):
-      return UNet2DConditionModel.from_config(self.preset.unet)
+      return UNet2DConditionModel.from_config(cfg)
 
   def text_encoder(self):
     from transformers import CLIPTextConfig, CLIPTextModel  # pylint: disable=import-outside-toplevel
