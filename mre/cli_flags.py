@@ -1,12 +1,14 @@
 """Command-line flags that several commands share, defined in one place.
 
   define_sampling_flags()  how an editor samples: mre.edit and mre.eval
+  define_smartedit_flags() a SmartEdit editor's LLM sampling and folders: mre.edit and mre.eval
   define_judge_flags()     which judge endpoint to call: mre.eval and data_prep.annotate
 
-Each command calls the functions it needs at import, with its own defaults where they differ (the
-batch size), and reads the returned holders. A function defines its flags once per FlagValues: a
-second call (two commands imported into one process) returns the same holders when it asks for
-the same defaults, and refuses different ones by name.
+Each command calls the functions it needs when it defines its flags, with its own defaults where
+they differ (the batch size), and reads the returned holders. A function defines its flags once per
+FlagValues: a second call returns the same holders when it asks for the same defaults, and refuses
+different ones by name. mre.edit and mre.eval define theirs in the process's FlagValues only when
+run as commands; their `run(argv)` uses a fresh one, so both run in one process.
 """
 
 from __future__ import annotations
@@ -35,6 +37,21 @@ class SamplingFlags:
         image_scale=self.image_guidance.value,
         seed=self.seed.value,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class SmartEditFlags:
+  temperature: flags.FlagHolder
+  max_new_tokens: flags.FlagHolder
+  folders: dict  # smartedit.json key -> holder: clip, ip2p, llm_tokenizer, base_llm, step
+
+  def llm_settings(self) -> dict:
+    """The LLM fields of `mre.smartedit_editor.SmartEditSettings`."""
+    return dict(temperature=self.temperature.value, max_new_tokens=self.max_new_tokens.value)
+
+  def overrides(self) -> dict:
+    """The `smartedit.json` entries the flags give (`mre.model_io.folders.load_for_editing`)."""
+    return {k: h.value for k, h in self.folders.items() if h.value is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +125,51 @@ def define_sampling_flags(*, batch_size: int, flag_values=flags.FLAGS) -> Sampli
     )
 
   return _once("sampling", {"batch_size": batch_size}, fv, define)
+
+
+def define_smartedit_flags(*, flag_values=flags.FLAGS) -> SmartEditFlags:
+  """--llm_temperature and --llm_max_new_tokens (a SmartEdit editor's answer), and
+  --smartedit_{clip,ip2p,llm_tokenizer,base_llm,step}: the entries of an editor folder's
+  smartedit.json (`mre.model_io.smartedit_folder`), given or overridden. Ignored for other models.
+  """
+  fv = flag_values
+  what = {
+      "clip": "CLIP (vision) folder, e.g. openai/clip-vit-large-patch14",
+      "ip2p": "InstructPix2Pix / SD 1.5 diffusers folder (VAE, CLIP text encoder, scheduler)",
+      "llm_tokenizer": "LLaVA/Vicuna tokenizer folder (default: --smartedit_base_llm)",
+      "base_llm": "LLaVA/Vicuna folder: the original vocabulary rows",
+  }
+
+  def define():
+    folders = {
+        key: flags.DEFINE_string(
+            f"smartedit_{key}", None, f"SmartEdit models: {text}.", flag_values=fv
+        )
+        for key, text in what.items()
+    }
+    folders["step"] = flags.DEFINE_integer(
+        "smartedit_step",
+        None,
+        "SmartEdit models: the release folder's step (LLM-<step>/; default: the only one).",
+        flag_values=fv,
+    )
+    return SmartEditFlags(
+        temperature=flags.DEFINE_float(
+            "llm_temperature",
+            0.7,
+            "SmartEdit models: the LLM's sampling temperature (0: greedy; 0.7 as the release).",
+            flag_values=fv,
+        ),
+        max_new_tokens=flags.DEFINE_integer(
+            "llm_max_new_tokens",
+            96,
+            "SmartEdit models: the LLM's answer budget in tokens.",
+            flag_values=fv,
+        ),
+        folders=folders,
+    )
+
+  return _once("smartedit", {}, fv, define)
 
 
 def define_judge_flags(*, timeout: float = 120.0, flag_values=flags.FLAGS) -> JudgeFlags:

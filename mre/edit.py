@@ -4,51 +4,99 @@
       --instruction="make it a watercolor" --output=cat_edited.png
   python -m mre.edit --model=ckpt/export --image=pairs.jsonl --output=edited/   # batch editing
   python -m mre.edit --model=reward_model --image=cat.jpg --instruction=... --reward=5,5,5
+  python -m mre.edit --model=/models/SmartEdit-7B --image=cat.jpg --instruction=...   # SmartEdit
 
 `--image` is one image, a folder of images (all edited with `--instruction`), or a JSONL file of
 {"image": path, "instruction": text} lines (relative paths are taken from the JSONL's folder).
+`--model` is an mre checkpoint, a diffusers folder or a SmartEdit editor folder
+(`mre.model_io.smartedit_folder`; `--smartedit_*` flags name the folders it lacks).
+`run(argv)` is the command in-process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
+from typing import Sequence
 
 from absl import app, flags, logging
 from tqdm import tqdm
 
 from mre import cli_flags
-from mre.editor import EditSettings, Editor, load_image
-from mre.model_io.folders import load_any
+from mre.editor import EditSettings, load_image
+from mre.model_io.folders import load_for_editing
 from mre.models.reward_config import parse_scores
+from mre.smartedit_editor import editor_for
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
-_MODEL = flags.DEFINE_string("model", None, "diffusers-format pipeline folder or mre checkpoint.")
-_IMAGE = flags.DEFINE_string("image", None, "An image, a folder of images, or a JSONL of pairs.")
-_INSTRUCTION = flags.DEFINE_string("instruction", None, "The edit instruction.")
-_OUTPUT = flags.DEFINE_string("output", "edited.png", "Output image path (or folder for batches).")
-_SAMPLING = cli_flags.define_sampling_flags(batch_size=4)
-flags.adopt_module_key_flags(cli_flags)  # listed by --help with the command's own
-_RESOLUTION = flags.DEFINE_integer(
-    "resolution",
-    512,
-    "Long side in pixels (rounded to the " "model's size multiple, 64 for SD 1.5).",
-)
-_REWARD = flags.DEFINE_string("reward", "5,5,5", "Reward scores: following,preserving,quality.")
-_REWARD_TEXT = flags.DEFINE_multi_string(
-    "reward-text",
-    [],
-    "Failure text(s): once for all three perspectives, or three times; default: "
-    "the texts that say nothing is wrong.",
-)
-_REWARD_GUIDANCE = flags.DEFINE_float(
-    "reward-guidance",
-    None,
-    "Reward guidance scale s_R (only " "for models trained with reward dropout).",
-)
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype.")
+
+@dataclasses.dataclass(frozen=True)
+class EditFlags:
+  model: flags.FlagHolder
+  image: flags.FlagHolder
+  instruction: flags.FlagHolder
+  output: flags.FlagHolder
+  sampling: cli_flags.SamplingFlags
+  smartedit: cli_flags.SmartEditFlags
+  resolution: flags.FlagHolder
+  reward: flags.FlagHolder
+  reward_text: flags.FlagHolder
+  reward_guidance: flags.FlagHolder
+  dtype: flags.FlagHolder
+
+
+def define_flags(flag_values=flags.FLAGS) -> EditFlags:
+  """The command's flags, defined in `flag_values` (those of the process when run as a command;
+  a fresh `FlagValues` in `run`, so that mre.edit and mre.eval can share one process)."""
+  fv = flag_values
+  sampling = cli_flags.define_sampling_flags(batch_size=4, flag_values=fv)
+  smartedit = cli_flags.define_smartedit_flags(flag_values=fv)
+  flags.adopt_module_key_flags(cli_flags, flag_values=fv)  # listed by --help with the command's own
+  return EditFlags(
+      model=flags.DEFINE_string(
+          "model",
+          None,
+          "diffusers-format pipeline folder, mre checkpoint, or SmartEdit editor folder.",
+          flag_values=fv,
+      ),
+      image=flags.DEFINE_string(
+          "image", None, "An image, a folder of images, or a JSONL of pairs.", flag_values=fv
+      ),
+      instruction=flags.DEFINE_string("instruction", None, "The edit instruction.", flag_values=fv),
+      output=flags.DEFINE_string(
+          "output", "edited.png", "Output image path (or folder for batches).", flag_values=fv
+      ),
+      sampling=sampling,
+      smartedit=smartedit,
+      resolution=flags.DEFINE_integer(
+          "resolution",
+          512,
+          "Long side in pixels (rounded to the model's size multiple, 64 for SD 1.5).",
+          flag_values=fv,
+      ),
+      reward=flags.DEFINE_string(
+          "reward", "5,5,5", "Reward scores: following,preserving,quality.", flag_values=fv
+      ),
+      reward_text=flags.DEFINE_multi_string(
+          "reward-text",
+          [],
+          "Failure text(s): once for all three perspectives, or three times; default: "
+          "the texts that say nothing is wrong.",
+          flag_values=fv,
+      ),
+      reward_guidance=flags.DEFINE_float(
+          "reward-guidance",
+          None,
+          "Reward guidance scale s_R (only for models trained with reward dropout).",
+          flag_values=fv,
+      ),
+      dtype=flags.DEFINE_enum(
+          "dtype", "float32", ["float32", "bfloat16"], "Computation dtype.", flag_values=fv
+      ),
+  )
 
 
 def parse_reward(scores: str, texts):
@@ -93,25 +141,31 @@ def collect_jobs(image: str, instruction, output: str):
   return [(image, instruction, output)]
 
 
-def main(argv):
-  del argv
-  if not _MODEL.value:
-    raise app.UsageError("--model is required (a diffusers pipeline folder or mre checkpoint)")
-  scores, texts = parse_reward(_REWARD.value, _REWARD_TEXT.value)
-  jobs = collect_jobs(_IMAGE.value, _INSTRUCTION.value, _OUTPUT.value)
+def command(fl: EditFlags) -> list[str]:
+  """The command with parsed flags; returns the paths written."""
+  if not fl.model.value:
+    raise app.UsageError(
+        "--model is required (a diffusers pipeline folder, mre checkpoint or SmartEdit folder)"
+    )
+  scores, texts = parse_reward(fl.reward.value, fl.reward_text.value)
+  jobs = collect_jobs(fl.image.value, fl.instruction.value, fl.output.value)
   if any(not (t and t.strip()) for _, t, _ in jobs):
     raise app.UsageError("an instruction is empty")
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
-  pipe = load_any(_MODEL.value, dtype=jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32)
+  pipe = load_for_editing(
+      fl.model.value,
+      smartedit=fl.smartedit.overrides(),
+      dtype=jnp.bfloat16 if fl.dtype.value == "bfloat16" else jnp.float32,
+  )
   settings = EditSettings(
-      **_SAMPLING.edit_settings(),
-      resolution=_RESOLUTION.value,
+      **fl.sampling.edit_settings(),
+      resolution=fl.resolution.value,
       reward_scores=scores,
       reward_texts=texts,
-      reward_scale=_REWARD_GUIDANCE.value,
+      reward_scale=fl.reward_guidance.value,
   )
-  editor = Editor(pipe, settings)
+  editor = editor_for(pipe, settings, **fl.smartedit.llm_settings())
   if editor.is_reward:
     logging.info(
         "reward condition: scores %s, texts %s",
@@ -122,7 +176,7 @@ def main(argv):
   start = time.time()
   with tqdm(total=len(jobs), desc="editing", unit="img") as bar:
     edited = editor.edit(
-        images, [t for _, t, _ in jobs], batch_size=_SAMPLING.batch_size.value, progress=bar
+        images, [t for _, t, _ in jobs], batch_size=fl.sampling.batch_size.value, progress=bar
     )
   elapsed = time.time() - start
   for (_, _, out), img in zip(jobs, edited):
@@ -130,9 +184,24 @@ def main(argv):
     img.save(out)
   print(
       f"edited {len(jobs)} image(s) in {elapsed:.1f} s ({elapsed / len(jobs):.2f} s/image, "
-      f"compilation included); wrote {jobs[0][2] if len(jobs) == 1 else _OUTPUT.value}"
+      f"compilation included); wrote {jobs[0][2] if len(jobs) == 1 else fl.output.value}"
   )
+  return [out for _, _, out in jobs]
+
+
+def run(argv: Sequence[str]) -> list[str]:
+  """The command in this process: `argv` as on the command line, without the program name."""
+  fv = flags.FlagValues()
+  fl = define_flags(fv)
+  fv(["mre.edit", *argv])
+  return command(fl)
+
+
+def main(argv):
+  del argv
+  command(_FLAGS)  # app.run exits with main's return value: None is success
 
 
 if __name__ == "__main__":
+  _FLAGS = define_flags()
   app.run(main)

@@ -9,6 +9,7 @@ same `EditSettings` plus the LLM's sampling settings). As in the release's infer
   encoder's output for the empty prompt (the InstructPix2Pix pipeline's `negative_prompt_embeds`);
   the BIM's `conv_in` map is the same in all three branches;
 - with a `RewardUNet`, the reward condition goes to every branch too (the paper's SmartEdit row).
+`editor_for` picks `SmartEditor` or `Editor` by what was loaded (what `mre.edit` and `mre.eval` do).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from mre.diffusion import make_edit_sampler, schedule_from_config
-from mre.editor import EditSettings, fit_size, to_model_input, to_uint8
+from mre.editor import EditSettings, Editor, fit_size, to_model_input, to_uint8
 from mre.models.reward_config import NULL_TEXT, RewardInputs
 from mre.models.reward_unet import RewardUNet
 from mre.models.smartedit import ConditionedUNet, SmartEdit, clip_pixels
@@ -44,6 +45,11 @@ class SmartEditPipeline:
   text_encoder: Any = None
   tokenizer: Any = None
   template: tuple = TEMPLATE
+
+  @property
+  def unet(self):
+    """The U-Net, where a `Pipeline` has it (its `reward_config` for a reward model)."""
+    return self.model.unet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +130,8 @@ class SmartEditor:
     form = self.model.unet.reward_config
     scores = self.settings.reward_scores if scores is None else scores
     texts = texts or self.settings.reward_texts or form.perfect_texts
+    if len(scores) != 3 or len(texts) != 3:
+      raise ValueError(f"a reward is 3 scores and 3 texts, got {scores} and {texts}")
     ids = tokenize(self.pipe.tokenizer, form.slot_texts(texts))
     _, pooled = self._encode_text(self.pipe.text_encoder, ids)
     return RewardInputs(
@@ -169,9 +177,18 @@ class SmartEditor:
     )
     return np.asarray(self._decode(self.pipe.vae, latents), np.float32)
 
-  def edit(self, images, instructions: Sequence[str], *, batch_size=8, progress=None):
+  def edit(
+      self,
+      images,
+      instructions: Sequence[str],
+      *,
+      batch_size=8,
+      reward: Optional[RewardInputs] = None,
+      progress=None,
+  ):
     """PIL images + instructions -> edited PIL images (each at its fitted size); batch `n` of a
-    size group uses the key fold_in(seed, n), as `Editor.edit` does."""
+    size group uses the key fold_in(seed, n), and `reward` (one row per image) is split with the
+    images, as `Editor.edit` does."""
     from PIL import Image  # pylint: disable=import-outside-toplevel
 
     if len(images) != len(instructions):
@@ -184,11 +201,24 @@ class SmartEditor:
       for n, start in enumerate(range(0, len(idx), batch_size)):
         chunk = idx[start : start + batch_size]
         arr = np.stack([to_model_input(images[i], size) for i in chunk])
+        r = None if reward is None else jax.tree.map(lambda a: a[np.asarray(chunk)], reward)
         edited = self.edit_arrays(
-            arr, [instructions[i] for i in chunk], key=jax.random.fold_in(base, n)
+            arr, [instructions[i] for i in chunk], key=jax.random.fold_in(base, n), reward=r
         )
         for i, e in zip(chunk, to_uint8(edited)):
           out[i] = Image.fromarray(e)
         if progress is not None:
           progress.update(len(chunk))
     return out
+
+
+def editor_for(pipe, settings: EditSettings, *, temperature=0.7, max_new_tokens=96):
+  """The editor of what was loaded (`mre.model_io.folders.load_for_editing`): a `SmartEditor`
+  for a `SmartEditPipeline` (with the LLM's sampling settings), else an `Editor`."""
+  if isinstance(pipe, SmartEditPipeline):
+    fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(EditSettings)}
+    return SmartEditor(
+        pipe,
+        SmartEditSettings(**fields, temperature=temperature, max_new_tokens=max_new_tokens),
+    )
+  return Editor(pipe, settings)

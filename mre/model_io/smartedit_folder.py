@@ -19,10 +19,23 @@ it, the 35 new rows from its own files). Every key of a release file is used or 
 unexpected; missing and mis-shaped tensors are named with the file they belong to. An
 `embed_tokens` copy in the embeddings_qformer file (the release pops and ignores it) is accepted
 and not used. Export writes the same layout (float32, `.safetensors` or `.bin`).
+
+An *editor folder* (what `mre.edit --model=DIR` and `mre.eval --model=DIR` take) is a release
+folder plus `smartedit.json` naming what the release's files lack (folders relative to DIR):
+
+  {"clip": "../clip-vit-large-patch14", "ip2p": "../instruct-pix2pix",
+   "base_llm": "../LLaVA-7B-v1", "llm_tokenizer": "../LLaVA-7B-v1", "step": 15000,
+   "config": "7b" | "13b" | {sizes: `config_dict`}, "reward": {RewardConfig fields} | null}
+
+`clip`, `ip2p` and `llm_tokenizer` (or `base_llm`, its default) are required; the commands'
+`--smartedit_<key>` flags give or override any entry (so a release folder without the json works
+too). `step` defaults to the only one, `config` to the release size the LLM file's width implies.
+Every missing piece is named at once (`editor_options`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -37,10 +50,16 @@ from flax import nnx
 from mre.model_io import bim_weights, clip_vision_weights, qformer_weights
 from mre.model_io.safetensors_io import WeightsError, read_state_dict, write_safetensors
 from mre.model_io.torch_state_dict import load_state_dict, materialize_non_params, state_dict
-from mre.models.clip_vision import CLIPVisionModel
-from mre.models.lora import peft_key
+from mre.models.bim import BIMConfig
+from mre.models.clip_vision import CLIPVisionConfig, CLIPVisionModel
+from mre.models.config import UNetConfig, read_json
+from mre.models.llama import LlamaConfig
+from mre.models.lora import LoRAConfig, peft_key
+from mre.models.qformer import QFormerConfig
 from mre.models.reward_config import RewardConfig
+from mre.models.reward_unet import RewardUNet
 from mre.models.smartedit import SmartEdit, SmartEditConfig, abstract_smartedit, release_config
+from mre.models.smartedit_prompt import TokenIds
 
 LLM_PREFIX = "model.base_model.model."
 UNET_PREFIX = "unet."
@@ -49,36 +68,44 @@ ADAPTER = "default"  # PEFT's adapter name in the release's keys
 
 
 def files(folder: str, step: Optional[int] = None, ext: Optional[str] = None) -> dict[str, str]:
-  """The four files of one step of a release folder (the only step, unless `step` is given)."""
-  steps = sorted(
-      {int(m.group(1)) for d in os.listdir(folder) if (m := re.fullmatch(r"LLM-(\d+)", d))}
-  )
+  """The four files of one step of a release folder (the only step, unless `step` is given);
+  every missing one is named."""
+  steps = release_steps(folder)
   if not steps:
     raise FileNotFoundError(f"{folder} holds no LLM-<step> folder (not a SmartEdit release folder)")
   if step is None:
     if len(steps) > 1:
-      raise ValueError(f"{folder} holds steps {steps}; pass step=")
+      raise ValueError(f"{folder} holds steps {steps}; pass step= (--smartedit_step)")
     step = steps[0]
-
-  def one(stem):
-    found = [
+  j = os.path.join
+  stems = {
+      "llm": j(folder, f"LLM-{step}", "adapter_model"),
+      "embeddings_qformer": j(
+          folder, "embeddings_qformer", f"checkpoint-{step}_embeddings_qformer"
+      ),
+      "modulate": j(folder, f"modulate-{step}", "adapter_model"),
+      "unet": j(folder, f"unet-{step}", "adapter_model"),
+  }
+  found, missing = {}, []
+  for part, stem in stems.items():
+    there = [
         stem + e for e in ((ext,) if ext else (".safetensors", ".bin")) if os.path.exists(stem + e)
     ]
-    if not found:
-      raise FileNotFoundError(
-          f"missing {os.path.relpath(stem, folder)}.safetensors or .bin in {folder}"
-      )
-    return found[0]
+    if there:
+      found[part] = there[0]
+    else:
+      missing.append(f"{os.path.relpath(stem, folder)}{ext or '.safetensors or .bin'}")
+  if missing:
+    here = "" if step in steps else f" (its steps: {steps})"
+    raise FileNotFoundError(f"{folder} (step {step}{here}) lacks: " + "; ".join(missing))
+  return found
 
-  j = os.path.join
-  return {
-      "llm": one(j(folder, f"LLM-{step}", "adapter_model")),
-      "embeddings_qformer": one(
-          j(folder, "embeddings_qformer", f"checkpoint-{step}_embeddings_qformer")
-      ),
-      "modulate": one(j(folder, f"modulate-{step}", "adapter_model")),
-      "unet": one(j(folder, f"unet-{step}", "adapter_model")),
-  }
+
+def release_steps(folder: str) -> list[int]:
+  """The steps S of the `LLM-S` folders in `folder`, sorted."""
+  return sorted(
+      {int(m.group(1)) for d in os.listdir(folder) if (m := re.fullmatch(r"LLM-(\d+)", d))}
+  )
 
 
 def read(path: str) -> dict[str, np.ndarray]:
@@ -265,12 +292,71 @@ def save_smartedit_folder(model: SmartEdit, folder: str, step: int, *, ext: str 
   return paths
 
 
+def config_dict(config: SmartEditConfig) -> dict:
+  """A JSON-able dict of a `SmartEditConfig` (the parts' own config dicts); `config_from_dict`
+  reads it back."""
+  raws = {
+      "llm": config.llm.raw,
+      "vision": config.vision.raw,
+      "qformer": config.qformer.raw,
+      "unet": config.unet.raw,
+  }
+  lost = sorted(k for k, v in raws.items() if v is None)
+  if lost:
+    raise ValueError(f"SmartEditConfig parts {lost} were built without a config dict")
+  return {
+      **raws,
+      "bim": dataclasses.asdict(config.bim),
+      "tokens": dataclasses.asdict(config.tokens),
+      "lora": None if config.lora is None else dataclasses.asdict(config.lora),
+      "vision_layer": config.vision_layer,
+  }
+
+
+def config_from_dict(d: dict) -> SmartEditConfig:
+  """`config_dict`'s inverse; unknown or missing keys are named."""
+  keys = ("llm", "vision", "qformer", "bim", "unet", "tokens", "lora", "vision_layer")
+  unknown, missing = sorted(set(d) - set(keys)), [k for k in keys[:5] if k not in d]
+  if unknown or missing:
+    raise ValueError(f"SmartEdit config: unknown keys {unknown}, missing keys {missing}")
+  return SmartEditConfig(
+      LlamaConfig.from_dict(d["llm"]),
+      CLIPVisionConfig.from_dict(d["vision"]),
+      QFormerConfig.from_dict(d["qformer"]),
+      BIMConfig.from_dict(d["bim"]),
+      UNetConfig.from_dict(d["unet"]),
+      TokenIds(**d.get("tokens", {})),
+      None if d.get("lora") is None else LoRAConfig(**d["lora"]),
+      d.get("vision_layer", -2),
+  ).check()
+
+
 def null_context(text_encoder, tokenizer) -> jax.Array:
   """CLIP's last hidden state of the empty prompt [1, 77, D]: the unconditional text branch."""
   from mre.pipeline import tokenize  # pylint: disable=import-outside-toplevel
 
   hidden, _ = text_encoder(tokenize(tokenizer, [""]))
   return hidden
+
+
+def check_diffusers_parts(config: SmartEditConfig, ip2p: str):
+  """Refuses a diffusers folder whose VAE or CLIP text encoder does not fit the U-Net."""
+  latent = read_json(os.path.join(ip2p, "vae"))["latent_channels"]
+  width = read_json(os.path.join(ip2p, "text_encoder"))["hidden_size"]
+  unet = config.unet
+  bad = []
+  if unet.in_channels != 2 * latent or unet.out_channels != latent:
+    bad.append(
+        f"its VAE has {latent} latent channels, the U-Net takes {unet.in_channels} "
+        f"(2 x latent) and gives {unet.out_channels}"
+    )
+  if width != unet.cross_attention_dim:
+    bad.append(
+        f"its CLIP text encoder is {width} wide (the null context), the U-Net's context "
+        f"{unet.cross_attention_dim}"
+    )
+  if bad:
+    raise ValueError(f"{ip2p} does not fit this SmartEdit: " + "; ".join(bad))
 
 
 def load_smartedit_pipeline(
@@ -281,32 +367,171 @@ def load_smartedit_pipeline(
     llm_tokenizer: str,
     base_llm: Optional[str] = None,
     step: Optional[int] = None,
+    config: Optional[SmartEditConfig] = None,
     reward: Optional[RewardConfig] = None,
     dtype=jnp.float32,
 ):
   """The whole editor: the release folder, the CLIP vision folder, an InstructPix2Pix (or SD 1.5)
   diffusers folder for the VAE, the CLIP text encoder (null context), tokenizer and scheduler, and
-  the LLaMA tokenizer folder (transformers' AutoTokenizer, with the 35 tokens split by us)."""
+  the LLaMA tokenizer folder (transformers' AutoTokenizer, with the 35 tokens split by us).
+  `config`: the sizes (default: the release's 7B or 13B, from the LLM file)."""
   from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
 
   from mre.model_io import diffusers_folder  # pylint: disable=import-outside-toplevel
   from mre.smartedit_editor import SmartEditPipeline  # pylint: disable=import-outside-toplevel
 
-  model = load_smartedit_folder(
-      folder, step=step, clip=clip, base_llm=base_llm, reward=reward, dtype=dtype
-  )
+  config = config or config_from_release(folder, step)
+  check_diffusers_parts(config, ip2p)
   sub = lambda name: os.path.join(ip2p, name)  # noqa: E731
   text_encoder = diffusers_folder.load_text_encoder(sub("text_encoder"), dtype=dtype)
   tokenizer = diffusers_folder.load_tokenizer(sub("tokenizer"))
-  tok = AutoTokenizer.from_pretrained(llm_tokenizer)
-  with open(glob.glob(sub("scheduler/*.json"))[0]) as f:
+  null = null_context(text_encoder, tokenizer)
+  if null.shape[1] != config.qformer.num_query_tokens:
+    raise ValueError(
+        f"{ip2p}: the empty prompt's CLIP context has {null.shape[1]} tokens, the Q-Former "
+        f"{config.qformer.num_query_tokens} queries; the guidance branches need the same length"
+    )
+  tok = AutoTokenizer.from_pretrained(llm_tokenizer, local_files_only=True)
+  with open(sorted(glob.glob(sub("scheduler/*.json")))[0]) as f:
     scheduler = json.load(f)
+  model = load_smartedit_folder(
+      folder, config=config, step=step, clip=clip, base_llm=base_llm, reward=reward, dtype=dtype
+  )
   return SmartEditPipeline(
       model=model,
       vae=diffusers_folder.load_vae(sub("vae"), dtype=dtype),
-      null_context=null_context(text_encoder, tokenizer),
+      null_context=null,
       encode=lambda text: tok(text, add_special_tokens=False).input_ids,
       scheduler_config=scheduler,
       text_encoder=text_encoder,
       tokenizer=tokenizer,
   )
+
+
+# An editor folder: the release layout plus smartedit.json naming the other folders it needs.
+EDITOR_JSON = "smartedit.json"
+FOLDERS = {
+    "clip": "a Hugging Face CLIP or CLIP vision folder (openai/clip-vit-large-patch14)",
+    "ip2p": "an InstructPix2Pix or SD 1.5 diffusers folder (vae/, text_encoder/, tokenizer/, "
+    "scheduler/)",
+    "llm_tokenizer": "the LLaVA/Vicuna tokenizer folder (default: base_llm)",
+    "base_llm": "a LLaVA/Vicuna folder for the original 32,000 vocabulary rows (optional)",
+}
+EDITOR_KEYS = tuple(FOLDERS) + ("step", "config", "reward")
+
+
+def is_editor_folder(folder: str) -> bool:
+  """A SmartEdit editor folder: `smartedit.json`, or the release's `LLM-<step>/`."""
+  return os.path.exists(os.path.join(folder, EDITOR_JSON)) or bool(release_steps(folder))
+
+
+def _weights(folder: str) -> bool:
+  return any(glob.glob(os.path.join(folder, p)) for p in ("*.safetensors", "*.bin"))
+
+
+def _folder_problems(key: str, path: str) -> list[str]:
+  """What is missing in the folder given for `key` (none when it holds what loading reads)."""
+  if not os.path.isdir(path):
+    return [f"{key} folder {path} does not exist ({FOLDERS[key]})"]
+  lacks = []
+  if key in ("clip", "base_llm"):
+    lacks += [] if _weights(path) else ["*.safetensors or *.bin weights"]
+    lacks += (
+        []
+        if key == "base_llm" or os.path.exists(os.path.join(path, "config.json"))
+        else ["config.json"]
+    )
+  elif key == "ip2p":
+    for sub in ("vae", "text_encoder"):
+      d = os.path.join(path, sub)
+      lacks += [] if os.path.exists(os.path.join(d, "config.json")) else [f"{sub}/config.json"]
+      lacks += [] if _weights(d) else [f"{sub}/ weights"]
+    lacks += [] if os.path.isdir(os.path.join(path, "tokenizer")) else ["tokenizer/"]
+    lacks += [] if glob.glob(os.path.join(path, "scheduler", "*.json")) else ["scheduler/*.json"]
+  elif key == "llm_tokenizer":
+    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    if not any(os.path.exists(os.path.join(path, n)) for n in names):
+      lacks.append(" or ".join(names))
+  return [f"{key} folder {path} lacks {', '.join(lacks)}"] if lacks else []
+
+
+def editor_options(folder: str, overrides: Optional[dict] = None) -> dict:
+  """What loading an editor folder needs: `smartedit.json`'s entries (relative folders taken from
+  `folder`), overridden by the non-None ones of `overrides` (the command's flags; relative folders
+  taken from the working directory). Every missing piece (release file, folder, file in a folder)
+  is named at once."""
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"model folder {folder} does not exist")
+  path = os.path.join(folder, EDITOR_JSON)
+  options = read_json(path) if os.path.exists(path) else {}
+  unknown = sorted(set(options) - set(EDITOR_KEYS))
+  if unknown:
+    raise ValueError(f"{path}: unknown keys {unknown} (known: {list(EDITOR_KEYS)})")
+  for key in FOLDERS:  # the json's folders relative to it, the flags' to the working directory
+    if options.get(key):
+      options[key] = os.path.join(os.path.abspath(folder), os.path.expanduser(options[key]))
+  for key, value in (overrides or {}).items():
+    if value is not None:
+      options[key] = os.path.abspath(os.path.expanduser(value)) if key in FOLDERS else value
+  if not options.get("llm_tokenizer") and options.get("base_llm"):
+    options["llm_tokenizer"] = options["base_llm"]
+  problems = []
+  try:
+    files(folder, options.get("step"))
+  except (FileNotFoundError, ValueError) as e:
+    problems.append(str(e))
+  for key, what in FOLDERS.items():
+    if options.get(key):
+      problems += _folder_problems(key, options[key])
+    elif key != "base_llm":
+      problems.append(f'no {key} ({what}): "{key}" in {EDITOR_JSON} or --smartedit_{key}')
+  if problems:
+    raise FileNotFoundError(
+        f"SmartEdit editor folder {folder} is incomplete:\n  - " + "\n  - ".join(problems)
+    )
+  return options
+
+
+def load_editor_folder(folder: str, overrides: Optional[dict] = None, *, dtype=jnp.float32):
+  """A `SmartEditPipeline` from an editor folder (`editor_options`)."""
+  o = editor_options(folder, overrides)
+  config = o.get("config")
+  if isinstance(config, str):
+    config = release_config(config)
+  elif config is not None:
+    config = config_from_dict(config)
+  reward = o.get("reward")
+  if reward is not None:
+    names = {f.name for f in dataclasses.fields(RewardConfig)}
+    if set(reward) - names:
+      raise ValueError(f"{EDITOR_JSON}: unknown reward keys {sorted(set(reward) - names)}")
+    reward = RewardConfig(**reward)
+  return load_smartedit_pipeline(
+      folder,
+      clip=o["clip"],
+      ip2p=o["ip2p"],
+      llm_tokenizer=o["llm_tokenizer"],
+      base_llm=o.get("base_llm"),
+      step=o.get("step"),
+      config=config,
+      reward=reward,
+      dtype=dtype,
+  )
+
+
+def write_editor_json(folder: str, *, model: Optional[SmartEdit] = None, **entries):
+  """`smartedit.json`: the folders (`clip`, `ip2p`, `llm_tokenizer`, `base_llm`; relative ones
+  are taken from `folder`), `step`; with `model`, its sizes and reward form (needed unless it is
+  the release's 7B or 13B without reward)."""
+  unknown = sorted(set(entries) - set(EDITOR_KEYS))
+  if unknown:
+    raise ValueError(f"unknown {EDITOR_JSON} keys {unknown} (known: {list(EDITOR_KEYS)})")
+  out = {k: v for k, v in entries.items() if v is not None}
+  if model is not None:
+    out["config"] = config_dict(model.config)
+    if isinstance(model.unet, RewardUNet):
+      out["reward"] = dataclasses.asdict(model.unet.reward_config)
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, EDITOR_JSON), "w") as f:
+    json.dump(out, f, indent=2)
+  return os.path.join(folder, EDITOR_JSON)

@@ -1,6 +1,6 @@
-"""The SmartEdit-style editor on a tiny random model built here (tiny LLaMA, ViT, Q-Former, BIM,
-U-Net): prompt ids, conditioning shapes, teacher-forced states == generated states, the
-zero-initialised BIM heads at init, an edit end to end with three-branch guidance, the 7B dry
+"""The SmartEdit-style editor on a tiny random model (tests/smartedit_fixtures.py: tiny LLaMA, ViT,
+Q-Former, BIM, U-Net): prompt ids, conditioning shapes, teacher-forced states == generated states,
+the zero-initialised BIM heads at init, an edit end to end with three-branch guidance, the 7B dry
 run's parameter counts."""
 
 import jax
@@ -9,59 +9,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mre.model_io.torch_state_dict import materialize_non_params
 from mre.models import smartedit as se
-from mre.models.bim import BIM
 from mre.models.pixel import PixelSpace
 from mre.models.smartedit_prompt import IGNORE, TokenIds, conversation, prompt_batch, tokenize
 from mre.smartedit_editor import SmartEditor, SmartEditPipeline, SmartEditSettings
-
-# A template whose answer is just the <img_k> tokens, so a forced chain of tokens is the answer.
-TEMPLATE = ("[cap]", " [img].")
-WORDS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ :\"'.,?"
-
-
-def encode(text):
-  """A character tokenizer (ids 3..) standing in for LLaMA's."""
-  return [3 + WORDS.index(c) for c in text if c in WORDS]
-
-
-LAST = encode(":")[0]  # the prompt's last token ("ASSISTANT:")
-
-
-def tiny_model(seed=0):
-  """Random weights from numpy (fast: no per-op compilation), the BIM freshly initialised (its
-  heads zero), and an LLM that answers `<img_0> ... <img_{n-1}>` after `:` whatever the context:
-  those tokens' embeddings dominate the residual stream and lm_head maps each to the next one."""
-  cfg = se.tiny_config(vocab_words=64, latent_channels=3)
-  model = se.abstract_smartedit(cfg)
-  rng = np.random.default_rng(seed)
-  for part in ("llm", "vision_tower", "mm_projector", "sd_qformer", "unet"):
-    for path, var in nnx.to_flat_state(nnx.state(getattr(model, part), nnx.Param)):
-      shape = var.get_value().shape
-      value = (
-          1 + 0.1 * rng.normal(size=shape) if path[-1] == "scale" else 0.2 * rng.normal(size=shape)
-      )
-      var.set_value(jnp.asarray(value, jnp.float32))
-  model.bim = BIM(cfg.bim, rngs=nnx.Rngs(seed))
-  materialize_non_params(model)
-  tok = cfg.tokens
-  chain = [LAST] + [tok.first_img + k for k in range(tok.num_img)]
-  basis = np.linalg.qr(rng.normal(size=(cfg.llm.hidden_size, len(chain))))[0].T
-  embed = np.array(model.llm.model.embed_tokens.embedding.get_value())
-  head = np.array(model.llm.lm_head.kernel.get_value())
-  for i, t in enumerate(chain):
-    embed[t] = 20 * basis[i]
-    if i + 1 < len(chain):
-      head[:, chain[i + 1]] += 50 * basis[i]
-  model.llm.model.embed_tokens.embedding.set_value(jnp.asarray(embed))
-  model.llm.lm_head.kernel.set_value(jnp.asarray(head))
-  return model
+from tests.smartedit_fixtures import TEMPLATE, encode, rigged_model
 
 
 @pytest.fixture(scope="module")
 def model():
-  return tiny_model()
+  return rigged_model()
 
 
 def test_prompt_ids_and_added_tokens():
