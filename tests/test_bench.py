@@ -11,7 +11,7 @@ import json
 import pytest
 
 from configs import ip2p
-from mre.bench import presets, report, suite
+from mre.bench import presets, report, suite, torch_side
 
 TINY_UNET = {
     "_class_name": "UNet2DConditionModel",
@@ -97,12 +97,13 @@ def _check(result, rows, torch_rows):
 
 def test_sd15_code_path_on_tiny_shapes(tmp_path):
   pytest.importorskip("diffusers")
-  rows = presets.TRAIN_ROWS + presets.EDIT_ROWS + presets.CONV_ROWS
+  # edit_batch is the edit row's code at another batch: left out to save a compilation
+  rows = presets.TRAIN_ROWS + ("unet_forward", "edit") + presets.CONV_ROWS
   result = suite.run(_tiny_sd15(tmp_path, rows), SETTINGS, log=lambda _: None)
   assert result["torch_info"]["device"] == "cpu"
   _check(result, rows, torch_rows=rows)
-  edit = next(r for r in result["rows"] if r["row"] == "edit_batch")
-  assert edit["batch"] == 2 and edit["torch"]["how"] == "StableDiffusionInstructPix2PixPipeline"
+  edit = next(r for r in result["rows"] if r["row"] == "edit")
+  assert edit["batch"] == 1 and edit["torch"]["how"] == "StableDiffusionInstructPix2PixPipeline"
   json_path, md_path = report.write([result], str(tmp_path / "out"))
   with open(json_path) as f:
     assert json.load(f)[0]["rows"][0]["row"] == "unet_train"
@@ -125,3 +126,15 @@ def test_toy_code_path_and_the_torch_column_when_off(tmp_path):
       off["rows"][0]["torch"] == {"skipped": "off (--torch=off)"} and "ratio" not in off["rows"][0]
   )
   assert "PyTorch: off (--torch=off)" in report.text_table(off)
+
+
+def test_levers_are_timed_in_turns_with_pytorch(tmp_path):
+  pytest.importorskip("diffusers")
+  from mre.bench import levers
+
+  p = _tiny_sd15(tmp_path, ())
+  with torch_side.threads(1):
+    rows = levers.run(p, ["flat_state", "torch"], rounds=1, log=lambda _: None)
+  assert [r["lever"] for r in rows] == ["flat_state", "torch"]
+  assert all(r["ms_per_32"] > 0 and r["vs_baseline"] is None for r in rows)
+  assert "flat_state" in levers.table(rows)
