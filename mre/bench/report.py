@@ -137,6 +137,9 @@ def _footnotes(result: dict) -> list:
       if "step_ms" in t:
         per += f", {_fmt(t['step_ms'])} ms (PyTorch: {t.get('how')})"
       notes.append(per)
+  for row in result["rows"]:
+    if row["torch"].get("note"):
+      notes.append(f"{row['title']}, PyTorch: {row['torch']['note']}")
   rows = {r["row"]: r["jax"] for r in result["rows"]}
   if "ms" in rows.get("input_pipeline", {}) and "ms" in rows.get("trainer", {}):
     share = rows["input_pipeline"]["ms"] / rows["trainer"]["ms"]

@@ -267,6 +267,9 @@ class EditNetworks:
     if self.vae is not None:
       self.vae = self.vae.eval().to(dtype)
     self.dtype = dtype
+    # A reward editor's JAX rows run its reward U-Net; diffusers has no reward modules.
+    reward = preset.config is not None and preset.config.model.reward.enabled
+    self.note = {"note": "diffusers' plain U-Net (no reward modules)"} if reward else {}
 
 
 def unet_forward(nets: EditNetworks, inputs: Inputs) -> Runner:
@@ -287,7 +290,7 @@ def unet_forward(nets: EditNetworks, inputs: Inputs) -> Runner:
     s.sync()
     return out
 
-  return s.runner(call, 1)
+  return s.runner(call, 1, **nets.note)
 
 
 def _pixel_edit(nets: EditNetworks, preset: Preset, images, instructions):
@@ -360,7 +363,7 @@ def edit(nets: EditNetworks, preset: Preset, inputs: Inputs, batch: int) -> Runn
       return out
 
     how = "StableDiffusionInstructPix2PixPipeline"
-  return s.runner(run, batch, steps=preset.edit_steps, how=how)
+  return s.runner(run, batch, steps=preset.edit_steps, how=how, **nets.note)
 
 
 def conv(preset: Preset, inputs: Inputs, dev: str, row: str) -> Runner:
