@@ -4,7 +4,7 @@
   python -m mre.bench --preset=sd15-256-train,sd15-512-edit --out=bench_out   # SD 1.5 shapes
   python -m mre.bench --config=configs/reward.py:toy     # any training config
 
-`presets` says what is timed, `jax_side` and `torch_side` time it (the project's own train step,
+`presets` says what is timed, `jax_side`, `torch_side` and `torch_edit` prepare it (the project's own train step,
 editor and samplers against diffusers' U-Net, training loop and InstructPix2Pix pipeline),
 `suite.run` makes one preset's rows and `report` prints and writes them (JSON and Markdown).
 """

@@ -122,7 +122,8 @@ def header(result: dict) -> list:
       else f"PyTorch: {result.get('torch_unavailable')}"
   )
   lines.append(
-      f"median of {result['reps']} timed repetitions after {result['warmup']} warm-up; "
+      f"median of {result['reps']} timed calls after {result['warmup']} warm-up (edits: "
+      f"{result.get('edit_reps', result['reps'])} after 2), JAX and PyTorch in turns; "
       "JAX/PyTorch < 1: JAX is faster"
   )
   return lines

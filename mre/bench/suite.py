@@ -11,7 +11,7 @@ import gc
 
 import jax
 
-from mre.bench import hardware, jax_side, report, torch_side
+from mre.bench import hardware, jax_side, report, torch_edit, torch_side
 from mre.bench.inputs import Inputs
 from mre.bench.presets import Preset
 from mre.bench.timing import time_interleaved
@@ -50,10 +50,10 @@ def _torch_runner(name, preset, inputs, dev, nets):
   if name == "trainer":
     return torch_side.trainer(preset, inputs, dev)
   if name == "unet_forward":
-    return torch_side.unet_forward(nets(), inputs)
+    return torch_edit.unet_forward(nets(), inputs)
   if name in jax_side.CONV_PARTS:
     return torch_side.conv(preset, inputs, dev, name)
-  return torch_side.edit(nets(), preset, inputs, row_batch(name, preset))
+  return torch_edit.edit(nets(), preset, inputs, row_batch(name, preset))
 
 
 def _once(make):
@@ -100,6 +100,7 @@ def _run(preset: Preset, settings: Settings, log) -> dict:
       "peak_source": source,
       "reps": settings.reps,
       "warmup": settings.warmup,
+      "edit_reps": settings.edit_reps,
       "rows": [],
   }
   if info["platform"] == "cpu" and settings.measure_matmul:
@@ -117,7 +118,7 @@ def _run(preset: Preset, settings: Settings, log) -> dict:
     result["torch_info"] = torch_side.info(dev)
   inputs = Inputs(preset)
   jax_nets = _once(lambda: jax_side.edit_pipeline(preset))
-  torch_nets = _once(lambda: torch_side.EditNetworks(preset, dev))
+  torch_nets = _once(lambda: torch_edit.EditNetworks(preset, dev))
   for name in preset.rows:
     log(f"[{preset.name}] {name}: preparing")
     jax_runner = _jax_runner(name, preset, inputs, jax_nets)
