@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}  # one GPU
-export XLA_PYTHON_CLIENT_PREALLOCATE=false              # PyTorch shares the GPU, in the same process
+export XLA_PYTHON_CLIENT_PREALLOCATE=false              # PyTorch shares the GPU (same process)
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-1}
 OUT=${OUT:-bench_gpu}
 

@@ -1,4 +1,4 @@
-"""`python -m mre.bench`: time presets or a training config, print the table, write JSON/Markdown."""
+"""`python -m mre.bench`: time presets or a training config: table, JSON, Markdown."""
 
 import os
 

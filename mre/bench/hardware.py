@@ -124,7 +124,7 @@ def device_peak_memory_gb() -> float | None:
 
 
 def compiled_memory_gb(compiled) -> float | None:
-  """XLA's memory analysis of a compiled computation: arguments + outputs + temporaries - aliased."""
+  """XLA's memory analysis of a compiled computation: arguments + outputs + temps - aliased."""
   try:
     m = compiled.memory_analysis()
   except Exception:  # pylint: disable=broad-except

@@ -1,4 +1,4 @@
-"""The JAX rows: the U-Net's training step, the trainer's whole step, the guided U-Net call and edits.
+"""The JAX rows: the U-Net's train step, the trainer's whole step, the guided U-Net call, edits.
 
 Everything runs through the project's own code: networks from `mre.models` (or the trainer's
 `model_setup` for a config preset), parameters created by `mre.train.materialize`, the step of

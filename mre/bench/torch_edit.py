@@ -1,7 +1,7 @@
 """The PyTorch editing rows: diffusers' networks in the computation dtype (bfloat16 weights for the
 SD 1.5 presets), the guided U-Net call of one sampling step, and edits with
-`StableDiffusionInstructPix2PixPipeline` or, for a pixel-space editor (no VAE), the same loop over the
-U-Net and `EulerAncestralDiscreteScheduler`.
+`StableDiffusionInstructPix2PixPipeline` or, for a pixel-space editor (no VAE), the same loop
+over the U-Net and `EulerAncestralDiscreteScheduler`.
 """
 
 from __future__ import annotations

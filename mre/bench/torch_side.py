@@ -7,8 +7,8 @@ batch, timed the same way (eager mode, as diffusers' training script and pipelin
                 backward, clipping, AdamW, EMA (`torch._foreach_lerp_`)
   conv_*        one 3x3 convolution: `conv2d`, or one gradient of aten's `convolution_backward`
 
-bfloat16 presets train under `torch.autocast` with float32 weights (diffusers' mixed precision), like
-the JAX side. The editing rows are in `torch_edit`.
+bfloat16 presets train under `torch.autocast` with float32 weights (diffusers' mixed
+precision), like the JAX side. The editing rows are in `torch_edit`.
 """
 
 from __future__ import annotations
