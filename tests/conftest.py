@@ -15,6 +15,7 @@ import jax  # noqa: E402
 
 _CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE  # the trainer subprocesses of tests use it too
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_default_matmul_precision", "highest")
 

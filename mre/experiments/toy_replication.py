@@ -157,6 +157,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   train.quiet_library_logs()
+  train.enable_compilation_cache()  # reruns and the second seed load the compiled steps
   result = replicate(
       f.workdir,
       seed=f.seed,
