@@ -170,27 +170,44 @@ class Editor:
       reward: Optional[RewardInputs] = None,
       progress=None,
   ):
-    """PIL images + instructions -> edited PIL images (each at its fitted size).
+    """PIL images + instructions -> edited PIL images (each at its fitted size); see
+    `edit_images`."""
+    return edit_images(
+        self, images, instructions, batch_size=batch_size, reward=reward, progress=progress
+    )
 
-    Images are grouped by fitted size; batch `i` of a group uses the key fold_in(seed, i), so a
-    result does not depend on which other images were edited alongside in other groups.
-    """
-    if len(images) != len(instructions):
-      raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
-    sizes = [fit_size(*img.size, self.settings.resolution, self.multiple) for img in images]
-    out = [None] * len(images)
-    base = jax.random.key(self.settings.seed)
-    for size in dict.fromkeys(sizes):
-      idx = [i for i, s in enumerate(sizes) if s == size]
-      for n, start in enumerate(range(0, len(idx), batch_size)):
-        chunk = idx[start : start + batch_size]
-        arr = np.stack([to_model_input(images[i], size) for i in chunk])
-        r = None if reward is None else jax.tree.map(lambda a: a[np.asarray(chunk)], reward)
-        edited = self.edit_arrays(
-            arr, [instructions[i] for i in chunk], key=jax.random.fold_in(base, n), reward=r
-        )
-        for i, e in zip(chunk, to_uint8(edited)):
-          out[i] = Image.fromarray(e)
-        if progress is not None:
-          progress.update(len(chunk))
-    return out
+
+def edit_images(
+    editor,
+    images: Sequence[Image.Image],
+    instructions: Sequence[str],
+    *,
+    batch_size=8,
+    reward: Optional[RewardInputs] = None,
+    progress=None,
+):
+  """PIL images + instructions -> edited PIL images (each at its fitted size), with any editor
+  that has `settings`, `multiple` and `edit_arrays` (Editor, SmartEditor).
+
+  Images are grouped by fitted size; batch `i` of a group uses the key fold_in(seed, i), so a
+  result does not depend on which other images were edited alongside in other groups.
+  """
+  if len(images) != len(instructions):
+    raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
+  sizes = [fit_size(*img.size, editor.settings.resolution, editor.multiple) for img in images]
+  out = [None] * len(images)
+  base = jax.random.key(editor.settings.seed)
+  for size in dict.fromkeys(sizes):
+    idx = [i for i, s in enumerate(sizes) if s == size]
+    for n, start in enumerate(range(0, len(idx), batch_size)):
+      chunk = idx[start : start + batch_size]
+      arr = np.stack([to_model_input(images[i], size) for i in chunk])
+      r = None if reward is None else jax.tree.map(lambda a: a[np.asarray(chunk)], reward)
+      edited = editor.edit_arrays(
+          arr, [instructions[i] for i in chunk], key=jax.random.fold_in(base, n), reward=r
+      )
+      for i, e in zip(chunk, to_uint8(edited)):
+        out[i] = Image.fromarray(e)
+      if progress is not None:
+        progress.update(len(chunk))
+  return out

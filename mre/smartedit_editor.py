@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from mre.diffusion import make_edit_sampler, schedule_from_config
-from mre.editor import EditSettings, Editor, fit_size, to_model_input, to_uint8
+from mre.editor import EditSettings, Editor, edit_images
 from mre.models.reward_config import NULL_TEXT, RewardInputs
 from mre.models.reward_unet import RewardUNet
 from mre.models.smartedit import ConditionedUNet, SmartEdit, clip_pixels
@@ -186,30 +186,10 @@ class SmartEditor:
       reward: Optional[RewardInputs] = None,
       progress=None,
   ):
-    """PIL images + instructions -> edited PIL images (each at its fitted size); batch `n` of a
-    size group uses the key fold_in(seed, n), and `reward` (one row per image) is split with the
-    images, as `Editor.edit` does."""
-    from PIL import Image  # pylint: disable=import-outside-toplevel
-
-    if len(images) != len(instructions):
-      raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
-    sizes = [fit_size(*img.size, self.settings.resolution, self.multiple) for img in images]
-    out = [None] * len(images)
-    base = jax.random.key(self.settings.seed)
-    for size in dict.fromkeys(sizes):
-      idx = [i for i, s in enumerate(sizes) if s == size]
-      for n, start in enumerate(range(0, len(idx), batch_size)):
-        chunk = idx[start : start + batch_size]
-        arr = np.stack([to_model_input(images[i], size) for i in chunk])
-        r = None if reward is None else jax.tree.map(lambda a: a[np.asarray(chunk)], reward)
-        edited = self.edit_arrays(
-            arr, [instructions[i] for i in chunk], key=jax.random.fold_in(base, n), reward=r
-        )
-        for i, e in zip(chunk, to_uint8(edited)):
-          out[i] = Image.fromarray(e)
-        if progress is not None:
-          progress.update(len(chunk))
-    return out
+    """PIL images + instructions -> edited PIL images, as `Editor.edit` (`edit_images`)."""
+    return edit_images(
+        self, images, instructions, batch_size=batch_size, reward=reward, progress=progress
+    )
 
 
 def editor_for(pipe, settings: EditSettings, *, temperature=0.7, max_new_tokens=96):
