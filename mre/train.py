@@ -315,8 +315,11 @@ def train(config) -> dict:
     summary["export"] = export_model(pipe, jax.device_get(state.ema), workdir)
   if writer:
     writer.close()
-  with open(os.path.join(workdir, "train_summary.json"), "w") as f:
-    json.dump({k: v for k, v in summary.items()}, f, indent=1)
+  if jax.process_index() == 0:  # one writer: two processes truncating one file garble it
+    path = os.path.join(workdir, "train_summary.json")
+    with open(path + ".tmp", "w") as f:
+      json.dump({k: v for k, v in summary.items()}, f, indent=1)
+    os.replace(path + ".tmp", path)  # whole or not at all, for readers and a killed run
   print(
       f"trained {step} steps; last loss {history[-1]['loss']:.4f}"
       if history
