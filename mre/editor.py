@@ -90,16 +90,7 @@ class Editor:
     self.is_reward = isinstance(pipe.unet, RewardUNet)
     if settings.reward_scale is not None and not self.is_reward:
       raise ValueError("reward guidance (reward_scale) needs a reward-conditioned model")
-    self._sample = make_edit_sampler(
-        self.schedule,
-        settings.steps,
-        settings.sampler,
-        text_scale=settings.text_scale,
-        image_scale=settings.image_scale,
-        reward_scale=settings.reward_scale,
-        eta=settings.eta,
-        latent_channels=pipe.vae.config.latent_channels,
-    )
+    self._sample = edit_sampler(self.schedule, settings, pipe.vae.config.latent_channels)
     self._encode_text = nnx.jit(lambda te, ids: te(ids))
     self._encode_image = nnx.jit(lambda vae, x: vae.encode(x).mode())
     self._decode = nnx.jit(lambda vae, z: vae.decode(vae.unscale_latents(z)))
@@ -211,3 +202,17 @@ def edit_images(
       if progress is not None:
         progress.update(len(chunk))
   return out
+
+
+def edit_sampler(schedule, settings, latent_channels: int):
+  """The compiled guided sampler for an editor's settings (`EditSettings` or a subclass)."""
+  return make_edit_sampler(
+      schedule,
+      settings.steps,
+      settings.sampler,
+      text_scale=settings.text_scale,
+      image_scale=settings.image_scale,
+      reward_scale=settings.reward_scale,
+      eta=settings.eta,
+      latent_channels=latent_channels,
+  )

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mre.diffusion import make_edit_sampler, schedule_from_config
-from mre.editor import EditSettings, Editor, edit_images
+from mre.diffusion import schedule_from_config
+from mre.editor import EditSettings, Editor, edit_images, edit_sampler
 from mre.models.reward_config import NULL_TEXT, RewardInputs
 from mre.models.reward_unet import RewardUNet
 from mre.models.smartedit import ConditionedUNet, SmartEdit, clip_pixels
@@ -71,16 +71,7 @@ class SmartEditor:
     if settings.reward_scale is not None and not self.is_reward:
       raise ValueError("reward guidance (reward_scale) needs a reward-conditioned model")
     self.schedule = schedule_from_config(pipe.scheduler_config)
-    self._sample = make_edit_sampler(
-        self.schedule,
-        settings.steps,
-        settings.sampler,
-        text_scale=settings.text_scale,
-        image_scale=settings.image_scale,
-        reward_scale=settings.reward_scale,
-        eta=settings.eta,
-        latent_channels=pipe.vae.config.latent_channels,
-    )
+    self._sample = edit_sampler(self.schedule, settings, pipe.vae.config.latent_channels)
     size = self.model.config.vision.image_size
     self._patches = nnx.jit(lambda m, x: m.image_features(clip_pixels(x, size)))
     self._generate = nnx.jit(

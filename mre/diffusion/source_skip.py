@@ -17,8 +17,8 @@ predict if the edit residual x0 - x_src were diffused. Where the source is dropp
 dropout, the unconditional branches of guidance) x_src is zero and the skip does nothing.
 
 It needs the source in the same units as the noisy latents: pixel space (the toy editors), or a
-latent space whose scaling factor is 1. Measured in the toy world: README, "What the toy editor
-needed".
+latent space whose scaling factor is 1. Measured in the toy world: README, "The paper's claim in
+the toy world".
 """
 
 from __future__ import annotations
@@ -27,9 +27,7 @@ from typing import Callable, Optional
 
 import jax.numpy as jnp
 
-from mre.diffusion.schedule import NoiseSchedule, resolve_prediction_type
-
-PREDICTION_TYPES = ("v_prediction", "epsilon", "sample")
+from mre.diffusion.schedule import NoiseSchedule, check_prediction_type, resolve_prediction_type
 
 
 def signal_and_noise_scale(schedule: NoiseSchedule, timesteps, batch: int):
@@ -50,11 +48,7 @@ def with_source_skip(
 ) -> Callable:
   """`unet(sample, timesteps, context, **kw)` reparameterised by the source skip; `sample` is the
   noisy latents and the source latents concatenated on `channel_axis` (InstructPix2Pix's input)."""
-  if prediction_type not in PREDICTION_TYPES:
-    raise ValueError(
-        f"the source skip is defined for prediction types {PREDICTION_TYPES}, "
-        f"not {prediction_type!r}"
-    )
+  check_prediction_type(prediction_type)  # the skip covers every type the schedule knows
 
   def denoise(sample, timesteps, context, **kwargs):
     noisy, source = jnp.split(sample, 2, axis=channel_axis)
