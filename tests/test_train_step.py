@@ -27,6 +27,7 @@ from mre.train_step import (
     SplitModel,
     StepContext,
     TrainState,
+    edit_region_weight,
     make_train_step,
     micro_loss,
 )
@@ -320,3 +321,41 @@ def test_k_micro_batches_equal_one_batch_k_times_larger(released):
   other = _batch(released, 8, seed=1)
   _, metrics = step(_state(params, tx=tx), jax.tree.map(lambda x: x[None], other))
   assert abs(float(metrics["loss"]) - loss) > 1e-3 * loss
+
+
+def test_edit_region_weight_marks_positions_changed_beyond_the_threshold():
+  source = jnp.zeros((1, 2, 3, 3))
+  target = source.at[0, 0, 0, 2].set(-0.5).at[0, 1, 2, 0].set(0.1)  # one edit, one small change
+  weight = np.asarray(edit_region_weight(target, source, 4.0, 0.25))
+  assert weight.shape == (1, 2, 3, 1)
+  want = np.ones((1, 2, 3, 1))
+  want[0, 0, 0, 0] = 5.0
+  np.testing.assert_array_equal(weight, want)
+
+
+def test_edit_weight_weights_the_squared_error_inside_the_edited_region(released):
+  """Per sample the weighted loss is (S + w R) / (E + w M): S the summed squared error, R its part
+  inside the changed region, E the elements and M those inside. R solved from two strengths agrees,
+  and lies strictly between 0 and S (the region is the edited pixels, not the image)."""
+  batch = _batch(released, 1)
+  original = batch["original"]
+  batch["edited"] = original.at[:, :2, :3].add(0.5).at[:, 5, 5, 0].add(0.1)
+  elements, inside = 8 * 8 * 3, 2 * 3 * 3
+  key = jax.random.key(3)
+
+  def loss(strength):
+    cfg = _config(
+        **{
+            "model.reward.form": "released",
+            "train.cond_dropout": 0.0,
+            "train.edit_weight": strength,
+        }
+    )
+    ctx, params = _context(cfg, released)
+    return float(micro_loss(ctx, params, batch, key))
+
+  total = loss(0.0) * elements
+  solved = [(loss(w) * (elements + w * inside) - total) / w for w in (3.0, 50.0)]
+  np.testing.assert_allclose(solved[0], solved[1], rtol=1e-4)
+  assert 0.0 < solved[0] < total
+  assert abs(solved[0] / inside - total / elements) > 1e-3 * total / elements
