@@ -47,7 +47,7 @@ class Source:
     except Exception as e:  # pylint: disable=broad-except
       raise FileNotFoundError(
           f"dataset {name} (split {split}) is not prepared in {data_dir}: {e}. Build it first (see "
-          "README, 'Datasets'), or use the toy world: --config=configs/reward.py:toy"
+          "README, 'Datasets from manual dirs'), or use the toy world: --config=configs/reward.py:toy"
       ) from e
     self._val_split = val_split
     self._tfds = tfds
@@ -170,7 +170,15 @@ class TrainIterator:
     """`reward`: None for a model without reward (stage 1); `latents`: a
     `latent_cache.LatentSource` to read precomputed VAE latents from."""
     d = config.data
-    keys = FeatureKeys() if reward else FeatureKeys(reward_scores=None, reward_texts=None)
+    target = d.get("target_key", "edited")
+    if target != "edited" and latents is not None:
+      raise ValueError(
+          f"data.target_key={target!r} with data.precompute_latents: the latent cache holds "
+          "the 'edited' field only; train on another target from images"
+      )
+    keys = FeatureKeys(edited=target)
+    if not reward:
+      keys = FeatureKeys(edited=target, reward_scores=None, reward_texts=None)
     pc = PipelineConfig(
         batch_size=batch_size * accum,
         resolution=d.resolution,
