@@ -84,6 +84,8 @@ def base_config():
   c.data.config = ""  # its builder config
   c.data.data_dir = ""  # TFDS data_dir ("" = ~/tensorflow_datasets)
   c.data.split = "train"
+  c.data.target_key = "edited"  # the field trained towards ("ideal" in toy_edit: the flawless
+  # edits, a competence check that no real dataset allows)
   c.data.val_split = "test"
   c.data.resolution = 256
   c.data.random_flip = True
@@ -109,6 +111,8 @@ def base_config():
   c.train.cond_dropout = 0.05  # InstructPix2Pix conditioning dropout p
   c.train.ema_decay = 0.9999
   c.train.snr_gamma = 0.0  # > 0: min-SNR loss weighting
+  c.train.edit_weight = 0.0  # > 0: loss weight 1 + edit_weight where the target differs from the
+  c.train.edit_threshold = 0.25  # source by more than this (mre/train_step.py: edit_region_weight)
   c.train.log_every = 10
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 3
@@ -167,6 +171,8 @@ def apply_toy(c):
   c.train.warmup_steps = 100
   c.train.weight_decay = 1e-4
   c.train.cond_dropout = 0.05
+  # train.edit_weight stays 0 here: it taught the editor object edits but, on the flawed data, also
+  # the flaws' noise (README, "What the toy editor needed").
   c.train.ema_decay = 0.995
   c.train.log_every = 10
   c.train.checkpoint_every = 500
