@@ -6,6 +6,8 @@ off, so the two differ in nothing but the reward condition.
 
 from __future__ import annotations
 
+import ast
+
 from configs import ip2p, reward
 
 # The paper's ablations (and our reward guidance), as overrides of run (b).
@@ -25,6 +27,21 @@ def set_field(config, key: str, value):
   for part in path:
     node = node[part]
   node[leaf] = value
+
+
+def parse_overrides(pairs) -> dict:
+  """["train.lr=1e-3", "model.scratch.heads=2"] -> {key: value}; values are Python literals
+  (a bare word is a string)."""
+  out = {}
+  for pair in pairs or ():
+    key, sep, text = pair.partition("=")
+    if not sep or not key:
+      raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+    try:
+      out[key] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      out[key] = text
+  return out
 
 
 def _finish(config, workdir, steps, seed, data_dir, overrides, extra=None):

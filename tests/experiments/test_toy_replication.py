@@ -53,10 +53,19 @@ def test_replication_runs_end_to_end_and_resumes(tmp_path, toy_data):
       }
   )
   workdir = str(tmp_path / "replication")
-  result = toy_replication.replicate(
-      workdir, seed=3, stage1_steps=4, stage2_steps=2, data_dir=toy_data, overrides=overrides
+  run = lambda **kw: toy_replication.replicate(  # noqa: E731
+      workdir, seed=3, stage1_steps=4, stage2_steps=2, data_dir=toy_data, overrides=overrides, **kw
   )
+  # A second seed's check: the main rows only; the full command then adds the control rows to it.
+  main_only = run(control=False)
+  assert list(main_only["rows"]) == ["stage 1", "(a) baseline", "(b) reward 5,5,5"]
+  assert main_only["control"] == {} and not os.path.exists(
+      os.path.join(workdir, "eval", "reward_1-1-1")
+  )
+  result = run()
   rows = result["rows"]
+  for name, row in main_only["rows"].items():  # cached edits and judgements: the same numbers
+    assert json.loads(json.dumps(rows[name])) == json.loads(json.dumps(row))
   names = [
       "stage 1",
       "(a) baseline",
@@ -99,9 +108,7 @@ def test_replication_runs_end_to_end_and_resumes(tmp_path, toy_data):
   stamps = {f: os.path.getmtime(os.path.join(cached, f)) for f in os.listdir(cached)}
   export = os.path.join(workdir, "reward", "export", "mre_model.json")
   export_stamp = os.path.getmtime(export)
-  again = toy_replication.replicate(
-      workdir, seed=3, stage1_steps=4, stage2_steps=2, data_dir=toy_data, overrides=overrides
-  )
+  again = run()
   assert again["rows"] == json.loads(json.dumps(rows))
   assert {f: os.path.getmtime(os.path.join(cached, f)) for f in os.listdir(cached)} == stamps
   assert os.path.getmtime(export) == export_stamp
