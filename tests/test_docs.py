@@ -51,3 +51,19 @@ def test_links_between_docs_pages_resolve():
         assert anchor in [_slug(h) for h in _headings(target)], (page, target, anchor)
     for target, section in re.findall(r"\[([\w-]+\.md), \"([^\"]+)\"\]", text):
       assert section in _headings(target), (page, target, section)
+
+
+def test_code_cites_readme_sections_that_exist():
+  """A README section cited in code or a message (README, then the quoted heading; the quote may
+  wrap across lines) is a heading of README.md."""
+  with open(os.path.join(ROOT, "README.md")) as f:
+    headings = {line.lstrip("#").strip() for line in f if line.startswith("#")}
+  cited = 0
+  for path in _source_files():
+    with open(path) as f:
+      text = f.read()
+    for quoted in re.findall(r"README,\s+(?:\"([^\"]+)\"|'([^']+)')", text):
+      section = " ".join(re.sub(r"\n\s*#?\s*", " ", "".join(quoted)).split())
+      assert section in headings, (os.path.relpath(path, ROOT), section)
+      cited += 1
+  assert cited >= 3
