@@ -61,8 +61,9 @@ def run_trial(
   row = evaluate_row(
       os.path.join(workdir, "export"), items, os.path.join(workdir, "eval"), config.data.resolution
   )
+  wanted = {it.id for it in items}  # an earlier run may have judged more items
   with open(os.path.join(workdir, "eval", "results.jsonl")) as f:
-    records = [json.loads(line) for line in f]
+    records = [r for r in map(json.loads, f) if r["id"] in wanted]
   result = {
       "steps": steps,
       "target": target,
