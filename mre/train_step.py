@@ -198,9 +198,8 @@ def micro_loss(ctx: StepContext, params, batch, key):
   edit_weight = cfg.get("edit_weight", 0.0)
   if edit_weight > 0:
     weight = edit_region_weight(target_latents, source_latents, edit_weight, cfg.edit_threshold)
-    per_sample = jnp.sum(weight * squared, axis=axes) / jnp.sum(
-        weight * jnp.ones_like(squared), axis=axes
-    )
+    # weight is [B, H, W, 1]: its mean over the axes equals that of its broadcast over channels
+    per_sample = jnp.mean(weight * squared, axis=axes) / jnp.mean(weight, axis=axes)
   else:
     per_sample = jnp.mean(squared, axis=axes)
   if cfg.snr_gamma > 0:

@@ -176,9 +176,8 @@ class TrainIterator:
           f"data.target_key={target!r} with data.precompute_latents: the latent cache holds "
           "the 'edited' field only; train on another target from images"
       )
-    keys = FeatureKeys(edited=target)
-    if not reward:
-      keys = FeatureKeys(edited=target, reward_scores=None, reward_texts=None)
+    no_reward = {} if reward else {"reward_scores": None, "reward_texts": None}
+    keys = FeatureKeys(edited=target, **no_reward)
     pc = PipelineConfig(
         batch_size=batch_size * accum,
         resolution=d.resolution,

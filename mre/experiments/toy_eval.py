@@ -73,7 +73,8 @@ def evaluate_row(
     reward_scale: Optional[float] = None,
     batch_size: int = 70,
 ) -> dict:
-  """{"summary": per-category stats with 95% intervals, "paths": {id: edited PNG}}.
+  """{"summary": per-category stats with 95% intervals, "paths": {id: edited PNG}, "records":
+  {id: judged record}}.
 
   `reward` is the score condition of a reward model (texts: "nothing wrong"); `reward_scale`
   adds reward guidance (a model trained with reward dropout).
@@ -104,4 +105,8 @@ def evaluate_row(
         editor, items, os.path.join(out_dir, "images"), batch_size=batch_size, reward=make_reward
     )
   records = judge_items(items, paths, results_path)
-  return {"summary": stats.summarize_with_ci(list(records.values())), "paths": paths}
+  return {
+      "summary": stats.summarize_with_ci(list(records.values())),
+      "paths": paths,
+      "records": records,
+  }

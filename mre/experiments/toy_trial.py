@@ -61,16 +61,13 @@ def run_trial(
   row = evaluate_row(
       os.path.join(workdir, "export"), items, os.path.join(workdir, "eval"), config.data.resolution
   )
-  wanted = {it.id for it in items}  # an earlier run may have judged more items
-  with open(os.path.join(workdir, "eval", "results.jsonl")) as f:
-    records = [r for r in map(json.loads, f) if r["id"] in wanted]
   result = {
       "steps": steps,
       "target": target,
       "seed": seed,
       "overrides": overrides or {},
       "summary": row["summary"],
-      "failures": failures(records),
+      "failures": failures(row["records"].values()),
   }
   with open(os.path.join(workdir, "trial.json"), "w") as f:
     json.dump(result, f, indent=1)
