@@ -113,6 +113,7 @@ def base_config():
   c.train.snr_gamma = 0.0  # > 0: min-SNR loss weighting
   c.train.edit_weight = 0.0  # > 0: loss weight 1 + edit_weight where the target differs from the
   c.train.edit_threshold = 0.25  # source by more than this (mre/train_step.py: edit_region_weight)
+  c.train.edit_smoothing = 1  # odd window the difference is averaged over first (1: per position)
   c.train.log_every = 10
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 3

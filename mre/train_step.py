@@ -122,16 +122,29 @@ class StepContext:
     )
 
 
-def edit_region_weight(target, source, strength: float, threshold: float):
+def edit_region_weight(target, source, strength: float, threshold: float, smoothing: int = 1):
   """Per-position loss weight 1 + strength where the target differs from the source.
 
   A small object's edit is a few percent of an image's squared error, so the plain loss is lowered
   most by copying the source and changing the large regions (backgrounds, global tones); weighting
   the positions the edit changes lets object-level edits be learned in a short run (README, "What
-  the toy editor needed"). The region is where any channel differs by more than `threshold`
-  (model space: pixels in [-1, 1] or scaled latents); shape [B, H, W, 1].
+  the toy editor needed"). The region is where any channel of the difference, averaged over a
+  `smoothing` x `smoothing` window (1: per position), exceeds `threshold` (model space: pixels in
+  [-1, 1] or scaled latents). The average keeps flat changes (a recoloured object) and drops pixel
+  noise and blur (signed differences that cancel), so that flawed targets' noise is not what the
+  weight teaches. Shape [B, H, W, 1].
   """
-  changed = jnp.max(jnp.abs(target - source), axis=-1, keepdims=True) > threshold
+  diff = target - source
+  if smoothing > 1:
+    if smoothing % 2 == 0:
+      raise ValueError(f"train.edit_smoothing must be odd, got {smoothing}")
+    window, pad = (1, smoothing, smoothing, 1), "SAME"
+    total = jax.lax.reduce_window(diff, 0.0, jax.lax.add, window, (1, 1, 1, 1), pad)
+    count = jax.lax.reduce_window(
+        jnp.ones(diff.shape[:3] + (1,), diff.dtype), 0.0, jax.lax.add, window, (1, 1, 1, 1), pad
+    )
+    diff = total / count  # the mean over the window's positions inside the image
+  changed = jnp.max(jnp.abs(diff), axis=-1, keepdims=True) > threshold
   return 1.0 + strength * changed.astype(jnp.float32)
 
 
@@ -197,7 +210,13 @@ def micro_loss(ctx: StepContext, params, batch, key):
   axes = tuple(range(1, out.ndim))
   edit_weight = cfg.get("edit_weight", 0.0)
   if edit_weight > 0:
-    weight = edit_region_weight(target_latents, source_latents, edit_weight, cfg.edit_threshold)
+    weight = edit_region_weight(
+        target_latents,
+        source_latents,
+        edit_weight,
+        cfg.edit_threshold,
+        cfg.get("edit_smoothing", 1),
+    )
     # weight is [B, H, W, 1]: its mean over the axes equals that of its broadcast over channels
     per_sample = jnp.mean(weight * squared, axis=axes) / jnp.mean(weight, axis=axes)
   else:

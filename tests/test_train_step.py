@@ -333,6 +333,33 @@ def test_edit_region_weight_marks_positions_changed_beyond_the_threshold():
   np.testing.assert_array_equal(weight, want)
 
 
+def test_smoothed_edit_region_keeps_flat_changes_and_drops_pixel_noise():
+  """A 4 x 4 recoloured block survives a 3 x 3 average; noise of sigma 0.3 (past the per-position
+  threshold at many pixels) and a lone changed pixel do not."""
+  rng = np.random.default_rng(0)
+  source = jnp.zeros((2, 12, 12, 3))
+  block = source.at[0, 2:6, 2:6, 1].set(0.8)  # a flat edit; the rest unchanged
+  noisy = source + 0.3 * rng.standard_normal((2, 12, 12, 3)).astype(np.float32)
+  plain = np.asarray(edit_region_weight(noisy, source, 1.0, 0.25))
+  smooth = np.asarray(edit_region_weight(noisy, source, 1.0, 0.25, smoothing=3))
+  assert (plain > 1).mean() > 0.5  # the per-position region is most of a noisy image
+  assert (smooth > 1).mean() < 0.05
+  region = np.asarray(edit_region_weight(block, source, 1.0, 0.25, smoothing=3))[0, ..., 0] > 1
+  counts = np.zeros((12, 12))  # block pixels in each position's 3 x 3 window (inside the image)
+  for r in range(12):
+    for c in range(12):
+      counts[r, c] = sum(
+          2 <= i < 6 and 2 <= j < 6 for i in (r - 1, r, r + 1) for j in (c - 1, c, c + 1)
+      )
+  want = 0.8 * counts / 9 > 0.25  # none of these windows touch the image border
+  assert want[2:6, 2:6].all() and want.sum() == 16 + 8  # the block and 2 x 4 edge neighbours
+  np.testing.assert_array_equal(region, want)
+  lone = np.asarray(edit_region_weight(source.at[1, 5, 5, 0].set(1.0), source, 1.0, 0.25, 3))
+  assert (lone > 1).sum() == 0
+  with pytest.raises(ValueError, match="odd"):
+    edit_region_weight(block, source, 1.0, 0.25, smoothing=2)
+
+
 def test_edit_weight_weights_the_squared_error_inside_the_edited_region(released):
   """Per sample the weighted loss is (S + w R) / (E + w M): S the summed squared error, R its part
   inside the changed region, E the elements and M those inside. R solved from two strengths agrees,
