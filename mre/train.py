@@ -13,6 +13,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, logging
 from flax import nnx
 from ml_collections import config_flags
@@ -29,6 +30,7 @@ from mre.train_step import (
     SplitModel,
     StepContext,
     init_train_state,
+    lr_schedule,
     make_optimizer,
     make_train_step,
 )
@@ -212,12 +214,20 @@ def train(config) -> dict:
   metric_shardings = sharding.replicated(mesh)
   step_fn = jax.jit(
       make_train_step(ctx, tx),
-      in_shardings=(state_shardings, batch_shardings),
+      in_shardings=(state_shardings, batch_shardings, metric_shardings),
       out_shardings=(state_shardings, metric_shardings),
       donate_argnums=(0,),
   )
+  # The learning rate of every step, computed here and passed in: the compiled step holds no
+  # schedule constants, so runs that differ only in steps or warm-up share it (train_step.py).
+  rates = np.asarray(
+      jax.jit(jax.vmap(lr_schedule(config)))(jnp.arange(max(t.steps, 1))), np.float32
+  )
+  rate_at = lambda i: jax.make_array_from_callback(  # noqa: E731
+      (), metric_shardings, lambda _: rates[min(i, t.steps - 1)]
+  )
   compile_start = time.time()
-  compiled = step_fn.lower(state, example).compile()
+  compiled = step_fn.lower(state, example, rate_at(start_step)).compile()
   flops = cost_flops(compiled)
   logging.info(
       "train step compiled in %.1f s (%.3g FLOP per step)", time.time() - compile_start, flops
@@ -275,7 +285,7 @@ def train(config) -> dict:
     ):
       while step < t.steps:
         batch = sharding.global_batch(mesh, data.next(), leading_unsharded=1)
-        state, metrics = compiled(state, batch)
+        state, metrics = compiled(state, batch, rate_at(step))
         if pending is not None:  # read the previous step's metrics: the device stays busy
           record(*pending)
         step += 1

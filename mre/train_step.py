@@ -84,13 +84,15 @@ def lr_schedule(cfg) -> optax.Schedule:
   raise ValueError(f"train.lr_schedule={t.lr_schedule!r} is not 'constant' or 'cosine'")
 
 
-def make_optimizer(cfg) -> optax.GradientTransformation:
+def make_optimizer(cfg, learning_rate=None) -> optax.GradientTransformation:
+  """Clipping and AdamW at the config's schedule, or at `learning_rate` (a traced scalar: the
+  trainer's step takes the rate as an input). Either way the rate is a function of the step count,
+  so the optimizer state has one structure (checkpoints of both load into both)."""
   t = cfg.train
+  rate = lr_schedule(cfg) if learning_rate is None else (lambda count: learning_rate)
   return optax.chain(
       optax.clip_by_global_norm(t.clip) if t.clip > 0 else optax.identity(),
-      optax.adamw(
-          lr_schedule(cfg), b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps, weight_decay=t.weight_decay
-      ),
+      optax.adamw(rate, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps, weight_decay=t.weight_decay),
   )
 
 
@@ -227,11 +229,18 @@ def micro_loss(ctx: StepContext, params, batch, key):
 
 
 def make_train_step(ctx: StepContext, tx: optax.GradientTransformation):
-  """train_step(state, batch) -> (state, metrics); batch leaves are [accum, micro_batch, ...]."""
+  """train_step(state, batch, lr=None) -> (state, metrics); batch leaves are [accum,
+  micro_batch, ...].
+
+  Without `lr`, `tx` runs at its own schedule, computed in the program. The trainer passes `lr`
+  (a float32 scalar from `lr_schedule` on the host): then nothing of the schedule (steps,
+  warm-up) is a constant of the compiled program, and runs that differ only there (stage 1 and
+  stage 2, a longer run, tests) share one compiled step through the persistent cache.
+  """
   cfg = ctx.cfg
   schedule_fn = lr_schedule(cfg)
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: TrainState, batch, lr=None):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     accum = jax.tree.leaves(batch)[0].shape[0]
     grad_fn = jax.value_and_grad(lambda p, mb, k: micro_loss(ctx, p, mb, k))
@@ -251,7 +260,8 @@ def make_train_step(ctx: StepContext, tx: optax.GradientTransformation):
       (loss, grads), _ = jax.lax.scan(body, (jnp.float32(0.0), zeros), (batch, jnp.arange(accum)))
       loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    step_tx = tx if lr is None else make_optimizer(cfg, learning_rate=lr)
+    updates, opt_state = step_tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay(state.step, cfg.train.ema_decay)
     ema = jax.tree.map(lambda e, p: e * decay + p.astype(e.dtype) * (1 - decay), state.ema, params)
@@ -264,7 +274,8 @@ def make_train_step(ctx: StepContext, tx: optax.GradientTransformation):
         opt_state=keep(opt_state, state.opt_state),
         rng=state.rng,
     )
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule_fn(state.step), "finite": ok}
+    rate = schedule_fn(state.step) if lr is None else lr
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": rate, "finite": ok}
     return new_state, metrics
 
   return train_step

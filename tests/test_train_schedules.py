@@ -169,3 +169,36 @@ def test_the_optimizer_and_the_logged_lr_follow_the_schedule(kind, warmup, first
   np.testing.assert_allclose(moved, first_lr, rtol=1e-3, atol=1e-9)
   state, metrics = step(state, batch)
   np.testing.assert_allclose(float(metrics["lr"]), float(lr_schedule(cfg)(1)), rtol=1e-6)
+
+
+def test_a_passed_learning_rate_is_the_schedule_taken_out_of_the_program():
+  """The trainer passes each step's rate: the same update as the in-program schedule, and one
+  compiled program for configs that differ only in steps and warm-up."""
+
+  def setup(steps, warmup):
+    cfg = _config(
+        **{
+            "train.lr_schedule": "cosine",
+            "train.warmup_steps": warmup,
+            "train.steps": steps,
+            "train.lr": 1e-3,
+        }
+    )
+    ctx, params, batch = _linear_context(cfg)
+    tx = make_optimizer(cfg)
+    return cfg, jax.jit(make_train_step(ctx, tx)), _state(params, tx=tx), batch
+
+  cfg, step, state, batch = setup(100, 10)
+  for _ in range(3):  # past the first step: the warm-up's rate differs from step to step
+    state, _ = step(state, batch)
+  inside, m_inside = step(state, batch)
+  rate = jnp.float32(lr_schedule(cfg)(3))
+  passed, m_passed = step(state, batch, rate)
+  assert float(m_passed["lr"]) == float(rate) == pytest.approx(float(m_inside["lr"]), rel=1e-6)
+  for a, b in zip(_leaves(inside.opt_state), _leaves(passed.opt_state)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(_leaves(inside.params)[0], _leaves(passed.params)[0], rtol=1e-6)
+  texts = [s.lower(st, b, rate).as_text() for _, s, st, b in (setup(100, 10), setup(7, 0))]
+  assert texts[0] == texts[1]
+  in_program = [s.lower(st, b).as_text() for _, s, st, b in (setup(100, 10), setup(7, 0))]
+  assert in_program[0] != in_program[1]  # not vacuous: the schedule is a constant otherwise
