@@ -29,7 +29,8 @@ TINY = {
     "train.grad_accum": 2,
     "train.log_every": 1,
     "train.validate_every": 0,
-    "train.checkpoint_every": 2,
+    "train.checkpoint_every": 8,  # a checkpoint mid-run (resume tests) and at the end; each save
+    # blocks the next for a second or two, so not more
     "train.warmup_steps": 2,
     "model.scratch.unet_channels": (16, 32),
     "model.scratch.heads": 2,
@@ -188,7 +189,7 @@ def test_sigkill_and_rerun_resumes_exactly(tmp_path, toy_data, reference_run):
   proc = subprocess.Popen(
       args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
   )
-  first = os.path.join(workdir, "checkpoints", "2")
+  first = os.path.join(workdir, "checkpoints", str(TINY["train.checkpoint_every"]))
   deadline = time.time() + 300
   while not os.path.isdir(first) and time.time() < deadline and proc.poll() is None:
     time.sleep(0.02)
