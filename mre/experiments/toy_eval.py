@@ -14,6 +14,7 @@ import os
 from typing import Optional
 
 import numpy as np
+from absl import flags
 from PIL import Image
 from tqdm import tqdm
 
@@ -25,6 +26,40 @@ from mre.model_io.folders import load_any
 
 # Edit settings of every row: DDIM, 20 steps, s_T 2, s_I 1 (what the toy editors are measured at).
 EVAL_SETTINGS = dict(steps=20, sampler="ddim", text_scale=2.0, image_scale=1.0, seed=42)
+SETTING_FLAGS = ("sampler", "steps", "text_scale", "image_scale")  # what commands may change
+
+
+def eval_settings(**changes) -> dict:
+  """EVAL_SETTINGS with the given fields replaced (a None value keeps the default)."""
+  unknown = set(changes) - set(SETTING_FLAGS)
+  if unknown:
+    raise ValueError(f"unknown evaluation settings {sorted(unknown)}; known: {SETTING_FLAGS}")
+  return {**EVAL_SETTINGS, **{k: v for k, v in changes.items() if v is not None}}
+
+
+def settings_tag(settings: dict) -> str:
+  """A folder-name tag of non-default settings ("euler_ancestral-20-sT3-sI1"; "" for the
+  defaults): edits and reports at other settings go to their own folders beside the default's."""
+  if settings == EVAL_SETTINGS:
+    return ""
+  return (
+      f"{settings['sampler']}-{settings['steps']}-sT{settings['text_scale']:g}"
+      f"-sI{settings['image_scale']:g}"
+  )
+
+
+def define_eval_flags():
+  """--eval_sampler, --eval_steps, --eval_text_scale, --eval_image_scale (default: toy_eval's)."""
+  flags.DEFINE_enum(
+      "eval_sampler", None, ["ddim", "euler_ancestral", "euler", "dpmpp_2m"], "Edit sampler."
+  )
+  flags.DEFINE_integer("eval_steps", None, "Sampling steps of every edit.")
+  flags.DEFINE_float("eval_text_scale", None, "Instruction guidance s_T.")
+  flags.DEFINE_float("eval_image_scale", None, "Image guidance s_I.")
+
+
+def settings_from_flags() -> dict:
+  return eval_settings(**{k: getattr(flags.FLAGS, f"eval_{k}") for k in SETTING_FLAGS})
 
 
 def load_items(config, data_dir: str, limit: int = 0):
@@ -72,15 +107,18 @@ def evaluate_row(
     reward: Optional[tuple] = None,
     reward_scale: Optional[float] = None,
     batch_size: int = 70,
+    settings: Optional[dict] = None,
 ) -> dict:
   """{"summary": per-category stats with 95% intervals, "paths": {id: edited PNG}, "records":
   {id: judged record}}.
 
   `reward` is the score condition of a reward model (texts: "nothing wrong"); `reward_scale`
-  adds reward guidance (a model trained with reward dropout).
+  adds reward guidance (a model trained with reward dropout); `settings` replaces EVAL_SETTINGS.
   """
   os.makedirs(out_dir, exist_ok=True)
-  settings = EditSettings(resolution=resolution, reward_scale=reward_scale, **EVAL_SETTINGS)
+  settings = EditSettings(
+      resolution=resolution, reward_scale=reward_scale, **(settings or EVAL_SETTINGS)
+  )
   evaluation.check_provenance(
       out_dir,
       {

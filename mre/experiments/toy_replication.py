@@ -31,7 +31,14 @@ from mre import train
 from mre.data.train_input import default_data_dir
 from mre.experiments import report
 from mre.experiments.recipes import ABLATIONS, parse_overrides, stage1_config, stage2_config
-from mre.experiments.toy_eval import EVAL_SETTINGS, evaluate_row, load_items
+from mre.experiments.toy_eval import (
+    define_eval_flags,
+    eval_settings,
+    evaluate_row,
+    load_items,
+    settings_from_flags,
+    settings_tag,
+)
 
 CONTROL = ((1, 5, 5), (5, 1, 5), (5, 5, 1), (1, 1, 1))
 
@@ -57,12 +64,17 @@ def replicate(
     ablations: bool = False,
     control: bool = True,
     overrides=None,
+    settings=None,
 ) -> dict:
   """Runs the whole replication; returns the report (also written to `workdir`).
 
   `overrides` ({"train.batch_per_device": 8, ...}) apply to every run (tests use tiny settings).
   `control=False` evaluates only the main rows (a second seed's check of the claim).
+  `settings` (from `toy_eval.eval_settings`) evaluates at other edit settings: the same trained
+  runs, edits and reports in `workdir/eval_<tag>/` (the default settings' are in `workdir`).
   """
+  settings = settings or eval_settings()
+  tag = settings_tag(settings)
   start, timings = time.time(), {}
   workdir = os.path.abspath(workdir)
   data_dir = data_dir or default_data_dir()
@@ -93,8 +105,15 @@ def replicate(
   t0 = time.time()
   items = load_items(s1, data_dir, eval_items)
   rows = {}
+  report_dir = os.path.join(workdir, f"eval_{tag}") if tag else workdir
+  os.makedirs(report_dir, exist_ok=True)
   evaluate = lambda label, run, **kw: evaluate_row(  # noqa: E731
-      exports[run], items, os.path.join(workdir, "eval", label), s1.data.resolution, **kw
+      exports[run],
+      items,
+      os.path.join(report_dir, "eval", label),
+      s1.data.resolution,
+      settings=settings,
+      **kw,
   )
   rows["stage 1"] = evaluate("stage1", "stage1")
   rows["(a) baseline"] = evaluate("baseline", "baseline")
@@ -118,7 +137,7 @@ def replicate(
   result = report.build(
       rows,
       items,
-      workdir,
+      report_dir,
       timings=timings,
       settings={
           "seed": seed,
@@ -127,14 +146,15 @@ def replicate(
           "eval_items": len(items),
           "control": control,
           "overrides": overrides or {},
-          "eval": EVAL_SETTINGS,
+          "eval": settings,
           "batch": s1.train.batch_per_device,
           "resolution": s1.data.resolution,
       },
   )
-  with open(os.path.join(workdir, "replication.json"), "w") as f:
+  result["report_dir"] = report_dir
+  with open(os.path.join(report_dir, "replication.json"), "w") as f:
     json.dump(result, f, indent=1)
-  with open(os.path.join(workdir, "replication.md"), "w") as f:
+  with open(os.path.join(report_dir, "replication.md"), "w") as f:
     f.write(result["markdown"])
   return result
 
@@ -164,6 +184,7 @@ def define_flags():
       "Evaluate (b) at the control scores (1,5,5), (5,1,5), (5,5,1), (1,1,1); --nocontrol "
       "evaluates the main rows only (a second seed's check of the claim).",
   )
+  define_eval_flags()
 
 
 def main(argv):
@@ -181,10 +202,11 @@ def main(argv):
       ablations=f.ablations,
       control=f.control,
       overrides=parse_overrides(f.set),
+      settings=settings_from_flags(),
   )
   print(result["markdown"])
   print(
-      f"reports: {os.path.join(os.path.abspath(f.workdir), 'replication.md')} and "
+      f"reports: {os.path.join(result['report_dir'], 'replication.md')} and "
       "replication.json; grids: grid.png, control_grid.png"
   )
 

@@ -23,7 +23,14 @@ from mre import train
 from mre.data.train_input import default_data_dir
 from mre.experiments import stats
 from mre.experiments.recipes import parse_overrides, stage1_config
-from mre.experiments.toy_eval import evaluate_row, load_items
+from mre.experiments.toy_eval import (
+    define_eval_flags,
+    eval_settings,
+    evaluate_row,
+    load_items,
+    settings_from_flags,
+    settings_tag,
+)
 
 
 def failures(records, top: int = 3) -> dict:
@@ -45,8 +52,11 @@ def run_trial(
     eval_items: int = 140,
     data_dir: str = "",
     overrides=None,
+    settings=None,
 ) -> dict:
   data_dir = data_dir or default_data_dir()
+  settings = settings or eval_settings()
+  tag = settings_tag(settings)
   config = stage1_config(
       workdir,
       steps=steps,
@@ -59,17 +69,22 @@ def run_trial(
     raise SystemExit(f"training stopped ({summary['stopped']}); rerun the command to resume")
   items = load_items(config, data_dir, eval_items)
   row = evaluate_row(
-      os.path.join(workdir, "export"), items, os.path.join(workdir, "eval"), config.data.resolution
+      os.path.join(workdir, "export"),
+      items,
+      os.path.join(workdir, f"eval_{tag}" if tag else "eval"),
+      config.data.resolution,
+      settings=settings,
   )
   result = {
       "steps": steps,
       "target": target,
       "seed": seed,
       "overrides": overrides or {},
+      "eval": settings,
       "summary": row["summary"],
       "failures": failures(row["records"].values()),
   }
-  with open(os.path.join(workdir, "trial.json"), "w") as f:
+  with open(os.path.join(workdir, f"trial_{tag}.json" if tag else "trial.json"), "w") as f:
     json.dump(result, f, indent=1)
   return result
 
@@ -77,7 +92,7 @@ def run_trial(
 def format_trial(result: dict) -> str:
   lines = [
       f"steps {result['steps']}, target {result['target']}, seed {result['seed']}, "
-      f"overrides {result['overrides']}",
+      f"overrides {result['overrides']}, edits {result['eval']}",
       "category     n  following  preserving  quality  (yes-rate)",
   ]
   for category, d in result["summary"].items():
@@ -97,6 +112,7 @@ def define_flags():
   flags.DEFINE_integer("eval_items", 140, "Test edits judged (the split lists 5 per scene).")
   flags.DEFINE_string("data_dir", "", "TFDS data_dir ('' = ~/tensorflow_datasets).")
   flags.DEFINE_multi_string("set", [], "Config override KEY=VALUE (repeatable).")
+  define_eval_flags()
   flags.mark_flag_as_required("workdir")
 
 
@@ -113,6 +129,7 @@ def main(argv):
       eval_items=f.eval_items,
       data_dir=f.data_dir,
       overrides=parse_overrides(f.set),
+      settings=settings_from_flags(),
   )
   print(format_trial(result))
 

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from mre.experiments import stats, toy_replication
+from mre.experiments import stats, toy_eval, toy_replication
 from tests.test_train import TINY
 
 
@@ -111,4 +111,15 @@ def test_replication_runs_end_to_end_and_resumes(tmp_path, toy_data):
   again = run()
   assert again["rows"] == json.loads(json.dumps(rows))
   assert {f: os.path.getmtime(os.path.join(cached, f)) for f in os.listdir(cached)} == stamps
+  assert os.path.getmtime(export) == export_stamp
+  # Other edit settings: the same trained runs, their own edits and reports in eval_<tag>/.
+  report = open(os.path.join(workdir, "replication.md")).read()
+  settings = toy_eval.eval_settings(sampler="euler_ancestral", text_scale=3.0)
+  other = run(control=False, eval_items=5, settings=settings)
+  tagged = os.path.join(workdir, "eval_euler_ancestral-20-sT3-sI1")
+  assert other["report_dir"] == tagged and other["settings"]["eval"] == settings
+  assert other["rows"]["(a) baseline"]["all"]["n"] == 5
+  assert len(os.listdir(os.path.join(tagged, "eval", "reward_5-5-5", "images"))) == 5
+  assert json.load(open(os.path.join(tagged, "replication.json")))["settings"]["eval"] == settings
+  assert open(os.path.join(workdir, "replication.md")).read() == report
   assert os.path.getmtime(export) == export_stamp

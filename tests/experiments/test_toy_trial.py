@@ -3,7 +3,7 @@ replication's, run end to end in test_toy_replication.py."""
 
 import pytest
 
-from mre.experiments import recipes, toy_trial
+from mre.experiments import recipes, toy_eval, toy_trial
 
 
 def test_overrides_parse_literals_and_bare_words():
@@ -51,6 +51,7 @@ def test_failures_count_the_no_verdicts_per_category_and_perspective():
           "target": "ideal",
           "seed": 0,
           "overrides": {},
+          "eval": toy_eval.eval_settings(),
           "summary": {
               "all": {p: {"yes_rate": 0.25} for p in ("following", "preserving", "quality")}
               | {"n": 4}
@@ -59,3 +60,13 @@ def test_failures_count_the_no_verdicts_per_category_and_perspective():
       }
   )
   assert "all           4      25.0%" in text and "'the circle is still red' x2" in text
+
+
+def test_eval_settings_replace_fields_and_tag_their_folders():
+  default = toy_eval.eval_settings(sampler=None, steps=None)
+  assert default == toy_eval.EVAL_SETTINGS and toy_eval.settings_tag(default) == ""
+  other = toy_eval.eval_settings(sampler="euler_ancestral", text_scale=3.0)
+  assert other == {**toy_eval.EVAL_SETTINGS, "sampler": "euler_ancestral", "text_scale": 3.0}
+  assert toy_eval.settings_tag(other) == "euler_ancestral-20-sT3-sI1"
+  with pytest.raises(ValueError, match="seed"):
+    toy_eval.eval_settings(seed=1)
