@@ -29,16 +29,8 @@ from absl import app, flags
 
 from mre import train
 from mre.data.train_input import default_data_dir
-from mre.experiments import report
+from mre.experiments import report, toy_eval
 from mre.experiments.recipes import ABLATIONS, parse_overrides, stage1_config, stage2_config
-from mre.experiments.toy_eval import (
-    define_eval_flags,
-    eval_settings,
-    evaluate_row,
-    load_items,
-    settings_from_flags,
-    settings_tag,
-)
 
 CONTROL = ((1, 5, 5), (5, 1, 5), (5, 5, 1), (1, 1, 1))
 
@@ -73,8 +65,8 @@ def replicate(
   `settings` (from `toy_eval.eval_settings`) evaluates at other edit settings: the same trained
   runs, edits and reports in `workdir/eval_<tag>/` (the default settings' are in `workdir`).
   """
-  settings = settings or eval_settings()
-  tag = settings_tag(settings)
+  settings = settings or toy_eval.eval_settings()
+  tag = toy_eval.settings_tag(settings)
   start, timings = time.time(), {}
   workdir = os.path.abspath(workdir)
   data_dir = data_dir or default_data_dir()
@@ -103,11 +95,11 @@ def replicate(
   exports["stage1"] = stage1
 
   t0 = time.time()
-  items = load_items(s1, data_dir, eval_items)
+  items = toy_eval.load_items(s1, data_dir, eval_items)
   rows = {}
   report_dir = os.path.join(workdir, f"eval_{tag}") if tag else workdir
   os.makedirs(report_dir, exist_ok=True)
-  evaluate = lambda label, run, **kw: evaluate_row(  # noqa: E731
+  evaluate = lambda label, run, **kw: toy_eval.evaluate_row(  # noqa: E731
       exports[run],
       items,
       os.path.join(report_dir, "eval", label),
@@ -184,7 +176,7 @@ def define_flags():
       "Evaluate (b) at the control scores (1,5,5), (5,1,5), (5,5,1), (1,1,1); --nocontrol "
       "evaluates the main rows only (a second seed's check of the claim).",
   )
-  define_eval_flags()
+  toy_eval.define_eval_flags()
 
 
 def main(argv):
@@ -202,7 +194,7 @@ def main(argv):
       ablations=f.ablations,
       control=f.control,
       overrides=parse_overrides(f.set),
-      settings=settings_from_flags(),
+      settings=toy_eval.settings_from_flags(),
   )
   print(result["markdown"])
   print(

@@ -21,16 +21,8 @@ from absl import app, flags
 
 from mre import train
 from mre.data.train_input import default_data_dir
-from mre.experiments import stats
+from mre.experiments import stats, toy_eval
 from mre.experiments.recipes import parse_overrides, stage1_config
-from mre.experiments.toy_eval import (
-    define_eval_flags,
-    eval_settings,
-    evaluate_row,
-    load_items,
-    settings_from_flags,
-    settings_tag,
-)
 
 
 def failures(records, top: int = 3) -> dict:
@@ -55,8 +47,8 @@ def run_trial(
     settings=None,
 ) -> dict:
   data_dir = data_dir or default_data_dir()
-  settings = settings or eval_settings()
-  tag = settings_tag(settings)
+  settings = settings or toy_eval.eval_settings()
+  tag = toy_eval.settings_tag(settings)
   config = stage1_config(
       workdir,
       steps=steps,
@@ -67,8 +59,8 @@ def run_trial(
   summary = train.train(config)
   if summary.get("stopped"):
     raise SystemExit(f"training stopped ({summary['stopped']}); rerun the command to resume")
-  items = load_items(config, data_dir, eval_items)
-  row = evaluate_row(
+  items = toy_eval.load_items(config, data_dir, eval_items)
+  row = toy_eval.evaluate_row(
       os.path.join(workdir, "export"),
       items,
       os.path.join(workdir, f"eval_{tag}" if tag else "eval"),
@@ -112,7 +104,7 @@ def define_flags():
   flags.DEFINE_integer("eval_items", 140, "Test edits judged (the split lists 5 per scene).")
   flags.DEFINE_string("data_dir", "", "TFDS data_dir ('' = ~/tensorflow_datasets).")
   flags.DEFINE_multi_string("set", [], "Config override KEY=VALUE (repeatable).")
-  define_eval_flags()
+  toy_eval.define_eval_flags()
   flags.mark_flag_as_required("workdir")
 
 
@@ -129,7 +121,7 @@ def main(argv):
       eval_items=f.eval_items,
       data_dir=f.data_dir,
       overrides=parse_overrides(f.set),
-      settings=settings_from_flags(),
+      settings=toy_eval.settings_from_flags(),
   )
   print(format_trial(result))
 
