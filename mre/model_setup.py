@@ -131,6 +131,7 @@ def scratch_unet_config(config, channels: int, context_dim: int) -> dict:
       "attention_head_dim": s.heads,
       "norm_num_groups": s.norm_groups,
       "only_cross_attention": s.only_cross_attention,
+      "resnet_time_scale_shift": s.get("time_scale_shift", "default"),
       # ours (mre/diffusion/source_skip.py): the denoiser relative to the source image
       **({"mre_source_skip": True} if s.source_skip else {}),
       # diffusers' TextTimeEmbedding: the pooled instruction joins the time embedding

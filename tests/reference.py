@@ -53,6 +53,23 @@ UNET_CONFIGS = {
         addition_embed_type="text",
         addition_embed_type_num_heads=4,
     ),
+    # The time embedding as FiLM (a scale and a shift per channel after the second GroupNorm of
+    # every ResNet block, the mid block's too), with the pooled text in it as in the toy editors.
+    "scale_shift": dict(
+        sample_size=16,
+        in_channels=8,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=24,
+        attention_head_dim=2,
+        norm_num_groups=1,
+        resnet_time_scale_shift="scale_shift",
+        addition_embed_type="text",
+        addition_embed_type_num_heads=4,
+    ),
 }
 VAE_CONFIG = dict(
     in_channels=3,

@@ -78,6 +78,7 @@ class UNetConfig:
   mid_block_scale_factor: float = 1.0
   has_mid_block: bool = True
   center_input_sample: bool = False
+  resnet_time_scale_shift: str = "default"  # "scale_shift": FiLM of the time embedding
   # Ours, not diffusers': the denoiser is parameterised relative to the source image
   # (mre/diffusion/source_skip.py); diffusers cannot run such a U-Net the same way.
   source_skip: bool = False
@@ -112,7 +113,7 @@ class UNetConfig:
         cfg, "mid_block_type", ("UNetMidBlock2DCrossAttn", None), where, "UNetMidBlock2DCrossAttn"
     )
     refuse(cfg, "act_fn", ("silu",), where, "silu")
-    refuse(cfg, "resnet_time_scale_shift", ("default",), where, "default")
+    refuse(cfg, "resnet_time_scale_shift", ("default", "scale_shift"), where, "default")
     refuse(cfg, "time_embedding_type", ("positional",), where, "positional")
     refuse(cfg, "class_embed_type", (None,), where)
     refuse(cfg, "encoder_hid_dim", (None,), where)
@@ -153,6 +154,7 @@ class UNetConfig:
         mid_block_scale_factor=cfg.get("mid_block_scale_factor", 1.0),
         has_mid_block=mid is not None,
         center_input_sample=cfg.get("center_input_sample", False),
+        resnet_time_scale_shift=cfg.get("resnet_time_scale_shift") or "default",
         source_skip=bool(cfg.get("mre_source_skip", False)),
         raw=dict(cfg),
     )

@@ -210,16 +210,39 @@ class Attention(nnx.Module):
     return x + out.reshape(b, h, w, c).astype(x.dtype)
 
 
+TIME_NORMS = ("default", "scale_shift")
+
+
 class ResnetBlock2D(nnx.Module):
-  """GroupNorm-SiLU-conv twice, time embedding added in between, 1x1 shortcut when widths differ."""
+  """GroupNorm-SiLU-conv twice, time embedding in between, 1x1 shortcut when widths differ.
+
+  `time_norm` is diffusers' `resnet_time_scale_shift`: "default" adds the projected time embedding
+  after the first conv; "scale_shift" projects it to a per-channel scale and shift applied after the
+  second GroupNorm (FiLM), so the conditioning can gate features, not only offset them.
+  """
 
   def __init__(
-      self, cin, cout, temb_dim, groups, eps, output_scale_factor=1.0, *, dtype, param_dtype, rngs
+      self,
+      cin,
+      cout,
+      temb_dim,
+      groups,
+      eps,
+      output_scale_factor=1.0,
+      time_norm="default",
+      *,
+      dtype,
+      param_dtype,
+      rngs,
   ):
+    if time_norm not in TIME_NORMS:
+      raise ValueError(f"unknown time embedding norm {time_norm!r}; expected one of {TIME_NORMS}")
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm1 = group_norm(cin, groups, eps, **kw)
     self.conv1 = conv(cin, cout, **kw)
-    self.time_emb_proj = linear(temb_dim, cout, **kw) if temb_dim else None
+    self.time_norm = time_norm
+    width = 2 * cout if time_norm == "scale_shift" else cout
+    self.time_emb_proj = linear(temb_dim, width, **kw) if temb_dim else None
     self.norm2 = group_norm(cout, groups, eps, **kw)
     self.conv2 = conv(cout, cout, **kw)
     self.conv_shortcut = conv(cin, cout, 1, padding=0, **kw) if cin != cout else None
@@ -227,9 +250,17 @@ class ResnetBlock2D(nnx.Module):
 
   def __call__(self, x, temb=None):
     h = self.conv1(nnx.silu(self.norm1(x)))
+    t = None
     if self.time_emb_proj is not None and temb is not None:
-      h = h + self.time_emb_proj(nnx.silu(temb))[:, None, None, :].astype(h.dtype)
-    h = self.conv2(nnx.silu(self.norm2(h)))
+      t = self.time_emb_proj(nnx.silu(temb))[:, None, None, :].astype(h.dtype)
+    if self.time_norm == "scale_shift":
+      if t is None:
+        raise ValueError("a scale_shift ResNet block needs the time embedding")
+      scale, shift = jnp.split(t, 2, axis=-1)
+      h = self.norm2(h) * (1 + scale) + shift
+    else:
+      h = self.norm2(h if t is None else h + t)
+    h = self.conv2(nnx.silu(h))
     if self.conv_shortcut is not None:
       x = self.conv_shortcut(x)
     out = x.astype(h.dtype) + h

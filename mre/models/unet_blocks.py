@@ -144,7 +144,13 @@ class DownBlock(nnx.Module):
     self.resnets = nnx.List(
         [
             ResnetBlock2D(
-                cin if i == 0 else cout, cout, temb_dim, cfg.norm_num_groups, cfg.norm_eps, **kw
+                cin if i == 0 else cout,
+                cout,
+                temb_dim,
+                cfg.norm_num_groups,
+                cfg.norm_eps,
+                time_norm=cfg.resnet_time_scale_shift,
+                **kw,
             )
             for i in range(num_layers)
         ]
@@ -199,6 +205,7 @@ class MidBlock(nnx.Module):
         cfg.norm_num_groups,
         cfg.norm_eps,
         cfg.mid_block_scale_factor,
+        time_norm=cfg.resnet_time_scale_shift,
         **kw,
     )
     self.resnets = nnx.List([res(), res()])
@@ -252,7 +259,15 @@ class UpBlock(nnx.Module):
       skip = cin if i == num_layers - 1 else cout
       first = prev_cout if i == 0 else cout
       resnets.append(
-          ResnetBlock2D(first + skip, cout, temb_dim, cfg.norm_num_groups, cfg.norm_eps, **kw)
+          ResnetBlock2D(
+              first + skip,
+              cout,
+              temb_dim,
+              cfg.norm_num_groups,
+              cfg.norm_eps,
+              time_norm=cfg.resnet_time_scale_shift,
+              **kw,
+          )
       )
     self.resnets = nnx.List(resnets)
     self.attentions = (
