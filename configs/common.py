@@ -56,6 +56,7 @@ def base_config():
           attention_from_level=1,  # no self-attention over all pixels at full resolution
           only_cross_attention=False,  # attn1 attends to the text too (no attention over pixels)
           text_time_embedding=False,  # the pooled instruction joins the time embedding
+          time_scale_shift="default",  # "scale_shift": time embedding as FiLM (scale and shift)
           source_skip=False,  # denoiser relative to the source image (pixel space only)
           text_hidden=64,
           text_layers=2,
@@ -114,6 +115,9 @@ def base_config():
   c.train.edit_weight = 0.0  # > 0: loss weight 1 + edit_weight where the target differs from the
   c.train.edit_threshold = 0.25  # source by more than this (mre/train_step.py: edit_region_weight)
   c.train.edit_smoothing = 1  # odd window the difference is averaged over first (1: per position)
+  c.train.edit_dilation = 0  # positions the region is widened by on every side (its surroundings)
+  c.train.edit_balance = 0.0  # > 0: per-sample weight (share of the image the edit changes) ** -p
+  c.train.edit_balance_floor = 0.02  # the smallest share that weight counts (mre/train_step.py)
   c.train.log_every = 10
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 3

@@ -124,7 +124,9 @@ class StepContext:
     )
 
 
-def edit_region_weight(target, source, strength: float, threshold: float, smoothing: int = 1):
+def edit_region_weight(
+    target, source, strength: float, threshold: float, smoothing: int = 1, dilation: int = 0
+):
   """Per-position loss weight 1 + strength where the target differs from the source.
 
   A small object's edit is a few percent of an image's squared error, so the plain loss is lowered
@@ -134,7 +136,9 @@ def edit_region_weight(target, source, strength: float, threshold: float, smooth
   `smoothing` x `smoothing` window (1: per position), exceeds `threshold` (model space: pixels in
   [-1, 1] or scaled latents). The average keeps flat changes (a recoloured object) and drops pixel
   noise and blur (signed differences that cancel), so that flawed targets' noise is not what the
-  weight teaches. Shape [B, H, W, 1].
+  weight teaches. `dilation` > 0 widens the region by that many positions on every side (a max
+  over a (2 d + 1)-square window): the edit's surroundings, where a soft halo around an edited
+  object would otherwise cost little, weigh as much as the edit. Shape [B, H, W, 1].
   """
   diff = target - source
   if smoothing > 1:
@@ -146,8 +150,28 @@ def edit_region_weight(target, source, strength: float, threshold: float, smooth
         jnp.ones(diff.shape[:3] + (1,), diff.dtype), 0.0, jax.lax.add, window, (1, 1, 1, 1), pad
     )
     diff = total / count  # the mean over the window's positions inside the image
-  changed = jnp.max(jnp.abs(diff), axis=-1, keepdims=True) > threshold
-  return 1.0 + strength * changed.astype(jnp.float32)
+  changed = (jnp.max(jnp.abs(diff), axis=-1, keepdims=True) > threshold).astype(jnp.float32)
+  if dilation > 0:
+    window = (1, 2 * dilation + 1, 2 * dilation + 1, 1)
+    changed = jax.lax.reduce_window(changed, 0.0, jax.lax.max, window, (1, 1, 1, 1), "SAME")
+  return 1.0 + strength * changed
+
+
+def edit_size_balance(target, source, power: float, threshold: float, smoothing: int, floor: float):
+  """Per-sample loss weights that even out edits of different sizes, with batch mean 1.
+
+  A background or global edit changes most of the image and a recoloured object a few percent, so
+  in the batch-mean loss (and in Adam's gradient scale) the large edits dominate and object edits
+  are learned last. Each sample's MSE is weighted by max(f, floor) ** -power, f being the share of
+  positions its edit changes (the region of `edit_region_weight`): power 1 gives every triplet the
+  same total weight on its changed region. Unlike the per-position weight this keeps the balance
+  inside an image (the untouched objects of a background edit weigh what they did). `floor` caps
+  the weight of tiny and empty edits. Shape [B].
+  """
+  region = edit_region_weight(target, source, 1.0, threshold, smoothing) - 1.0
+  share = jnp.mean(region, axis=tuple(range(1, region.ndim)))
+  weight = jnp.maximum(share, floor) ** -power
+  return weight / jnp.mean(weight)
 
 
 def micro_loss(ctx: StepContext, params, batch, key):
@@ -218,11 +242,21 @@ def micro_loss(ctx: StepContext, params, batch, key):
         edit_weight,
         cfg.edit_threshold,
         cfg.get("edit_smoothing", 1),
+        cfg.get("edit_dilation", 0),
     )
     # weight is [B, H, W, 1]: its mean over the axes equals that of its broadcast over channels
     per_sample = jnp.mean(weight * squared, axis=axes) / jnp.mean(weight, axis=axes)
   else:
     per_sample = jnp.mean(squared, axis=axes)
+  if cfg.get("edit_balance", 0.0) > 0:
+    per_sample = per_sample * edit_size_balance(
+        target_latents,
+        source_latents,
+        cfg.edit_balance,
+        cfg.edit_threshold,
+        cfg.get("edit_smoothing", 1),
+        cfg.get("edit_balance_floor", 0.02),
+    )
   if cfg.snr_gamma > 0:
     per_sample = per_sample * min_snr_weight(ctx.schedule, t, cfg.snr_gamma)
   return jnp.mean(per_sample)

@@ -28,6 +28,7 @@ from mre.train_step import (
     StepContext,
     TrainState,
     edit_region_weight,
+    edit_size_balance,
     make_train_step,
     micro_loss,
 )
@@ -360,6 +361,19 @@ def test_smoothed_edit_region_keeps_flat_changes_and_drops_pixel_noise():
     edit_region_weight(block, source, 1.0, 0.25, smoothing=2)
 
 
+def test_dilated_edit_region_covers_the_edits_surroundings():
+  """Dilation d marks every position within d (chessboard distance) of a changed one, clipped at the
+  image border; d = 0 is the region itself."""
+  source = jnp.zeros((1, 9, 9, 3))
+  target = source.at[0, 4, 4, 2].set(1.0).at[0, 0, 8, 0].set(-1.0)  # centre and a corner
+  for d in (0, 1, 2):
+    region = np.asarray(edit_region_weight(target, source, 1.0, 0.25, dilation=d))[0, ..., 0] > 1
+    want = np.zeros((9, 9), bool)
+    want[4 - d : 5 + d, 4 - d : 5 + d] = True
+    want[: d + 1, 8 - d :] = True
+    np.testing.assert_array_equal(region, want)
+
+
 def test_edit_weight_weights_the_squared_error_inside_the_edited_region(released):
   """Per sample the weighted loss is (S + w R) / (E + w M): S the summed squared error, R its part
   inside the changed region, E the elements and M those inside. R solved from two strengths agrees,
@@ -386,3 +400,46 @@ def test_edit_weight_weights_the_squared_error_inside_the_edited_region(released
   np.testing.assert_allclose(solved[0], solved[1], rtol=1e-4)
   assert 0.0 < solved[0] < total
   assert abs(solved[0] / inside - total / elements) > 1e-3 * total / elements
+
+
+def test_edit_size_balance_evens_out_edit_sizes_with_batch_mean_one():
+  """Weights (share changed, at least the floor) ** -power over their batch mean: an object edit
+  of 4 of 64 positions weighs 16x a full-image edit at power 1, 4x at power 0.5; an empty edit
+  counts as the floor's share, and so does an edit smaller than it."""
+  source = jnp.zeros((3, 8, 8, 3))
+  target = source.at[0, 2:4, 2:4, 0].set(1.0).at[1].set(-0.6)  # object, whole image, nothing
+  shares = np.array([4 / 64, 1.0, 0.05])  # the empty edit at floor 0.05
+  for power in (1.0, 0.5):
+    got = np.asarray(edit_size_balance(target, source, power, 0.25, 1, 0.05))
+    want = shares**-power / np.mean(shares**-power)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert got.mean() == pytest.approx(1.0)
+  assert got[0] / got[1] == pytest.approx(4.0)
+  capped = np.asarray(edit_size_balance(target, source, 1.0, 0.25, 1, 0.1))
+  assert capped[0] == pytest.approx(capped[2])
+
+
+def test_edit_balance_weights_each_samples_loss_by_its_edit_size(released):
+  """The step's loss with `train.edit_balance` is the mean of the per-sample losses (each computed
+  alone) weighted by `edit_size_balance`: a 2 x 2 object edit against a whole-image one."""
+  batch = _batch(released, 2)
+  original = batch["original"]
+  batch["edited"] = original.at[0, 2:4, 2:4].add(0.5).at[1].add(-0.5)
+  key = jax.random.key(5)
+
+  def loss(b, balance):
+    cfg = _config(
+        **{
+            "model.reward.form": "released",
+            "train.cond_dropout": 0.0,
+            "train.edit_balance": balance,
+            "train.edit_balance_floor": 0.01,
+        }
+    )
+    ctx, params = _context(cfg, released)
+    return float(micro_loss(ctx, params, b, key))
+
+  alone = [loss(jax.tree.map(lambda x: x[i : i + 1], batch), 0.0) for i in (0, 1)]
+  weights = np.array([64 / 4, 1.0]) / np.mean([64 / 4, 1.0])
+  assert loss(batch, 0.0) == pytest.approx(np.mean(alone), rel=1e-5)
+  assert loss(batch, 1.0) == pytest.approx(np.mean(weights * np.array(alone)), rel=1e-5)
