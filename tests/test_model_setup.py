@@ -39,7 +39,7 @@ def _config(**scheduler):
 def test_the_full_recipes_set_no_schedule_field():
   assert model_setup.scheduler_settings(ip2p.get_config()) == {}
   toy = ip2p.get_config("toy")
-  assert model_setup.scheduler_settings(toy)["prediction_type"] == "v_prediction"
+  assert model_setup.scheduler_settings(toy)["prediction_type"] == "sample"
 
 
 def test_an_unset_config_keeps_the_folders_schedule(warnings):
@@ -78,7 +78,7 @@ def test_what_cannot_apply_is_refused_by_name(warnings):
 def test_from_scratch_unset_fields_take_sd_values():
   assert model_setup.scheduler_config(_config()) == model_setup.SCRATCH_SCHEDULER
   toy = model_setup.scheduler_config(ip2p.get_config("toy"))
-  assert (toy["beta_schedule"], toy["prediction_type"]) == ("squaredcos_cap_v2", "v_prediction")
+  assert (toy["beta_schedule"], toy["prediction_type"]) == ("squaredcos_cap_v2", "sample")
 
 
 def test_the_command_line_sets_a_field_and_a_wrong_value_fails_at_once(tmp_path):
@@ -123,7 +123,7 @@ def test_a_scratch_start_is_built_once_with_its_makers(tmp_path):
   unet = models.makers["unet"]()  # what the trainer calls under jit, sharded
   shapes = {k: v.shape for k, v in _flat(models.pipe.unet)}
   assert shapes == {k: v.shape for k, v in _flat(unet)}
-  assert models.pipe.scheduler_config["prediction_type"] == "v_prediction"
+  assert models.pipe.scheduler_config["prediction_type"] == "sample"
 
 
 def _flat(module):

@@ -57,7 +57,11 @@ def _pixel_edit(nets: EditNetworks, preset: Preset, images, instructions):
 
   s = nets.side
   torch = s.torch
-  scheduler = EulerAncestralDiscreteScheduler.from_config(preset.scheduler)
+  # diffusers' Euler ancestral takes epsilon or v; an x0 ("sample") editor's guided output is
+  # turned into the epsilon that gives the same x0 (sample = x0 + sigma * eps in its units).
+  x0_pred = preset.scheduler.get("prediction_type") == "sample"
+  config = {**preset.scheduler, "prediction_type": "epsilon"} if x0_pred else preset.scheduler
+  scheduler = EulerAncestralDiscreteScheduler.from_config(config)
   tok = preset.tokenizer
   ids = tok(instructions + [""], padding="max_length", max_length=preset.tokens, truncation=True)
   with torch.inference_mode():
@@ -72,10 +76,12 @@ def _pixel_edit(nets: EditNetworks, preset: Preset, images, instructions):
     gen = torch.Generator(s.dev).manual_seed(0)
     latents = torch.randn(image[:b].shape, generator=gen, device=s.dev, dtype=nets.dtype)
     latents = latents * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
+    for i, t in enumerate(scheduler.timesteps):
       x = scheduler.scale_model_input(torch.cat([latents] * 3), t)
       full, img, none = nets.unet(torch.cat([x, image], 1), t, context).sample.chunk(3)
       eps = none + 7.5 * (full - img) + 1.5 * (img - none)
+      if x0_pred:
+        eps = (latents - eps) / scheduler.sigmas[i]
       latents = scheduler.step(eps, t, latents, generator=gen).prev_sample
     out = latents.float().cpu().numpy()
   return out

@@ -216,7 +216,8 @@ def trainer(preset: Preset, inputs: Inputs, dev: str) -> Runner | str:
   ids = s.tensor(batch["instruction_ids"].astype(np.int64))
   empty_ids = s.tensor(inputs.empty_ids.astype(np.int64))
   b, p = preset.batch, t.cond_dropout
-  v_pred = scheduler.config.prediction_type == "v_prediction"
+  prediction = scheduler.config.prediction_type
+  edit_weight = t.get("edit_weight", 0.0)
 
   def call():
     opt.zero_grad(set_to_none=True)
@@ -227,6 +228,7 @@ def trainer(preset: Preset, inputs: Inputs, dev: str) -> Runner | str:
           image_latents = vae.encode(original).latent_dist.mode()
         else:
           target_latents, image_latents = edited, original
+        source_latents = image_latents  # before dropout: the edit region is read from it
       with contextlib.nullcontext() if preset.train_text_encoder else torch.no_grad():
         context = text(ids)[0]
         empty = text(empty_ids)[0]
@@ -238,9 +240,19 @@ def trainer(preset: Preset, inputs: Inputs, dev: str) -> Runner | str:
       context = torch.where((r < 2 * p)[:, None, None], empty.expand_as(context), context)
       keep_image = 1 - ((r >= p) & (r < 3 * p)).to(image_latents.dtype)
       image_latents = image_latents * keep_image[:, None, None, None]
-      target = scheduler.get_velocity(target_latents, noise, steps) if v_pred else noise
+      if prediction == "v_prediction":
+        target = scheduler.get_velocity(target_latents, noise, steps)
+      else:
+        target = target_latents if prediction == "sample" else noise
       out = unet(torch.cat([noisy, image_latents], 1), steps, context).sample
-    loss = torch.nn.functional.mse_loss(out.float(), target.float())
+    squared = (out.float() - target.float()) ** 2
+    if edit_weight > 0:  # the edit-region weight of mre/train_step.py (no smoothing or dilation)
+      diff = (target_latents - source_latents).float()
+      changed = (diff.abs().amax(1, keepdim=True) > t.edit_threshold).float()
+      weight = 1.0 + edit_weight * changed
+      loss = ((weight * squared).mean((1, 2, 3)) / weight.mean((1, 2, 3))).mean()
+    else:
+      loss = squared.mean()
     loss.backward()
     if t.clip > 0:
       torch.nn.utils.clip_grad_norm_(params, t.clip)
