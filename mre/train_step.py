@@ -124,21 +124,14 @@ class StepContext:
     )
 
 
-def edit_region_weight(
-    target, source, strength: float, threshold: float, smoothing: int = 1, dilation: int = 0
-):
-  """Per-position loss weight 1 + strength where the target differs from the source.
+def edit_region(target, source, threshold: float, smoothing: int = 1):
+  """1 where the target differs from the source, else 0, shape [B, H, W, 1].
 
-  A small object's edit is a few percent of an image's squared error, so the plain loss is lowered
-  most by copying the source and changing the large regions (backgrounds, global tones); weighting
-  the positions the edit changes lets object-level edits be learned in a short run (README, "What
-  the toy editor needed"). The region is where any channel of the difference, averaged over a
-  `smoothing` x `smoothing` window (1: per position), exceeds `threshold` (model space: pixels in
-  [-1, 1] or scaled latents). The average keeps flat changes (a recoloured object) and drops pixel
-  noise and blur (signed differences that cancel), so that flawed targets' noise is not what the
-  weight teaches. `dilation` > 0 widens the region by that many positions on every side (a max
-  over a (2 d + 1)-square window): the edit's surroundings, where a soft halo around an edited
-  object would otherwise cost little, weigh as much as the edit. Shape [B, H, W, 1].
+  The region is where any channel of the difference, averaged over a `smoothing` x `smoothing`
+  window (1: per position), exceeds `threshold` (model space: pixels in [-1, 1] or scaled
+  latents). The average keeps flat changes (a recoloured object) and drops pixel noise and blur
+  (signed differences that cancel), so that flawed targets' noise is not what a weight on the
+  region teaches.
   """
   diff = target - source
   if smoothing > 1:
@@ -150,7 +143,22 @@ def edit_region_weight(
         jnp.ones(diff.shape[:3] + (1,), diff.dtype), 0.0, jax.lax.add, window, (1, 1, 1, 1), pad
     )
     diff = total / count  # the mean over the window's positions inside the image
-  changed = (jnp.max(jnp.abs(diff), axis=-1, keepdims=True) > threshold).astype(jnp.float32)
+  return (jnp.max(jnp.abs(diff), axis=-1, keepdims=True) > threshold).astype(jnp.float32)
+
+
+def edit_region_weight(
+    target, source, strength: float, threshold: float, smoothing: int = 1, dilation: int = 0
+):
+  """Per-position loss weight 1 + strength inside `edit_region`, shape [B, H, W, 1].
+
+  A small object's edit is a few percent of an image's squared error, so the plain loss is lowered
+  most by copying the source and changing the large regions (backgrounds, global tones); weighting
+  the positions the edit changes lets object-level edits be learned in a short run (README, "What
+  the toy editor needed"). `dilation` > 0 widens the region by that many positions on every side
+  (a max over a (2 d + 1)-square window): the edit's surroundings, where a soft halo around an
+  edited object would otherwise cost little, weigh as much as the edit.
+  """
+  changed = edit_region(target, source, threshold, smoothing)
   if dilation > 0:
     window = (1, 2 * dilation + 1, 2 * dilation + 1, 1)
     changed = jax.lax.reduce_window(changed, 0.0, jax.lax.max, window, (1, 1, 1, 1), "SAME")
@@ -163,14 +171,13 @@ def edit_size_balance(target, source, power: float, threshold: float, smoothing:
   A background or global edit changes most of the image and a recoloured object a few percent, so
   in the batch-mean loss (and in Adam's gradient scale) the large edits dominate and object edits
   are learned last. Each sample's MSE is weighted by max(f, floor) ** -power, f being the share of
-  positions its edit changes (the region of `edit_region_weight`): power 1 gives every triplet the
-  same total weight on its changed region. Unlike the per-position weight this keeps the balance
-  inside an image (the untouched objects of a background edit weigh what they did). `floor` caps
-  the weight of tiny and empty edits. Shape [B]. Measured in the toy world (README, "What the toy
-  editor needed"): at power 1 it stopped the large edits and taught no object edit; off in the
-  recipes.
+  positions its edit changes (`edit_region`): power 1 gives every triplet the same total weight on
+  its changed region. Unlike the per-position weight this keeps the balance inside an image (the
+  untouched objects of a background edit weigh what they did). `floor` caps the weight of tiny and
+  empty edits. Shape [B]. Measured in the toy world (README, "What the toy editor needed"): at
+  power 1 it stopped the large edits and taught no object edit; off in the recipes.
   """
-  region = edit_region_weight(target, source, 1.0, threshold, smoothing) - 1.0
+  region = edit_region(target, source, threshold, smoothing)
   share = jnp.mean(region, axis=tuple(range(1, region.ndim)))
   weight = jnp.maximum(share, floor) ** -power
   return weight / jnp.mean(weight)

@@ -13,6 +13,8 @@ from data_prep.toy_edit import toy_edit_dataset_builder as builder_module
 
 
 def test_builds_and_reads_without_tensorflow(tmp_path):
+  # requirements*.txt do not install TensorFlow, so a fresh clone (CI) runs this; only a machine
+  # where someone added TensorFlow cannot show that the build does without it.
   if importlib.util.find_spec("tensorflow") is not None:
     pytest.skip("TensorFlow is installed here; the point is a machine without it")
   toy_edit.ensure_built(str(tmp_path), "tiny")
