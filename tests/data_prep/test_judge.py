@@ -177,3 +177,40 @@ def test_a_ring_shaped_blob_is_judged_not_a_crash():
         assert 0.0 <= verdict.following.score <= 5.0
         return
   raise AssertionError("no free 16x16 place in this scene: pick another seed")
+
+
+def test_threads_judging_at_once_finish_and_agree_with_one_thread():
+  """The judge server answers on many threads at once. functools.cached_property (one lock per
+  property shared by all views on Python 3.11) deadlocked them; each view now caches lock-free."""
+  import threading  # pylint: disable=import-outside-toplevel
+  import functools  # pylint: disable=import-outside-toplevel
+
+  from data_prep.toy.judge import view  # pylint: disable=import-outside-toplevel
+
+  assert not [
+      name
+      for name, value in vars(view.EditView).items()
+      if isinstance(value, functools.cached_property)
+  ]
+  asks = []
+  for i in range(48):
+    rng = np.random.default_rng([5, i])
+    scene = scenes.random_scene(rng, size=24, max_objects=2)  # room for an added shape
+    sample = instructions.sample_edit(rng, scene, category=("add", "local", "remove")[i % 3])
+    target = flaws.make_flawed_target(rng, scene, sample, flaws.FlawMix(0.5, 0.5, 0.5))
+    for perspective in PERSPECTIVES[::-1] if i % 2 else PERSPECTIVES:
+      asks.append((perspective, sample.instruction, scenes.render(scene), target.image))
+  serial = [judge.judge_perspective(*ask) for ask in asks]
+  results = [None] * len(asks)
+
+  def work(start):  # daemon threads: a deadlocked one must not keep the test process alive
+    for k in range(start, len(asks), 8):
+      results[k] = judge.judge_perspective(*asks[k])
+
+  threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(8)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join(timeout=120)
+  assert not any(t.is_alive() for t in threads), "judging threads still running after 120 s"
+  assert results == serial

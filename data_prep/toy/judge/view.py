@@ -5,7 +5,6 @@ objects found again, new shapes on the background)."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Optional
 
 import numpy as np
@@ -25,6 +24,32 @@ from data_prep.toy.judge.measure import (
     nearest,
     to_rgb_array,
 )
+
+
+class cached_per_view:  # pylint: disable=invalid-name
+  """A property computed once per view and kept in the view's __dict__, without a lock.
+
+  Not functools.cached_property: on Python 3.11 it holds one RLock per property *for every
+  instance*, so the judge server's threads, each on its own view, deadlocked when one held
+  `added` waiting for `new_shapes` while another held them the other way round (the CI hang of
+  tests/data_prep/test_annotation.py). A view is used by one thread, so no lock is needed.
+  """
+
+  def __init__(self, compute):
+    self.compute = compute
+    self.name = compute.__name__
+    self.__doc__ = compute.__doc__
+
+  def __set_name__(self, owner, name):
+    self.name = name
+
+  def __get__(self, view, owner=None):
+    if view is None:
+      return self
+    value = self.compute(view)
+    view.__dict__[self.name] = value  # read from there from now on (a non-data descriptor)
+    return value
+
 
 CHANGED = 40.0  # RGB distance from which a pixel counts as changed by the instruction
 
@@ -66,7 +91,7 @@ class EditView:
 
   # --- where the instruction acts --------------------------------------------------------
 
-  @functools.cached_property
+  @cached_per_view
   def region(self) -> np.ndarray:
     """Pixels the instruction changes (for an add: the added shape found in the edited image)."""
     if self.edit.category == "add":
@@ -75,13 +100,13 @@ class EditView:
     change = np.linalg.norm(self.ideal - self.original.astype(np.float32), axis=-1)
     return change >= CHANGED
 
-  @functools.cached_property
+  @cached_per_view
   def target(self) -> Optional[scenes.SceneObject]:
     if self.edit.category in ("local", "remove"):
       return self.scene.find(self.edit.colour, self.edit.shape)
     return None
 
-  @functools.cached_property
+  @cached_per_view
   def tone_seen(self) -> str:
     """For a global edit: the tone most pixels of the region show."""
     tones = self.pixel_tones(erode(self.region))
@@ -102,7 +127,7 @@ class EditView:
     distances = np.where(to_own.min(1, keepdims=True) < 60.0, to_own, to_any)
     return np.array(scenes.TONES)[distances.argmin(1)]
 
-  @functools.cached_property
+  @cached_per_view
   def acceptable_tones(self) -> tuple[str, ...]:
     """Tones untouched things may show: any for a global edit, so partial or wrong tones stay
     a following matter; otherwise none."""
@@ -112,7 +137,7 @@ class EditView:
         dict.fromkeys(t for t in ("none", self.edit.tone, self.tone_seen) if t in scenes.TONES)
     )
 
-  @functools.cached_property
+  @cached_per_view
   def misdirected(self) -> list[ObjectSeen]:
     """Untouched objects that received the instructed change instead of the target."""
     edit = self.edit
@@ -126,7 +151,7 @@ class EditView:
 
   # --- add: the background as seen, and new shapes on it ------------------------------------
 
-  @functools.cached_property
+  @cached_per_view
   def background_seen(self) -> list[np.ndarray]:
     """The colour each background part shows in the edited image, away from all objects.
 
@@ -145,7 +170,7 @@ class EditView:
       colours.append(np.median(pixels[own] if own.sum() >= 4 else pixels, axis=0))
     return colours
 
-  @functools.cached_property
+  @cached_per_view
   def new_shapes(self) -> list[dict]:
     """Shapes of an object colour standing on the original background, away from its objects."""
     object_names = list(scenes.OBJECT_COLOURS)
@@ -207,7 +232,7 @@ class EditView:
       )
     return shapes
 
-  @functools.cached_property
+  @cached_per_view
   def added(self) -> Optional[dict]:
     """The new shape taken as the added object: the requested colour first, then the largest."""
     if not self.new_shapes:
@@ -216,7 +241,7 @@ class EditView:
 
   # --- the untouched objects, found again ------------------------------------------------------
 
-  @functools.cached_property
+  @cached_per_view
   def objects_seen(self) -> list[ObjectSeen]:
     untouched = [o for o in self.scene.objects if o is not self.target]
     return [self._find_object(o) for o in untouched]
