@@ -58,6 +58,9 @@ def base_config():
           text_time_embedding=False,  # the pooled instruction joins the time embedding
           time_scale_shift="default",  # "scale_shift": time embedding as FiLM (scale and shift)
           source_skip=False,  # denoiser relative to the source image (pixel space only)
+          # > 0 (x0 prediction): the noisy edit residual also skips to the output, weighted by
+          # its signal-to-noise ratio (mre/diffusion/source_skip.py)
+          source_skip_sigma_data=0.0,
           text_hidden=64,
           text_layers=2,
           text_heads=4,
@@ -112,6 +115,8 @@ def base_config():
   c.train.cond_dropout = 0.05  # InstructPix2Pix conditioning dropout p
   c.train.ema_decay = 0.9999
   c.train.snr_gamma = 0.0  # > 0: min-SNR loss weighting
+  # > 0 with model.scratch.source_skip_sigma_data: EDM loss weights 1 + sigma_data^2 SNR, capped
+  c.train.edm_weight_cap = 0.0
   c.train.edit_weight = 0.0  # > 0: loss weight 1 + edit_weight where the target differs from the
   c.train.edit_threshold = 0.25  # source by more than this (mre/train_step.py: edit_region_weight)
   c.train.edit_smoothing = 1  # odd window the difference is averaged over first (1: per position)

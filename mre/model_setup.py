@@ -134,6 +134,11 @@ def scratch_unet_config(config, channels: int, context_dim: int) -> dict:
       "resnet_time_scale_shift": s.get("time_scale_shift", "default"),
       # ours (mre/diffusion/source_skip.py): the denoiser relative to the source image
       **({"mre_source_skip": True} if s.source_skip else {}),
+      **(
+          {"mre_source_skip_sigma_data": float(s.source_skip_sigma_data)}
+          if s.source_skip and s.get("source_skip_sigma_data", 0.0)
+          else {}
+      ),
       # diffusers' TextTimeEmbedding: the pooled instruction joins the time embedding
       **(
           {"addition_embed_type": "text", "addition_embed_type_num_heads": s.text_heads}

@@ -20,7 +20,13 @@ import optax
 from flax import nnx
 
 from mre.diffusion.condition_dropout import conditioning_dropout, drop_rewards
-from mre.diffusion.schedule import NoiseSchedule, add_noise, min_snr_weight, training_target
+from mre.diffusion.schedule import (
+    NoiseSchedule,
+    add_noise,
+    edm_weight,
+    min_snr_weight,
+    training_target,
+)
 from mre.diffusion.source_skip import denoiser
 from mre.models.reward_config import RewardConfig, RewardInputs
 from mre.models.vae import DiagonalGaussian
@@ -268,6 +274,9 @@ def micro_loss(ctx: StepContext, params, batch, key):
     )
   if cfg.snr_gamma > 0:
     per_sample = per_sample * min_snr_weight(ctx.schedule, t, cfg.snr_gamma)
+  sigma_data = getattr(getattr(unet, "config", None), "source_skip_sigma_data", 0.0)
+  if sigma_data and cfg.get("edm_weight_cap", 0.0) > 0:
+    per_sample = per_sample * edm_weight(ctx.schedule, t, sigma_data, cfg.edm_weight_cap)
   return jnp.mean(per_sample)
 
 

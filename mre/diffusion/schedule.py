@@ -277,6 +277,14 @@ def snr(schedule: NoiseSchedule, t: jax.Array) -> jax.Array:
   return alpha_bar / (1 - alpha_bar)
 
 
+def edm_weight(schedule: NoiseSchedule, t: jax.Array, sigma_data: float, cap: float) -> jax.Array:
+  """Per-example x0-error weights that make the loss EDM's (Karras et al. 2022) on the network
+  output F of the preconditioned denoiser (1 / c_out^2, here divided by 1 / sigma_data^2 so that
+  pure noise weighs 1): 1 + sigma_data^2 * SNR, capped at `cap` (the lowest noise levels, where
+  c_out -> 0, would otherwise take over the loss)."""
+  return jnp.minimum(1.0 + sigma_data**2 * snr(schedule, t), cap)
+
+
 def min_snr_weight(
     schedule: NoiseSchedule,
     t: jax.Array,

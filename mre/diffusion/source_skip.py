@@ -44,11 +44,31 @@ def signal_and_noise_scale(schedule: NoiseSchedule, timesteps, batch: int):
 
 
 def with_source_skip(
-    unet: Callable, schedule: NoiseSchedule, prediction_type: str, channel_axis: int = -1
+    unet: Callable,
+    schedule: NoiseSchedule,
+    prediction_type: str,
+    channel_axis: int = -1,
+    sigma_data: float = 0.0,
 ) -> Callable:
   """`unet(sample, timesteps, context, **kw)` reparameterised by the source skip; `sample` is the
-  noisy latents and the source latents concatenated on `channel_axis` (InstructPix2Pix's input)."""
+  noisy latents and the source latents concatenated on `channel_axis` (InstructPix2Pix's input).
+
+  sigma_data > 0 (x0 prediction only) adds EDM's preconditioning on the edit residual: with
+  r_t = (x_t - sqrt(ab) x_src) / sqrt(ab), the residual plus noise of level sigma =
+  sqrt(1 - ab) / sqrt(ab),
+
+    x0 = x_src + c_skip r_t + c_out F,  c_skip = sd^2 / (sigma^2 + sd^2),
+                                         c_out = sigma sd / sqrt(sigma^2 + sd^2)
+
+  so at low noise the output follows the noisy input and F only corrects the noise (its error
+  shrinks with sigma); without it the network has to learn to pass x_t through itself.
+  """
   check_prediction_type(prediction_type)  # the skip covers every type the schedule knows
+  if sigma_data and prediction_type != "sample":
+    raise ValueError(
+        f"source_skip_sigma_data needs x0 prediction (prediction_type 'sample'), not "
+        f"{prediction_type!r}"
+    )
 
   def denoise(sample, timesteps, context, **kwargs):
     noisy, source = jnp.split(sample, 2, axis=channel_axis)
@@ -62,6 +82,13 @@ def with_source_skip(
     source = source.astype(out.dtype)
     if prediction_type == "v_prediction":
       return out - noise_scale.astype(out.dtype) * source
+    if prediction_type == "sample" and sigma_data:
+      signal = signal.astype(out.dtype)
+      sigma = noise_scale.astype(out.dtype) / signal
+      residual = (noisy.astype(out.dtype) - signal * source) / signal
+      c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+      c_out = sigma * sigma_data / jnp.sqrt(sigma**2 + sigma_data**2)
+      return source + c_skip * residual + c_out * out
     if prediction_type == "sample":
       return out + source
     return out
@@ -80,9 +107,11 @@ def denoiser(
   source skip when the U-Net's config asks for one (`mre_source_skip` in its config.json).
   `prediction_type` defaults to the schedule's."""
   call = unet if call is None else call
-  if getattr(getattr(unet, "config", None), "source_skip", False):
+  config = getattr(unet, "config", None)
+  if getattr(config, "source_skip", False):
     prediction_type = resolve_prediction_type(schedule, prediction_type)
-    return with_source_skip(call, schedule, prediction_type, channel_axis)
+    sigma_data = getattr(config, "source_skip_sigma_data", 0.0)
+    return with_source_skip(call, schedule, prediction_type, channel_axis, sigma_data)
   return call
 
 

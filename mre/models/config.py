@@ -82,6 +82,9 @@ class UNetConfig:
   # Ours, not diffusers': the denoiser is parameterised relative to the source image
   # (mre/diffusion/source_skip.py); diffusers cannot run such a U-Net the same way.
   source_skip: bool = False
+  # With the source skip and x0 ("sample") prediction: > 0 also skips the noisy edit residual to
+  # the output, weighted by its signal-to-noise ratio (EDM's c_skip / c_out with this sigma_data).
+  source_skip_sigma_data: float = 0.0
   raw: Any = dataclasses.field(default=None, compare=False, repr=False)
 
   @classmethod
@@ -156,6 +159,7 @@ class UNetConfig:
         center_input_sample=cfg.get("center_input_sample", False),
         resnet_time_scale_shift=cfg.get("resnet_time_scale_shift") or "default",
         source_skip=bool(cfg.get("mre_source_skip", False)),
+        source_skip_sigma_data=float(cfg.get("mre_source_skip_sigma_data", 0.0)),
         raw=dict(cfg),
     )
 

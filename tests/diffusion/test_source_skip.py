@@ -112,7 +112,45 @@ def test_config_key_and_refused_diffusers_export(tmp_path):
   )
   assert not UNetConfig.from_dict(raw).source_skip
   assert UNetConfig.from_dict({**raw, "mre_source_skip": True}).source_skip
+  assert UNetConfig.from_dict(raw).source_skip_sigma_data == 0.0
+  both = {**raw, "mre_source_skip": True, "mre_source_skip_sigma_data": 0.5}
+  assert UNetConfig.from_dict(both).source_skip_sigma_data == 0.5
   unet = types.SimpleNamespace(config=UNetConfig.from_dict({**raw, "mre_source_skip": True}))
   with pytest.raises(ValueError, match="source skip"):
     diffusers_folder.save_unet(unet, str(tmp_path / "unet"))
   assert denoiser(types.SimpleNamespace(config=UNetConfig.from_dict(raw)), None) is not None
+
+
+def test_sigma_data_skip_is_edm_preconditioning_of_the_edit_residual():
+  """x0 = x_src + c_skip r_t + c_out F with r_t the noisy residual in x0 units: an oracle F gives
+  x0 exactly, F = 0 gives the noisy input itself at low noise and the source at pure noise."""
+  schedule, sd = _schedule("sample"), 0.5
+  x0, source, noise, t = _arrays(3)
+  noisy = add_noise(schedule, x0, noise, t)
+  ab = np.asarray(schedule.alphas_cumprod, np.float64)[np.asarray(t)][:, None, None, None]
+  sigma = np.sqrt((1 - ab) / ab)
+  c_skip, c_out = sd**2 / (sigma**2 + sd**2), sigma * sd / np.sqrt(sigma**2 + sd**2)
+  r_t = (np.asarray(noisy, np.float64) - np.sqrt(ab) * np.asarray(source)) / np.sqrt(ab)
+  ideal = (np.asarray(x0 - source, np.float64) - c_skip * r_t) / c_out
+  oracle = lambda s, ts, c: jnp.asarray(ideal, jnp.float32)
+  sample = jnp.concatenate([noisy, source], -1)
+  out = with_source_skip(oracle, schedule, "sample", sigma_data=sd)(sample, t, None)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(x0), atol=1e-4)
+  zero = with_source_skip(lambda s, ts, c: 0 * s[..., :3], schedule, "sample", sigma_data=sd)
+  out = np.asarray(zero(sample, t, None))
+  np.testing.assert_allclose(out, np.asarray(source) + c_skip * r_t, atol=1e-4)
+  # t = 3: (nearly) the noisy input in x0 units; t = 987: the source
+  assert c_skip[0].item() > 0.99 and c_skip[2].item() < 1e-3
+  with pytest.raises(ValueError, match="x0 prediction"):
+    with_source_skip(oracle, _schedule("epsilon"), "epsilon", sigma_data=sd)
+
+
+def test_edm_weight_is_one_at_pure_noise_and_capped():
+  from mre.diffusion.schedule import edm_weight, snr  # pylint: disable=import-outside-toplevel
+
+  schedule = _schedule("sample")
+  t = jnp.asarray([999, 500, 100, 0])
+  w = np.asarray(edm_weight(schedule, t, 0.5, 25.0))
+  expected = np.minimum(1 + 0.25 * np.asarray(snr(schedule, t)), 25.0)
+  np.testing.assert_allclose(w, expected, rtol=1e-6)
+  assert abs(w[0] - 1) < 1e-3 and w[-1] == 25.0 and w[1] < w[2]
