@@ -118,6 +118,11 @@ def scratch_unet_config(config, channels: int, context_dim: int) -> dict:
   # Like SD, the lowest level has no transformer; `attention_from_level` also drops it from the
   # first levels, where attention over all pixels costs most.
   attn = [s.attention_from_level <= i < n - 1 for i in range(n)]
+  if s.get("source_skip_sigma_data", 0.0) and not s.source_skip:
+    raise ValueError(
+        "model.scratch.source_skip_sigma_data preconditions the source skip: set "
+        "model.scratch.source_skip=True too (or source_skip_sigma_data=0)"
+    )
   return {
       "_class_name": "UNet2DConditionModel",
       "sample_size": config.data.resolution,

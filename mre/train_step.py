@@ -275,7 +275,12 @@ def micro_loss(ctx: StepContext, params, batch, key):
   if cfg.snr_gamma > 0:
     per_sample = per_sample * min_snr_weight(ctx.schedule, t, cfg.snr_gamma)
   sigma_data = getattr(getattr(unet, "config", None), "source_skip_sigma_data", 0.0)
-  if sigma_data and cfg.get("edm_weight_cap", 0.0) > 0:
+  if cfg.get("edm_weight_cap", 0.0) > 0:
+    if not sigma_data:  # raised while tracing: once, before the first step
+      raise ValueError(
+          "train.edm_weight_cap weights the loss of the preconditioned source skip; this U-Net "
+          "has none (model.scratch.source_skip_sigma_data=0)"
+      )
     per_sample = per_sample * edm_weight(ctx.schedule, t, sigma_data, cfg.edm_weight_cap)
   return jnp.mean(per_sample)
 

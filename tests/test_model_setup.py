@@ -130,3 +130,12 @@ def _flat(module):
   from flax import nnx
 
   return nnx.to_flat_state(nnx.state(module, nnx.Param))
+
+
+def test_source_skip_preconditioning_needs_the_source_skip():
+  c = ip2p.get_config("toy")
+  c.model.scratch.source_skip_sigma_data = 0.5
+  assert model_setup.scratch_unet_config(c, 3, 64)["mre_source_skip_sigma_data"] == 0.5
+  c.model.scratch.source_skip = False
+  with pytest.raises(ValueError, match="source_skip=True"):
+    model_setup.scratch_unet_config(c, 3, 64)

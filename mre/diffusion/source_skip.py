@@ -77,7 +77,8 @@ def with_source_skip(
     shape[0] = sample.shape[0]
     signal = signal.reshape(shape).astype(sample.dtype)
     noise_scale = noise_scale.reshape(shape)
-    shifted = jnp.concatenate([noisy - signal * source, source], axis=channel_axis)
+    residual_noisy = noisy - signal * source  # sqrt(ab) (x0 - x_src) + sqrt(1 - ab) eps
+    shifted = jnp.concatenate([residual_noisy, source], axis=channel_axis)
     out = unet(shifted, timesteps, context, **kwargs)
     source = source.astype(out.dtype)
     if prediction_type == "v_prediction":
@@ -85,7 +86,7 @@ def with_source_skip(
     if prediction_type == "sample" and sigma_data:
       signal = signal.astype(out.dtype)
       sigma = noise_scale.astype(out.dtype) / signal
-      residual = (noisy.astype(out.dtype) - signal * source) / signal
+      residual = residual_noisy.astype(out.dtype) / signal  # r_t, in x0 units
       c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
       c_out = sigma * sigma_data / jnp.sqrt(sigma**2 + sigma_data**2)
       return source + c_skip * residual + c_out * out
