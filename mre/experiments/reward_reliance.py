@@ -18,6 +18,7 @@ from absl import app, flags
 
 from mre.data import train_input
 from mre.diffusion.schedule import add_noise, schedule_from_config, training_target
+from mre.diffusion.source_skip import denoiser
 from mre.model_io.folders import load_any
 from mre.models.reward_config import RewardInputs
 from mre.models.reward_unet import RewardUNet
@@ -26,11 +27,12 @@ BANDS = ((0, 300), (300, 700), (700, 1000))
 
 
 def reward_reliance(
-    export: str, config, *, batches: int = 4, batch_size: int = 128, bands=BANDS, seed: int = 0
+    export, config, *, batches: int = 4, batch_size: int = 128, bands=BANDS, seed: int = 0
 ) -> dict:
   """{"t a-b": {"true": loss, "shuffled": loss, "gain": 1 - true/shuffled}} over `batches`
-  batches of the training split `config` names (its data fields only)."""
-  pipe = load_any(export)
+  batches of the training split `config` names (its data fields only). `export` is a folder or
+  a loaded Pipeline."""
+  pipe = load_any(export) if isinstance(export, str) else export
   if not isinstance(pipe.unet, RewardUNet):
     raise ValueError(f"{export} holds an editor without reward: nothing to measure")
   schedule = schedule_from_config(pipe.scheduler_config)
@@ -52,7 +54,9 @@ def reward_reliance(
     target_latents = vae.scale_latents(vae.encode(edited).mode())
     noisy = add_noise(schedule, target_latents, noise, t)
     sample = jnp.concatenate([noisy, vae.encode(original).mode()], axis=-1)
-    out = unet(sample, t, context, reward=reward).astype(jnp.float32)
+    # Through the denoiser, as the trainer computes its loss: with the source skip (the toy
+    # recipes) the U-Net alone gives the edit residual, not the training target.
+    out = denoiser(unet, schedule)(sample, t, context, reward=reward).astype(jnp.float32)
     target = training_target(schedule, target_latents, noise, t)
     return jnp.mean((out - target) ** 2, axis=tuple(range(1, out.ndim)))
 
