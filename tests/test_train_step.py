@@ -29,6 +29,7 @@ from mre.train_step import (
     TrainState,
     edit_region_weight,
     edit_size_balance,
+    elementwise_loss,
     make_train_step,
     micro_loss,
 )
@@ -400,6 +401,40 @@ def test_edit_weight_weights_the_squared_error_inside_the_edited_region(released
   np.testing.assert_allclose(solved[0], solved[1], rtol=1e-4)
   assert 0.0 < solved[0] < total
   assert abs(solved[0] / inside - total / elements) > 1e-3 * total / elements
+
+
+def test_pseudo_huber_is_quadratic_for_small_errors_and_linear_for_large_ones():
+  c = 0.03
+  error = jnp.asarray([0.0, 1e-4, -1e-4, 0.5, -2.0, 3.0])
+  huber = np.asarray(elementwise_loss(error, "pseudo_huber", c))
+  np.testing.assert_allclose(huber[:3], np.asarray(error[:3]) ** 2, rtol=1e-4, atol=1e-12)
+  # Far beyond c: 2c (|e| - c), so the gradient stays 2c however large the error.
+  np.testing.assert_allclose(huber[3:], 2 * c * (np.abs(np.asarray(error[3:])) - c), rtol=2e-3)
+  assert np.all(huber[3:] < np.asarray(error[3:]) ** 2)
+  np.testing.assert_array_equal(np.asarray(elementwise_loss(error, "mse")), np.asarray(error) ** 2)
+  with pytest.raises(ValueError, match="unknown train.loss 'l1'"):
+    elementwise_loss(error, "l1")
+
+
+def test_pseudo_huber_step_loss_tends_to_the_squared_error_for_a_large_scale(released):
+  """The step's loss with the pseudo-Huber loss: below the squared error at a small scale, equal
+  to it as the scale grows (the option reaches the loss, and only the per-element form changes)."""
+  batch = _batch(released, 2)
+  key = jax.random.key(5)
+
+  def loss(**train):
+    overrides = {
+        "model.reward.form": "released",
+        "train.cond_dropout": 0.0,
+        "train.edit_weight": 4.0,
+    }
+    cfg = _config(**overrides, **{f"train.{k}": v for k, v in train.items()})
+    ctx, params = _context(cfg, released)
+    return float(micro_loss(ctx, params, batch, key))
+
+  mse = loss(loss="mse")
+  np.testing.assert_allclose(loss(loss="pseudo_huber", huber_c=1e4), mse, rtol=1e-4)
+  assert loss(loss="pseudo_huber", huber_c=0.03) < 0.5 * mse
 
 
 def test_edit_size_balance_evens_out_edit_sizes_with_batch_mean_one():
