@@ -61,6 +61,9 @@ def base_config():
           # > 0 (x0 prediction): the noisy edit residual also skips to the output, weighted by
           # its signal-to-noise ratio (mre/diffusion/source_skip.py)
           source_skip_sigma_data=0.0,
+          # x0 prediction: the output is also a per-pixel colour matrix applied to the source,
+          # so edges the source has come out sharp (mre/diffusion/source_skip.py)
+          source_skip_affine=False,
           text_hidden=64,
           text_layers=2,
           text_heads=4,
@@ -115,6 +118,8 @@ def base_config():
   c.train.cond_dropout = 0.05  # InstructPix2Pix conditioning dropout p
   c.train.ema_decay = 0.9999
   c.train.snr_gamma = 0.0  # > 0: min-SNR loss weighting
+  c.train.loss = "mse"  # per-element loss: "mse" or "pseudo_huber" (mre/train_step.py)
+  c.train.huber_c = 0.03  # the pseudo-Huber loss' scale: quadratic below, linear above
   # > 0 with model.scratch.source_skip_sigma_data: EDM loss weights 1 + sigma_data^2 SNR, capped
   c.train.edm_weight_cap = 0.0
   c.train.edit_weight = 0.0  # > 0: loss weight 1 + edit_weight where the target differs from the

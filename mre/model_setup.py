@@ -123,11 +123,17 @@ def scratch_unet_config(config, channels: int, context_dim: int) -> dict:
         "model.scratch.source_skip_sigma_data preconditions the source skip: set "
         "model.scratch.source_skip=True too (or source_skip_sigma_data=0)"
     )
+  if s.get("source_skip_affine", False) and not s.source_skip:
+    raise ValueError(
+        "model.scratch.source_skip_affine extends the source skip: set "
+        "model.scratch.source_skip=True too (or source_skip_affine=False)"
+    )
   return {
       "_class_name": "UNet2DConditionModel",
       "sample_size": config.data.resolution,
       "in_channels": 2 * channels,
-      "out_channels": channels,
+      # the affine source skip also predicts a channels x channels matrix per pixel
+      "out_channels": channels + channels**2 if s.get("source_skip_affine", False) else channels,
       "block_out_channels": list(s.unet_channels),
       "layers_per_block": s.layers_per_block,
       "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
@@ -144,6 +150,7 @@ def scratch_unet_config(config, channels: int, context_dim: int) -> dict:
           if s.source_skip and s.get("source_skip_sigma_data", 0.0)
           else {}
       ),
+      **({"mre_source_skip_affine": True} if s.get("source_skip_affine", False) else {}),
       # diffusers' TextTimeEmbedding: the pooled instruction joins the time embedding
       **(
           {"addition_embed_type": "text", "addition_embed_type_num_heads": s.text_heads}

@@ -11,6 +11,7 @@ import pytest
 from configs import ip2p
 from mre import model_setup
 from mre.diffusion.schedule import schedule_from_config
+from mre.models.config import UNetConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SD15_LIKE = {
@@ -136,6 +137,17 @@ def test_source_skip_preconditioning_needs_the_source_skip():
   c = ip2p.get_config("toy")
   c.model.scratch.source_skip_sigma_data = 0.5
   assert model_setup.scratch_unet_config(c, 3, 64)["mre_source_skip_sigma_data"] == 0.5
+  c.model.scratch.source_skip = False
+  with pytest.raises(ValueError, match="source_skip=True"):
+    model_setup.scratch_unet_config(c, 3, 64)
+
+
+def test_affine_source_skip_widens_the_output_and_needs_the_source_skip():
+  c = ip2p.get_config("toy")
+  c.model.scratch.source_skip_affine = True
+  cfg = model_setup.scratch_unet_config(c, 3, 64)
+  assert cfg["out_channels"] == 12 and cfg["mre_source_skip_affine"] is True
+  assert UNetConfig.from_dict(cfg).source_skip_affine
   c.model.scratch.source_skip = False
   with pytest.raises(ValueError, match="source_skip=True"):
     model_setup.scratch_unet_config(c, 3, 64)

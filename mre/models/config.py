@@ -85,6 +85,9 @@ class UNetConfig:
   # With the source skip and x0 ("sample") prediction: > 0 also skips the noisy edit residual to
   # the output, weighted by its signal-to-noise ratio (EDM's c_skip / c_out with this sigma_data).
   source_skip_sigma_data: float = 0.0
+  # With the source skip and x0 prediction: the output also holds a per-pixel 3 x 3 colour matrix
+  # applied to the source (out_channels = 3 + 9 per latent channel group; see source_skip.py).
+  source_skip_affine: bool = False
   raw: Any = dataclasses.field(default=None, compare=False, repr=False)
 
   @classmethod
@@ -160,6 +163,7 @@ class UNetConfig:
         resnet_time_scale_shift=cfg.get("resnet_time_scale_shift") or "default",
         source_skip=bool(cfg.get("mre_source_skip", False)),
         source_skip_sigma_data=float(cfg.get("mre_source_skip_sigma_data", 0.0)),
+        source_skip_affine=bool(cfg.get("mre_source_skip_affine", False)),
         raw=dict(cfg),
     )
 

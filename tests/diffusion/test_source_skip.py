@@ -154,3 +154,52 @@ def test_edm_weight_is_one_at_pure_noise_and_capped():
   expected = np.minimum(1 + 0.25 * np.asarray(snr(schedule, t)), 25.0)
   np.testing.assert_allclose(w, expected, rtol=1e-6)
   assert abs(w[0] - 1) < 1e-3 and w[-1] == 25.0 and w[1] < w[2]
+
+
+def test_affine_skip_applies_a_colour_matrix_per_pixel_to_the_source():
+  """x0 = x_src + F + M x_src: M = 0 is the plain skip; a swap of two channels inside one region
+  recolours exactly that region, and the dropped source leaves F alone."""
+  schedule = _schedule("sample")
+  x0, source, noise, t = _arrays(4)
+  noisy = add_noise(schedule, x0, noise, t)
+  sample = jnp.concatenate([noisy, source], -1)
+  rng = np.random.default_rng(5)
+  shift = rng.standard_normal(source.shape).astype(np.float32)
+  matrix = np.zeros(source.shape[:-1] + (3, 3), np.float32)
+  swap = np.asarray([[-1.0, 1.0, 0.0], [1.0, -1.0, 0.0], [0.0, 0.0, 0.0]], np.float32)  # M + I
+  matrix[:, 1:3, 2:5] = swap  # swaps channels 0 and 1 there
+  out = jnp.asarray(np.concatenate([shift, matrix.reshape(source.shape[:-1] + (9,))], -1))
+  affine = with_source_skip(lambda s, ts, c: out, schedule, "sample", affine=True)
+  x = np.asarray(affine(sample, t, None))
+  src = np.asarray(source)
+  expected = src + shift
+  expected[:, 1:3, 2:5, 0] += src[:, 1:3, 2:5, 1] - src[:, 1:3, 2:5, 0]
+  expected[:, 1:3, 2:5, 1] += src[:, 1:3, 2:5, 0] - src[:, 1:3, 2:5, 1]
+  np.testing.assert_allclose(x, expected, atol=1e-5)
+  zero_matrix = jnp.concatenate([jnp.asarray(shift), jnp.zeros(source.shape[:-1] + (9,))], -1)
+  plain = with_source_skip(lambda s, ts, c: jnp.asarray(shift), schedule, "sample")
+  np.testing.assert_allclose(
+      np.asarray(
+          with_source_skip(lambda s, ts, c: zero_matrix, schedule, "sample", affine=True)(
+              sample, t, None
+          )
+      ),
+      np.asarray(plain(sample, t, None)),
+      atol=1e-6,
+  )
+  dropped = jnp.concatenate([noisy, jnp.zeros_like(source)], -1)
+  np.testing.assert_allclose(np.asarray(affine(dropped, t, None)), shift, atol=1e-6)
+
+
+def test_affine_skip_is_refused_where_it_does_not_apply():
+  schedule = _schedule("sample")
+  three = lambda s, ts, c: s[..., :3]
+  x0, source, _, t = _arrays(6)
+  with pytest.raises(ValueError, match="needs 12 output channels"):
+    with_source_skip(three, schedule, "sample", affine=True)(
+        jnp.concatenate([x0, source], -1), t, None
+    )
+  with pytest.raises(ValueError, match="x0 prediction"):
+    with_source_skip(three, _schedule("v_prediction"), "v_prediction", affine=True)
+  with pytest.raises(ValueError, match="without source_skip_sigma_data"):
+    with_source_skip(three, schedule, "sample", sigma_data=0.5, affine=True)
