@@ -64,6 +64,7 @@ def base_config():
           # x0 prediction: the output is also a per-pixel colour matrix applied to the source,
           # so edges the source has come out sharp (mre/diffusion/source_skip.py)
           source_skip_affine=False,
+          noisy_skip=False,  # a learned, time-dependent gain on the noisy input to the output
           text_hidden=64,
           text_layers=2,
           text_heads=4,

@@ -151,6 +151,7 @@ def scratch_unet_config(config, channels: int, context_dim: int) -> dict:
           else {}
       ),
       **({"mre_source_skip_affine": True} if s.get("source_skip_affine", False) else {}),
+      **({"mre_noisy_skip": True} if s.get("noisy_skip", False) else {}),
       # diffusers' TextTimeEmbedding: the pooled instruction joins the time embedding
       **(
           {"addition_embed_type": "text", "addition_embed_type_num_heads": s.text_heads}

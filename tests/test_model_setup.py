@@ -151,3 +151,10 @@ def test_affine_source_skip_widens_the_output_and_needs_the_source_skip():
   c.model.scratch.source_skip = False
   with pytest.raises(ValueError, match="source_skip=True"):
     model_setup.scratch_unet_config(c, 3, 64)
+
+
+def test_noisy_skip_reaches_the_unet_config():
+  c = ip2p.get_config("toy")
+  assert "mre_noisy_skip" not in model_setup.scratch_unet_config(c, 3, 64)
+  c.model.scratch.noisy_skip = True
+  assert UNetConfig.from_dict(model_setup.scratch_unet_config(c, 3, 64)).noisy_skip

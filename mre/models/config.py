@@ -88,6 +88,8 @@ class UNetConfig:
   # With the source skip and x0 prediction: the output also holds a per-pixel 3 x 3 colour matrix
   # applied to the source (out_channels = 3 + 9 per latent channel group; see source_skip.py).
   source_skip_affine: bool = False
+  # A learned, time-dependent gain on the noisy input added to the output (mre/models/unet.py).
+  noisy_skip: bool = False
   raw: Any = dataclasses.field(default=None, compare=False, repr=False)
 
   @classmethod
@@ -164,6 +166,7 @@ class UNetConfig:
         source_skip=bool(cfg.get("mre_source_skip", False)),
         source_skip_sigma_data=float(cfg.get("mre_source_skip_sigma_data", 0.0)),
         source_skip_affine=bool(cfg.get("mre_source_skip_affine", False)),
+        noisy_skip=bool(cfg.get("mre_noisy_skip", False)),
         raw=dict(cfg),
     )
 

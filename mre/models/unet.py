@@ -106,6 +106,15 @@ class UNet2DConditionModel(nnx.Module):
     self.up_blocks = nnx.List(up)
     self.conv_norm_out = group_norm(ch[0], cfg.norm_num_groups, cfg.norm_eps, **kw)
     self.conv_out = conv(ch[0], cfg.out_channels, **kw)
+    if cfg.noisy_skip:  # ours: a learned, time-dependent gain on the noisy input (see __call__)
+      self.noisy_skip_gain = nnx.Linear(
+          temb_dim,
+          cfg.out_channels,
+          kernel_init=nnx.initializers.zeros,
+          dtype=kw["dtype"],
+          param_dtype=kw["param_dtype"],
+          rngs=kw["rngs"],
+      )
 
   def time_embed(self, timesteps, batch):
     t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (batch,))
@@ -147,4 +156,11 @@ class UNet2DConditionModel(nnx.Module):
       # Upsample to the size of the next skip, as diffusers does for odd-sized inputs.
       size = skips[-1].shape[1:3] if skips else None
       h = block(h, mine, emb, context, upsample_size=size)
-    return self.conv_out(nnx.silu(self.conv_norm_out(h)))
+    out = self.conv_out(nnx.silu(self.conv_norm_out(h)))
+    if self.config.noisy_skip:
+      # The noisy input passed straight to the output with a gain read from the time (and
+      # pooled-instruction) embedding, zero at the start: a conv net learns to copy its input
+      # sharply only slowly, and at low noise the input is almost the answer.
+      gain = self.noisy_skip_gain(emb)[:, None, None, :]
+      out = out + gain * sample[..., : out.shape[-1]]
+    return out

@@ -79,3 +79,21 @@ def test_bf16_compute_keeps_fp32_params_and_stays_close():
 def test_unknown_remat_kind_is_refused():
   with pytest.raises(ValueError, match="remat"):
     UNet2DConditionModel(UNET_CONFIGS["linear_per_block_heads"], remat=("mlp",), rngs=nnx.Rngs(0))
+
+
+def test_noisy_skip_starts_as_the_plain_unet_and_adds_its_gain_times_the_input():
+  """mre_noisy_skip: zero gain at the start (the same output as without it); a gain g makes the
+  output the plain one plus g times the noisy input's channels."""
+  configs = UNET_CONFIGS
+  name = sorted(configs)[0]
+  plain = UNet2DConditionModel(dict(configs[name]), rngs=nnx.Rngs(0))
+  skip = UNet2DConditionModel({**configs[name], "mre_noisy_skip": True}, rngs=nnx.Rngs(0))
+  rs = np.random.RandomState(2)
+  x = jnp.asarray(rs.randn(2, 16, 16, 8), jnp.float32)
+  ctx = jnp.asarray(rs.randn(2, 5, configs[name]["cross_attention_dim"]), jnp.float32)
+  base = np.asarray(plain(x, jnp.array([3, 951]), ctx))
+  np.testing.assert_allclose(np.asarray(skip(x, jnp.array([3, 951]), ctx)), base, atol=1e-6)
+  skip.noisy_skip_gain.bias[...] = jnp.asarray([0.5, -1.0, 2.0, 0.0])
+  got = np.asarray(skip(x, jnp.array([3, 951]), ctx))
+  gain = np.asarray([0.5, -1.0, 2.0, 0.0])
+  np.testing.assert_allclose(got, base + gain * np.asarray(x)[..., :4], atol=1e-5)
