@@ -123,7 +123,8 @@ def scratch_unet_config(config, channels: int, context_dim: int) -> dict:
         "model.scratch.source_skip_sigma_data preconditions the source skip: set "
         "model.scratch.source_skip=True too (or source_skip_sigma_data=0)"
     )
-  if s.get("source_skip_affine", False) and not s.source_skip:
+  affine = s.get("source_skip_affine", False)
+  if affine and not s.source_skip:
     raise ValueError(
         "model.scratch.source_skip_affine extends the source skip: set "
         "model.scratch.source_skip=True too (or source_skip_affine=False)"
@@ -133,7 +134,7 @@ def scratch_unet_config(config, channels: int, context_dim: int) -> dict:
       "sample_size": config.data.resolution,
       "in_channels": 2 * channels,
       # the affine source skip also predicts a channels x channels matrix per pixel
-      "out_channels": channels + channels**2 if s.get("source_skip_affine", False) else channels,
+      "out_channels": channels + channels**2 if affine else channels,
       "block_out_channels": list(s.unet_channels),
       "layers_per_block": s.layers_per_block,
       "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
@@ -150,7 +151,7 @@ def scratch_unet_config(config, channels: int, context_dim: int) -> dict:
           if s.source_skip and s.get("source_skip_sigma_data", 0.0)
           else {}
       ),
-      **({"mre_source_skip_affine": True} if s.get("source_skip_affine", False) else {}),
+      **({"mre_source_skip_affine": True} if affine else {}),
       **({"mre_noisy_skip": True} if s.get("noisy_skip", False) else {}),
       # diffusers' TextTimeEmbedding: the pooled instruction joins the time embedding
       **(

@@ -205,7 +205,7 @@ def elementwise_loss(error, kind: str = "mse", c: float = 0.03):
 
 
 def micro_loss(ctx: StepContext, params, batch, key):
-  """Denoising loss on one micro-batch (batch-mean of per-sample MSE, float32; with
+  """Denoising loss on one micro-batch (batch-mean of per-sample mean `train.loss`, float32; with
   `train.edit_weight`, each sample's MSE is weighted towards the region its edit changes)."""
   cfg = ctx.cfg.train
   unet, text_encoder, vae = ctx.modules(params)
@@ -262,7 +262,7 @@ def micro_loss(ctx: StepContext, params, batch, key):
   denoise = denoiser(unet, ctx.schedule)
   out = denoise(sample, t, context, **kwargs).astype(jnp.float32)
   target = training_target(ctx.schedule, target_latents, noise, t)
-  squared = elementwise_loss(out - target, cfg.get("loss", "mse"), cfg.get("huber_c", 0.03))
+  per_element = elementwise_loss(out - target, cfg.get("loss", "mse"), cfg.get("huber_c", 0.03))
   axes = tuple(range(1, out.ndim))
   edit_weight = cfg.get("edit_weight", 0.0)
   if edit_weight > 0:
@@ -275,9 +275,9 @@ def micro_loss(ctx: StepContext, params, batch, key):
         cfg.get("edit_dilation", 0),
     )
     # weight is [B, H, W, 1]: its mean over the axes equals that of its broadcast over channels
-    per_sample = jnp.mean(weight * squared, axis=axes) / jnp.mean(weight, axis=axes)
+    per_sample = jnp.mean(weight * per_element, axis=axes) / jnp.mean(weight, axis=axes)
   else:
-    per_sample = jnp.mean(squared, axis=axes)
+    per_sample = jnp.mean(per_element, axis=axes)
   if cfg.get("edit_balance", 0.0) > 0:
     per_sample = per_sample * edit_size_balance(
         target_latents,

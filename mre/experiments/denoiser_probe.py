@@ -13,9 +13,6 @@ errors at t = 10 as at pure noise. README ("What the toy editor needed") reports
 
 from __future__ import annotations
 
-import os
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
@@ -86,7 +83,6 @@ def probe(
         "next_to_edge": float(error[ring].mean()) if ring.any() else 0.0,
         "blur": float(blur),
     }
-  jax.clear_caches()
   return out
 
 

@@ -109,7 +109,7 @@ class UNet2DConditionModel(nnx.Module):
     if cfg.noisy_skip:  # ours: a learned, time-dependent gain on the noisy input (see __call__)
       self.noisy_skip_gain = nnx.Linear(
           temb_dim,
-          cfg.out_channels,
+          _noisy_channels(cfg),
           kernel_init=nnx.initializers.zeros,
           dtype=kw["dtype"],
           param_dtype=kw["param_dtype"],
@@ -161,6 +161,13 @@ class UNet2DConditionModel(nnx.Module):
       # The noisy input passed straight to the output with a gain read from the time (and
       # pooled-instruction) embedding, zero at the start: a conv net learns to copy its input
       # sharply only slowly, and at low noise the input is almost the answer.
+      n = _noisy_channels(self.config)
       gain = self.noisy_skip_gain(emb)[:, None, None, :]
-      out = out + gain * sample[..., : out.shape[-1]]
+      out = jnp.concatenate([out[..., :n] + gain * sample[..., :n], out[..., n:]], axis=-1)
     return out
+
+
+def _noisy_channels(cfg: UNetConfig) -> int:
+  """Channels of the noisy latents, which lead the input and match the output's first ones (the
+  affine source skip's output adds a colour matrix after them)."""
+  return cfg.in_channels // 2 if cfg.source_skip_affine else cfg.out_channels
