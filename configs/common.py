@@ -65,6 +65,8 @@ def base_config():
           # so edges the source has come out sharp (mre/diffusion/source_skip.py)
           source_skip_affine=False,
           noisy_skip=False,  # a learned, time-dependent gain on the noisy input to the output
+          pixel_head=0,  # > 0: hidden width of a per-pixel MLP head added to the output
+          pixel_head_only=False,  # the head is the whole output (no 3 x 3 conv_out)
           text_hidden=64,
           text_layers=2,
           text_heads=4,

@@ -82,10 +82,11 @@ def export_model(pipe, ema: dict, workdir: str):
   diffusers_dir = os.path.join(workdir, "export_diffusers")
   if isinstance(pipe.vae, AutoencoderKL):
     diffusers_folder.save_pipeline(pipe, diffusers_dir)
-  elif not pipe.unet.config.source_skip:  # pixel space has no diffusers counterpart; the U-Net
-    diffusers_folder.save_unet(pipe.unet, os.path.join(diffusers_dir, "unet"))  # alone exports
+  elif not diffusers_folder.mre_only_options(pipe.unet.config):  # pixel space has no diffusers
+    diffusers_folder.save_unet(pipe.unet, os.path.join(diffusers_dir, "unet"))  # VAE: U-Net alone
   else:
-    logging.info("no diffusers export: diffusers does not apply the U-Net's source skip")
+    ours = ", ".join(diffusers_folder.mre_only_options(pipe.unet.config))
+    logging.info("no diffusers export: diffusers' U-Net has no %s", ours)
   return out
 
 

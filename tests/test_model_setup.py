@@ -158,3 +158,10 @@ def test_noisy_skip_reaches_the_unet_config():
   assert "mre_noisy_skip" not in model_setup.scratch_unet_config(c, 3, 64)
   c.model.scratch.noisy_skip = True
   assert UNetConfig.from_dict(model_setup.scratch_unet_config(c, 3, 64)).noisy_skip
+
+
+def test_pixel_head_reaches_the_unet_config():
+  c = ip2p.get_config("toy")
+  assert "mre_pixel_head" not in model_setup.scratch_unet_config(c, 3, 64)
+  c.model.scratch.pixel_head = 32
+  assert UNetConfig.from_dict(model_setup.scratch_unet_config(c, 3, 64)).pixel_head == 32

@@ -193,13 +193,24 @@ def config_dict(module) -> dict:
   return raw
 
 
+def mre_only_options(unet_config) -> list[str]:
+  """The U-Net config keys of ours that diffusers has no counterpart for (set in this config)."""
+  options = {
+      "mre_source_skip": "source_skip",
+      "mre_noisy_skip": "noisy_skip",
+      "mre_pixel_head": "pixel_head",
+  }
+  return [key for key, field in options.items() if getattr(unet_config, field, False)]
+
+
 def save_unet(unet, folder: str):
   """Writes `config.json` + `diffusion_pytorch_model.safetensors` that diffusers loads as is."""
-  if getattr(unet.config, "source_skip", False):
+  ours = mre_only_options(unet.config)
+  if ours:
     raise ValueError(
-        "this U-Net uses the source skip (mre_source_skip, mre/diffusion/source_skip.py), which "
-        "diffusers' pipelines do not apply: a diffusers folder would edit differently; keep the "
-        "mre export (mre.edit, mre.eval load it)"
+        f"this U-Net uses {', '.join(ours)} (ours: mre/diffusion/source_skip.py, "
+        "mre/models/unet.py), which diffusers' UNet2DConditionModel and pipelines do not have: a "
+        "diffusers folder would edit differently; keep the mre export (mre.edit, mre.eval load it)"
     )
   _write_config(folder, config_dict(unet), "UNet2DConditionModel", "diffusers")
   write_safetensors(

@@ -90,6 +90,12 @@ class UNetConfig:
   source_skip_affine: bool = False
   # A learned, time-dependent gain on the noisy input added to the output (mre/models/unet.py).
   noisy_skip: bool = False
+  # > 0: hidden width of a per-pixel MLP head reading the last features, the input pixel and the
+  # time embedding, added to the output (mre/models/unet.py: PixelHead).
+  pixel_head: int = 0
+  # With pixel_head: the head is the whole output (no conv_out), so no 3 x 3 layer follows the
+  # last point where the input pixel can gate the smooth features.
+  pixel_head_only: bool = False
   raw: Any = dataclasses.field(default=None, compare=False, repr=False)
 
   @classmethod
@@ -132,6 +138,8 @@ class UNetConfig:
     refuse(cfg, "conv_out_kernel", (3,), where, 3)
     if isinstance(cfg["cross_attention_dim"], (list, tuple)):
       raise ConfigError(f"{where}: per-block cross_attention_dim is not supported")
+    if cfg.get("mre_pixel_head_only", False) and not cfg.get("mre_pixel_head", 0):
+      raise ConfigError(f"{where}: mre_pixel_head_only needs mre_pixel_head > 0 (its width)")
     # diffusers' historical naming: `attention_head_dim` holds the number of heads when
     # `num_attention_heads` is unset (true of every SD 1.x config).
     heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
@@ -167,6 +175,8 @@ class UNetConfig:
         source_skip_sigma_data=float(cfg.get("mre_source_skip_sigma_data", 0.0)),
         source_skip_affine=bool(cfg.get("mre_source_skip_affine", False)),
         noisy_skip=bool(cfg.get("mre_noisy_skip", False)),
+        pixel_head=int(cfg.get("mre_pixel_head", 0)),
+        pixel_head_only=bool(cfg.get("mre_pixel_head_only", False)),
         raw=dict(cfg),
     )
 

@@ -105,7 +105,8 @@ class UNet2DConditionModel(nnx.Module):
       )
     self.up_blocks = nnx.List(up)
     self.conv_norm_out = group_norm(ch[0], cfg.norm_num_groups, cfg.norm_eps, **kw)
-    self.conv_out = conv(ch[0], cfg.out_channels, **kw)
+    if not cfg.pixel_head_only:
+      self.conv_out = conv(ch[0], cfg.out_channels, **kw)
     if cfg.noisy_skip:  # ours: a learned, time-dependent gain on the noisy input (see __call__)
       self.noisy_skip_gain = nnx.Linear(
           temb_dim,
@@ -114,6 +115,10 @@ class UNet2DConditionModel(nnx.Module):
           dtype=kw["dtype"],
           param_dtype=kw["param_dtype"],
           rngs=kw["rngs"],
+      )
+    if cfg.pixel_head:
+      self.pixel_head = PixelHead(
+          ch[0] + cfg.in_channels, temb_dim, cfg.pixel_head, cfg.out_channels, **kw
       )
 
   def time_embed(self, timesteps, batch):
@@ -156,7 +161,13 @@ class UNet2DConditionModel(nnx.Module):
       # Upsample to the size of the next skip, as diffusers does for odd-sized inputs.
       size = skips[-1].shape[1:3] if skips else None
       h = block(h, mine, emb, context, upsample_size=size)
-    out = self.conv_out(nnx.silu(self.conv_norm_out(h)))
+    features = nnx.silu(self.conv_norm_out(h))
+    if self.config.pixel_head_only:
+      out = self.pixel_head(jnp.concatenate([features, sample], axis=-1), emb)
+    else:
+      out = self.conv_out(features)
+      if self.config.pixel_head:
+        out = out + self.pixel_head(jnp.concatenate([features, sample], axis=-1), emb)
     if self.config.noisy_skip:
       # The noisy input passed straight to the output with a gain read from the time (and
       # pooled-instruction) embedding, zero at the start: a conv net learns to copy its input
@@ -165,6 +176,30 @@ class UNet2DConditionModel(nnx.Module):
       gain = self.noisy_skip_gain(emb)[:, None, None, :]
       out = jnp.concatenate([out[..., :n] + gain * sample[..., :n], out[..., n:]], axis=-1)
     return out
+
+
+class PixelHead(nnx.Module):
+  """Ours: a per-pixel MLP (1 x 1 convolutions) over the last features and the input pixel, with
+  the time embedding added to its hidden layer; its output layer starts at zero.
+
+  Every 3 x 3 layer mixes a pixel with its neighbours, so a U-Net's output is smooth unless it
+  learns to cancel that mixing; most edits are colour maps of the source pixel gated by a smooth
+  "where" (a recoloured object, a new background, a global tone). Here the input pixel meets the
+  smooth features in a nonlinearity with no spatial mixing, so such a map keeps the source's edges.
+  """
+
+  def __init__(
+      self, features: int, temb_dim: int, hidden: int, out: int, *, dtype, param_dtype, rngs
+  ):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc1 = nnx.Linear(features, hidden, **kw)
+    self.time = nnx.Linear(temb_dim, hidden, **kw)
+    self.fc2 = nnx.Linear(hidden, hidden, **kw)
+    self.fc_out = nnx.Linear(hidden, out, kernel_init=nnx.initializers.zeros, **kw)
+
+  def __call__(self, x, emb):
+    h = nnx.silu(self.fc1(x) + self.time(nnx.silu(emb))[:, None, None, :])
+    return self.fc_out(nnx.silu(self.fc2(h)))
 
 
 def _noisy_channels(cfg: UNetConfig) -> int:

@@ -1,5 +1,6 @@
 """The source skip (mre/diffusion/source_skip.py): signs and scales, samplers, config, export."""
 
+import os
 import types
 
 import jax
@@ -116,8 +117,14 @@ def test_config_key_and_refused_diffusers_export(tmp_path):
   both = {**raw, "mre_source_skip": True, "mre_source_skip_sigma_data": 0.5}
   assert UNetConfig.from_dict(both).source_skip_sigma_data == 0.5
   unet = types.SimpleNamespace(config=UNetConfig.from_dict({**raw, "mre_source_skip": True}))
-  with pytest.raises(ValueError, match="source skip"):
+  with pytest.raises(ValueError, match="mre_source_skip"):
     diffusers_folder.save_unet(unet, str(tmp_path / "unet"))
+  # The other options of ours are refused by name too, before anything is written.
+  for extra in ({"mre_noisy_skip": True}, {"mre_pixel_head": 8, "mre_pixel_head_only": True}):
+    unet = types.SimpleNamespace(config=UNetConfig.from_dict({**raw, **extra}))
+    with pytest.raises(ValueError, match=next(iter(extra))):
+      diffusers_folder.save_unet(unet, str(tmp_path / "other"))
+  assert not os.path.exists(tmp_path / "unet") and not os.path.exists(tmp_path / "other")
   assert denoiser(types.SimpleNamespace(config=UNetConfig.from_dict(raw)), None) is not None
 
 

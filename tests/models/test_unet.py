@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from mre.model_io import torch_state_dict
+from mre.models.config import ConfigError
 from mre.models.unet import UNet2DConditionModel
 from tests.reference import UNET_CONFIGS, nchw, nhwc, randomize, torch
 
@@ -97,3 +98,53 @@ def test_noisy_skip_starts_as_the_plain_unet_and_adds_its_gain_times_the_input()
   got = np.asarray(skip(x, jnp.array([3, 951]), ctx))
   gain = np.asarray([0.5, -1.0, 2.0, 0.0])
   np.testing.assert_allclose(got, base + gain * np.asarray(x)[..., :4], atol=1e-5)
+
+
+def test_pixel_head_starts_as_the_plain_unet_and_is_a_per_pixel_function_of_its_input():
+  """mre_pixel_head: a zero output layer at the start (the same output as without it); once
+  trained, changing one input pixel moves the head's output at that pixel only."""
+  configs = UNET_CONFIGS
+  name = sorted(configs)[0]
+  plain = UNet2DConditionModel(dict(configs[name]), rngs=nnx.Rngs(0))
+  head = UNet2DConditionModel({**configs[name], "mre_pixel_head": 8}, rngs=nnx.Rngs(0))
+  rs = np.random.RandomState(3)
+  x = jnp.asarray(rs.randn(2, 16, 16, 8), jnp.float32)
+  ctx = jnp.asarray(rs.randn(2, 5, configs[name]["cross_attention_dim"]), jnp.float32)
+  t = jnp.array([3, 951])
+  base = np.asarray(plain(x, t, ctx))
+  np.testing.assert_allclose(np.asarray(head(x, t, ctx)), base, atol=1e-6)
+
+  head.pixel_head.fc_out.kernel[...] = jnp.asarray(rs.randn(8, 4), jnp.float32)
+  with_head = np.asarray(head(x, t, ctx))
+  assert np.abs(with_head - base).max() > 1e-2
+  # The head's own contribution, with the U-Net's features held fixed, is per pixel: the head
+  # applied to a copy of its input with one pixel changed differs at that pixel only.
+  feats = jnp.asarray(rs.randn(2, 16, 16, head.config.block_out_channels[0] + 8), jnp.float32)
+  emb = head.time_embed(t, 2)
+  moved = feats.at[:, 5, 7, :].add(1.0)
+  diff = np.abs(np.asarray(head.pixel_head(moved, emb) - head.pixel_head(feats, emb))).max(-1)
+  assert diff[:, 5, 7].min() > 1e-4
+  diff[:, 5, 7] = 0.0
+  assert diff.max() == 0.0
+
+
+def test_pixel_head_only_is_the_whole_output():
+  """mre_pixel_head_only: no conv_out; the output is the head's (zero at the start), and a config
+  asking for it without a head width is refused."""
+  configs = UNET_CONFIGS
+  name = sorted(configs)[0]
+  only = UNet2DConditionModel(
+      {**configs[name], "mre_pixel_head": 8, "mre_pixel_head_only": True}, rngs=nnx.Rngs(0)
+  )
+  assert not hasattr(only, "conv_out")
+  rs = np.random.RandomState(4)
+  x = jnp.asarray(rs.randn(2, 16, 16, 8), jnp.float32)
+  ctx = jnp.asarray(rs.randn(2, 5, configs[name]["cross_attention_dim"]), jnp.float32)
+  t = jnp.array([3, 951])
+  np.testing.assert_array_equal(np.asarray(only(x, t, ctx)), 0.0)
+  only.pixel_head.fc_out.bias[...] = jnp.asarray([1.0, 2.0, 3.0, 4.0])
+  np.testing.assert_allclose(
+      np.asarray(only(x, t, ctx)), np.broadcast_to([1, 2, 3, 4], (2, 16, 16, 4))
+  )
+  with pytest.raises(ConfigError, match="mre_pixel_head"):
+    UNet2DConditionModel({**configs[name], "mre_pixel_head_only": True}, rngs=nnx.Rngs(0))
