@@ -67,6 +67,7 @@ def base_config():
           noisy_skip=False,  # a learned, time-dependent gain on the noisy input to the output
           pixel_head=0,  # > 0: hidden width of a per-pixel MLP head added to the output
           pixel_head_only=False,  # the head is the whole output (no 3 x 3 conv_out)
+          pixel_head_input_scale=1.0,  # the input pixel's scale in the head (sharper colour tests)
           text_hidden=64,
           text_layers=2,
           text_heads=4,

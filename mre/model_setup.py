@@ -155,6 +155,11 @@ def scratch_unet_config(config, channels: int, context_dim: int) -> dict:
       **({"mre_noisy_skip": True} if s.get("noisy_skip", False) else {}),
       **({"mre_pixel_head": int(s.pixel_head)} if s.get("pixel_head", 0) else {}),
       **({"mre_pixel_head_only": True} if s.get("pixel_head_only", False) else {}),
+      **(
+          {"mre_pixel_head_input_scale": float(s.pixel_head_input_scale)}
+          if s.get("pixel_head_input_scale", 1.0) != 1.0
+          else {}
+      ),
       # diffusers' TextTimeEmbedding: the pooled instruction joins the time embedding
       **(
           {"addition_embed_type": "text", "addition_embed_type_num_heads": s.text_heads}

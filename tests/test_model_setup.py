@@ -165,3 +165,7 @@ def test_pixel_head_reaches_the_unet_config():
   assert "mre_pixel_head" not in model_setup.scratch_unet_config(c, 3, 64)
   c.model.scratch.pixel_head = 32
   assert UNetConfig.from_dict(model_setup.scratch_unet_config(c, 3, 64)).pixel_head == 32
+  c.model.scratch.pixel_head_only = True
+  c.model.scratch.pixel_head_input_scale = 8.0
+  unet = UNetConfig.from_dict(model_setup.scratch_unet_config(c, 3, 64))
+  assert unet.pixel_head_only and unet.pixel_head_input_scale == 8.0

@@ -96,6 +96,9 @@ class UNetConfig:
   # With pixel_head: the head is the whole output (no conv_out), so no 3 x 3 layer follows the
   # last point where the input pixel can gate the smooth features.
   pixel_head_only: bool = False
+  # The input pixel's channels are multiplied by this before the head: a larger scale lets its
+  # first layer draw sharp colour boundaries with small weights (Adam moves a weight ~lr a step).
+  pixel_head_input_scale: float = 1.0
   raw: Any = dataclasses.field(default=None, compare=False, repr=False)
 
   @classmethod
@@ -177,6 +180,7 @@ class UNetConfig:
         noisy_skip=bool(cfg.get("mre_noisy_skip", False)),
         pixel_head=int(cfg.get("mre_pixel_head", 0)),
         pixel_head_only=bool(cfg.get("mre_pixel_head_only", False)),
+        pixel_head_input_scale=float(cfg.get("mre_pixel_head_input_scale", 1.0)),
         raw=dict(cfg),
     )
 

@@ -148,3 +148,24 @@ def test_pixel_head_only_is_the_whole_output():
   )
   with pytest.raises(ConfigError, match="mre_pixel_head"):
     UNet2DConditionModel({**configs[name], "mre_pixel_head_only": True}, rngs=nnx.Rngs(0))
+
+
+def test_pixel_head_input_scale_multiplies_the_pixel_channels_only():
+  """mre_pixel_head_input_scale s: the same as scale 1 with the head's first-layer weights on the
+  input pixel's channels multiplied by s (and those on the features unchanged)."""
+  configs = UNET_CONFIGS
+  name = sorted(configs)[0]
+  cfg = {**configs[name], "mre_pixel_head": 8, "mre_pixel_head_only": True}
+  one = UNet2DConditionModel(cfg, rngs=nnx.Rngs(0))
+  four = UNet2DConditionModel({**cfg, "mre_pixel_head_input_scale": 4.0}, rngs=nnx.Rngs(0))
+  rs = np.random.RandomState(5)
+  for m in (one, four):
+    m.pixel_head.fc_out.kernel[...] = jnp.asarray(np.random.RandomState(6).randn(8, 4), jnp.float32)
+  x = jnp.asarray(rs.randn(2, 16, 16, 8), jnp.float32)
+  ctx = jnp.asarray(rs.randn(2, 5, configs[name]["cross_attention_dim"]), jnp.float32)
+  t = jnp.array([3, 951])
+  assert np.abs(np.asarray(one(x, t, ctx)) - np.asarray(four(x, t, ctx))).max() > 1e-3
+  features = one.config.block_out_channels[0]
+  kernel = one.pixel_head.fc1.kernel[...]
+  one.pixel_head.fc1.kernel[...] = kernel.at[features:].multiply(4.0)
+  np.testing.assert_allclose(np.asarray(one(x, t, ctx)), np.asarray(four(x, t, ctx)), atol=1e-5)
