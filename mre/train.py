@@ -82,11 +82,10 @@ def export_model(pipe, ema: dict, workdir: str):
   diffusers_dir = os.path.join(workdir, "export_diffusers")
   if isinstance(pipe.vae, AutoencoderKL):
     diffusers_folder.save_pipeline(pipe, diffusers_dir)
-  elif not diffusers_folder.mre_only_options(pipe.unet.config):  # pixel space has no diffusers
-    diffusers_folder.save_unet(pipe.unet, os.path.join(diffusers_dir, "unet"))  # VAE: U-Net alone
-  else:
-    ours = ", ".join(diffusers_folder.mre_only_options(pipe.unet.config))
-    logging.info("no diffusers export: diffusers' U-Net has no %s", ours)
+  elif ours := diffusers_folder.mre_only_options(pipe.unet.config):
+    logging.info("no diffusers export: diffusers' U-Net has no %s", ", ".join(ours))
+  else:  # pixel space has no diffusers VAE: the U-Net alone exports
+    diffusers_folder.save_unet(pipe.unet, os.path.join(diffusers_dir, "unet"))
   return out
 
 

@@ -195,12 +195,8 @@ def config_dict(module) -> dict:
 
 def mre_only_options(unet_config) -> list[str]:
   """The U-Net config keys of ours that diffusers has no counterpart for (set in this config)."""
-  options = {
-      "mre_source_skip": "source_skip",
-      "mre_noisy_skip": "noisy_skip",
-      "mre_pixel_head": "pixel_head",
-  }
-  return [key for key, field in options.items() if getattr(unet_config, field, False)]
+  fields = ("source_skip", "noisy_skip", "pixel_head")  # each read from the key "mre_" + field
+  return [f"mre_{field}" for field in fields if getattr(unet_config, field, False)]
 
 
 def save_unet(unet, folder: str):

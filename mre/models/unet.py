@@ -162,15 +162,11 @@ class UNet2DConditionModel(nnx.Module):
       size = skips[-1].shape[1:3] if skips else None
       h = block(h, mine, emb, context, upsample_size=size)
     features = nnx.silu(self.conv_norm_out(h))
+    out = None if self.config.pixel_head_only else self.conv_out(features)
     if self.config.pixel_head:
       pixel = sample * self.config.pixel_head_input_scale
       head = self.pixel_head(jnp.concatenate([features, pixel], axis=-1), emb)
-    if self.config.pixel_head_only:
-      out = head
-    else:
-      out = self.conv_out(features)
-      if self.config.pixel_head:
-        out = out + head
+      out = head if out is None else out + head
     if self.config.noisy_skip:
       # The noisy input passed straight to the output with a gain read from the time (and
       # pooled-instruction) embedding, zero at the start: a conv net learns to copy its input
