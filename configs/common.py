@@ -68,6 +68,8 @@ def base_config():
           pixel_head=0,  # > 0: hidden width of a per-pixel MLP head added to the output
           pixel_head_only=False,  # the head is the whole output (no 3 x 3 conv_out)
           pixel_head_input_scale=1.0,  # the input pixel's scale in the head (sharper colour tests)
+          # the U-Net also reads its own earlier x0 estimate (mre/diffusion/self_condition.py)
+          self_condition=False,
           text_hidden=64,
           text_layers=2,
           text_heads=4,
@@ -130,8 +132,18 @@ def base_config():
   c.train.edit_threshold = 0.25  # source by more than this (mre/train_step.py: edit_region_weight)
   c.train.edit_smoothing = 1  # odd window the difference is averaged over first (1: per position)
   c.train.edit_dilation = 0  # positions the region is widened by on every side (its surroundings)
+  # > 0 (instead of edit_weight): the changed region's share of each sample's loss, the rest of the
+  # image keeping 1 - share (mre/train_step.py: edit_region_share_weight)
+  c.train.edit_region_share = 0.0
   c.train.edit_balance = 0.0  # > 0: per-sample weight (share of the image the edit changes) ** -p
   c.train.edit_balance_floor = 0.02  # the smallest share that weight counts (mre/train_step.py)
+  # With model.scratch.self_condition: the share of training examples whose second call reads the
+  # first call's x0 estimate (the rest read zeros; mre/diffusion/self_condition.py)
+  c.train.self_condition_prob = 0.5
+  # > 0 (x0 prediction): the share of training inputs made by one DDIM step of `rollout_gap`
+  # timesteps from the model's own estimate, as the sampler makes them (mre/diffusion/rollout.py)
+  c.train.rollout_prob = 0.0
+  c.train.rollout_gap = 50
   c.train.log_every = 10
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 3
@@ -198,6 +210,13 @@ def apply_toy(c):
   # were not learned at all (README, "What the toy editor needed").
   c.train.edit_weight = 4.0
   c.train.ema_decay = 0.995
+  # With model.scratch.self_condition: the share of training examples whose second call reads the
+  # first call's x0 estimate (the rest read zeros; mre/diffusion/self_condition.py)
+  c.train.self_condition_prob = 0.5
+  # > 0 (x0 prediction): the share of training inputs made by one DDIM step of `rollout_gap`
+  # timesteps from the model's own estimate, as the sampler makes them (mre/diffusion/rollout.py)
+  c.train.rollout_prob = 0.0
+  c.train.rollout_gap = 50
   c.train.log_every = 10
   c.train.checkpoint_every = 500
   c.train.validate_every = 1000

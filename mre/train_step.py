@@ -27,6 +27,8 @@ from mre.diffusion.schedule import (
     min_snr_weight,
     training_target,
 )
+from mre.diffusion.rollout import rollout_inputs
+from mre.diffusion.self_condition import self_conditioned, training_estimate
 from mre.diffusion.source_skip import denoiser
 from mre.models.reward_config import RewardConfig, RewardInputs
 from mre.models.vae import DiagonalGaussian
@@ -171,6 +173,27 @@ def edit_region_weight(
   return 1.0 + strength * changed
 
 
+def edit_region_share_weight(target, source, share: float, threshold: float, smoothing: int = 1):
+  """Per-position loss weights that give the region the edit changes a fixed `share` of each
+  sample's loss and the rest of the image 1 - share, shape [B, H, W, 1], mean 1 per sample.
+
+  The constant weight of `edit_region_weight` lets a large edit's changed region drown what it
+  leaves alone: in a background edit with weight 1 + 4 on the changed 90% of the image, the
+  objects that must stay as they are carry 2% of the loss, and the toy editors learned to tint
+  them with the new background. Here the objects of a background edit keep 1 - share of it, while
+  a small object's edit still gets `share`. Samples whose edit changes nothing (or everything) are
+  weighted uniformly.
+  """
+  changed = edit_region(target, source, threshold, smoothing)
+  axes = tuple(range(1, changed.ndim))
+  size = jnp.mean(changed, axis=axes, keepdims=True)
+  both = (size > 0) & (size < 1)
+  weight = jnp.where(
+      changed > 0, share / jnp.maximum(size, 1e-6), (1.0 - share) / jnp.maximum(1.0 - size, 1e-6)
+  )
+  return jnp.where(both, weight, 1.0)
+
+
 def edit_size_balance(target, source, power: float, threshold: float, smoothing: int, floor: float):
   """Per-sample loss weights that even out edits of different sizes, with batch mean 1.
 
@@ -233,7 +256,6 @@ def micro_loss(ctx: StepContext, params, batch, key):
       if "timesteps" in batch
       else jax.random.randint(k_t, (b,), 0, ctx.schedule.num_train_timesteps)
   )
-  noisy = add_noise(ctx.schedule, target_latents, noise, t)
 
   context = text_encoder(batch["instruction_ids"])[0]
   empty, empty_pooled = text_encoder(ctx.empty_ids)
@@ -258,14 +280,59 @@ def micro_loss(ctx: StepContext, params, batch, key):
       )
     kwargs["reward"] = reward
 
-  sample = jnp.concatenate([noisy, image_latents.astype(noisy.dtype)], axis=-1)
   denoise = denoiser(unet, ctx.schedule)
+  if (
+      cfg.get("rollout_prob", 0.0) > 0
+  ):  # some inputs made from the model's own estimate (rollout.py)
+    noisy = rollout_inputs(
+        denoise,
+        ctx.schedule,
+        target_latents,
+        noise,
+        t,
+        image_latents,
+        context,
+        jax.random.fold_in(key, 8),  # not one of the split keys: other runs keep their draws
+        cfg.rollout_prob,
+        cfg.get("rollout_gap", 50),
+        **kwargs,
+    )
+  else:
+    noisy = add_noise(ctx.schedule, target_latents, noise, t)
+  sample = jnp.concatenate([noisy, image_latents.astype(noisy.dtype)], axis=-1)
+  if self_conditioned(unet):  # the second call reads the first's x0 estimate (self_condition.py)
+    kwargs["self_cond"] = training_estimate(
+        denoise,
+        ctx.schedule,
+        sample,
+        noisy,
+        t,
+        context,
+        jax.random.fold_in(key, 7),  # not one of the split keys: other runs keep their draws
+        cfg.get("self_condition_prob", 0.5),
+        **kwargs,
+    )
   out = denoise(sample, t, context, **kwargs).astype(jnp.float32)
   target = training_target(ctx.schedule, target_latents, noise, t)
   per_element = elementwise_loss(out - target, cfg.get("loss", "mse"), cfg.get("huber_c", 0.03))
   axes = tuple(range(1, out.ndim))
   edit_weight = cfg.get("edit_weight", 0.0)
-  if edit_weight > 0:
+  region_share = cfg.get("edit_region_share", 0.0)
+  if region_share > 0:
+    if edit_weight > 0:  # raised while tracing: once, before the first step
+      raise ValueError(
+          "train.edit_region_share and train.edit_weight are two ways of weighting the edited "
+          "region; set one (the other to 0)"
+      )
+    weight = edit_region_share_weight(
+        target_latents,
+        source_latents,
+        region_share,
+        cfg.edit_threshold,
+        cfg.get("edit_smoothing", 1),
+    )
+    per_sample = jnp.mean(weight * per_element, axis=axes)
+  elif edit_weight > 0:
     weight = edit_region_weight(
         target_latents,
         source_latents,

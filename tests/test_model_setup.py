@@ -169,3 +169,10 @@ def test_pixel_head_reaches_the_unet_config():
   c.model.scratch.pixel_head_input_scale = 8.0
   unet = UNetConfig.from_dict(model_setup.scratch_unet_config(c, 3, 64))
   assert unet.pixel_head_only and unet.pixel_head_input_scale == 8.0
+
+
+def test_self_condition_reaches_the_unet_config():
+  c = ip2p.get_config("toy")
+  assert "mre_self_condition" not in model_setup.scratch_unet_config(c, 3, 64)
+  c.model.scratch.self_condition = True
+  assert UNetConfig.from_dict(model_setup.scratch_unet_config(c, 3, 64)).self_condition

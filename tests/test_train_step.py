@@ -8,6 +8,7 @@ The other tests build a tiny from-scratch editor (8 px, a 2-level U-Net) and jit
 
 import dataclasses
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ from mre.train_step import (
     SplitModel,
     StepContext,
     TrainState,
+    edit_region_share_weight,
     edit_region_weight,
     edit_size_balance,
     elementwise_loss,
@@ -478,3 +480,93 @@ def test_edit_balance_weights_each_samples_loss_by_its_edit_size(released):
   weights = np.array([64 / 4, 1.0]) / np.mean([64 / 4, 1.0])
   assert loss(batch, 0.0) == pytest.approx(np.mean(alone), rel=1e-5)
   assert loss(batch, 1.0) == pytest.approx(np.mean(weights * np.array(alone)), rel=1e-5)
+
+
+def _calls_of_the_step(released, self_condition, **train):
+  """The U-Net calls of one micro_loss on a tiny released-form editor whose U-Net is replaced by
+  a recorder returning 0.25 + 0.5 x (its noisy input): its x0 estimate (no source skip)."""
+  cfg = _config(
+      **{"model.reward.form": "released", "train.cond_dropout": 0.0},
+      **{f"train.{k}": v for k, v in train.items()},
+  )
+  ctx, params = _context(cfg, released)
+  _, text, vae = ctx.modules(params)
+  calls = []
+
+  class Recorder(nnx.Module):
+    config = types.SimpleNamespace(self_condition=self_condition)
+
+    def __call__(self, sample, t, context, **kwargs):
+      calls.append({"sample": sample, "t": t, "self_cond": kwargs.get("self_cond")})
+      return 0.25 + 0.5 * sample[..., :3]
+
+  ctx.modules = lambda p: (Recorder(), text, vae)
+  batch = _batch(released, 8)
+  loss = micro_loss(ctx, params, batch, jax.random.key(3))
+  return calls, batch, ctx.schedule, float(loss)
+
+
+def test_self_conditioned_step_feeds_the_first_calls_estimate_to_the_second(released):
+  calls, batch, _, _ = _calls_of_the_step(released, True, self_condition_prob=1.0)
+  assert len(calls) == 2 and calls[0]["self_cond"] is None
+  np.testing.assert_allclose(
+      np.asarray(calls[1]["self_cond"]),
+      np.asarray(0.25 + 0.5 * calls[0]["sample"][..., :3]),
+      atol=1e-6,
+  )
+  calls, _, _, _ = _calls_of_the_step(released, True, self_condition_prob=0.0)
+  assert not np.asarray(calls[1]["self_cond"]).any()
+  calls, _, _, _ = _calls_of_the_step(released, False)
+  assert len(calls) == 1 and calls[0]["self_cond"] is None
+
+
+def test_rollout_step_trains_on_the_ddim_step_from_the_first_calls_estimate(released):
+  """train.rollout_prob 1: a first call at t + gap, and the trained call's noisy input is the DDIM
+  step from its estimate; rollout_prob 0: one call on the usual noisy input."""
+  plain, batch, schedule, plain_loss = _calls_of_the_step(released, False)
+  calls, _, _, loss = _calls_of_the_step(released, False, rollout_prob=1.0, rollout_gap=50)
+  assert len(plain) == 1 and len(calls) == 2
+  t = np.asarray(batch["timesteps"])
+  np.testing.assert_array_equal(np.asarray(calls[0]["t"]), np.minimum(t + 50, 999))
+  ab = np.asarray(schedule.alphas_cumprod, np.float64)
+  x0 = np.asarray(batch["edited"], np.float64)
+  source = np.asarray(batch["original"], np.float64)
+  t_b = np.minimum(t + 50, 999)
+  a_b, s_b = (np.sqrt(v)[:, None, None, None] for v in (ab[t_b], 1 - ab[t_b]))
+  a, s = (np.sqrt(v)[:, None, None, None] for v in (ab[t], 1 - ab[t]))
+  before = a_b * x0 + s_b * np.asarray(batch["noise"])
+  estimate = 0.25 + 0.5 * before
+  eps_hat = (before - a_b * estimate) / s_b
+  np.testing.assert_allclose(
+      np.asarray(calls[1]["sample"][..., :3]), a * estimate + s * eps_hat, atol=1e-4
+  )
+  np.testing.assert_allclose(np.asarray(calls[1]["sample"][..., 3:]), source, atol=1e-6)
+  assert loss != plain_loss
+
+
+def test_edit_region_share_gives_the_changed_region_its_share_of_each_samples_loss():
+  """A background edit (8 of 10 positions changed) and an object edit (1 of 10): the changed
+  region holds `share` of the weight in both, the rest 1 - share; an unchanged sample is uniform."""
+  source = jnp.zeros((3, 2, 5, 3))
+  target = source.at[0, :, :4].set(0.8).at[1, 0, 0].set(-0.6)
+  weight = np.asarray(edit_region_share_weight(target, source, 0.3, 0.25))
+  assert weight.shape == (3, 2, 5, 1)
+  np.testing.assert_allclose(weight.mean(axis=(1, 2, 3)), 1.0, rtol=1e-6)
+  changed = np.zeros((3, 2, 5), bool)
+  changed[0, :, :4] = True
+  changed[1, 0, 0] = True
+  for i in (0, 1):
+    np.testing.assert_allclose(weight[i][changed[i]].sum() / weight[i].sum(), 0.3, rtol=1e-5)
+  np.testing.assert_array_equal(weight[2], 1.0)
+  # the untouched objects of the background edit: (1 - 0.3) / 0.2 = 3.5 each, where edit_weight 4
+  # gives them 1 / 4.2 (weights 5 and 1 normalised by their mean, (8 x 5 + 2) / 10)
+  np.testing.assert_allclose(weight[0][~changed[0]], 0.7 / 0.2, rtol=1e-5)
+
+
+def test_edit_region_share_and_edit_weight_are_not_combined(released):
+  cfg = _config(
+      **{"model.reward.form": "released", "train.edit_weight": 4.0, "train.edit_region_share": 0.5}
+  )
+  ctx, params = _context(cfg, released)
+  with pytest.raises(ValueError, match="edit_region_share"):
+    micro_loss(ctx, params, _batch(released, 2), jax.random.key(0))

@@ -7,14 +7,17 @@ transform, `make_edit_sampler` wraps it in one jitted computation.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, Optional
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
-from mre.diffusion.guidance import dual_guidance
+from mre.diffusion.guidance import dual_guidance, guidance_branches
 from mre.diffusion.samplers import init_noise_sigma, sample
 from mre.diffusion.schedule import NoiseSchedule
+from mre.diffusion.self_condition import predicted_x0, self_conditioned
 from mre.diffusion.source_skip import denoiser
 
 
@@ -68,22 +71,35 @@ def edit_latents(
     noise = jax.random.normal(key_init, tuple(shape), image_latents.dtype)
   latents = noise * init_noise_sigma(schedule, num_steps, sampler).astype(noise.dtype)
   model_fn = denoiser(unet, schedule, prediction_type, channel_axis, call=_stateless(unet))
+  guidance = functools.partial(
+      dual_guidance,
+      model_fn,
+      image_latents=image_latents,
+      text_emb=text_emb,
+      uncond_text_emb=uncond_text_emb,
+      text_scale=text_scale,
+      image_scale=image_scale,
+      extra_cond=extra_cond,
+      extra_cond_uncond=extra_cond_uncond,
+      reward_scale=reward_scale,
+      channel_axis=channel_axis,
+  )
 
   def guided_unet(latents_input, t):
-    return dual_guidance(
-        model_fn,
-        latents_input,
-        image_latents,
-        text_emb,
-        uncond_text_emb,
-        t,
-        text_scale=text_scale,
-        image_scale=image_scale,
-        extra_cond=extra_cond,
-        extra_cond_uncond=extra_cond_uncond,
-        reward_scale=reward_scale,
-        channel_axis=channel_axis,
-    )
+    return guidance(latents_input, t=t)
+
+  state = None
+  if self_conditioned(unet):
+    # Each guidance branch reads its own previous x0 estimate (mre/diffusion/self_condition.py).
+    copies = guidance_branches(text_scale, image_scale, reward_scale)
+    state = jnp.zeros((copies * latents.shape[0],) + latents.shape[1:], latents.dtype)
+
+    def guided_unet(latents_input, t, estimates):
+      guided, output = guidance(latents_input, t=t, self_cond=estimates)
+      rows = jnp.concatenate([latents_input] * copies, axis=0)
+      t_rows = t if jnp.ndim(t) == 0 else jnp.concatenate([t] * copies)
+      estimates = predicted_x0(schedule, rows, output, t_rows, prediction_type)
+      return guided, estimates.astype(latents.dtype)
 
   return sample(
       guided_unet,
@@ -95,6 +111,7 @@ def edit_latents(
       prediction_type=prediction_type,
       eta=eta,
       noise=step_noise,
+      state=state,
   )
 
 

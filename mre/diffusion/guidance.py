@@ -37,6 +37,13 @@ def guidance_enabled(text_scale, image_scale) -> bool:
   return True
 
 
+def guidance_branches(text_scale, image_scale, reward_scale=None) -> int:
+  """How many rows per edit `dual_guidance` stacks into its one network call."""
+  if not guidance_enabled(text_scale, image_scale):
+    return 1
+  return 3 if reward_scale is None else 4
+
+
 def _concat_batch(*trees: Any) -> Any:
   return jax.tree_util.tree_map(lambda *leaves: jnp.concatenate(leaves, axis=0), *trees)
 
@@ -54,7 +61,8 @@ def dual_guidance(
     extra_cond_uncond: Optional[Mapping[str, Any]] = None,
     reward_scale: Optional[float] = None,
     channel_axis: int = -1,
-) -> jax.Array:
+    self_cond: Optional[jax.Array] = None,
+):
   """Guided model output for a batch of B edits, from one call of `model_fn` on 3B (or 4B) rows.
 
   Args:
@@ -72,6 +80,11 @@ def dual_guidance(
       add branch 3 and the term s_R * (eps_full - eps_reward_uncond) (see the module docstring).
 
   Returns the guided output, [B, ...] with the channels of the model output.
+
+  self_cond: for a self-conditioned model (mre/diffusion/self_condition.py), the x0 estimates of
+  every row of the call, [kB, ...] in the branch order above (`guidance_branches` gives k); they
+  reach `model_fn` as `self_cond=`, and the return value is then (guided output, the call's raw
+  output [kB, ...]), from which the caller makes the next step's estimates.
 
   When both scales are Python numbers and `guidance_enabled` is False (text_scale <= 1 or
   image_scale < 1) the pipeline skips guidance altogether; so does this function, returning the
@@ -106,14 +119,26 @@ def dual_guidance(
   timesteps = (
       jnp.broadcast_to(t, (copies * batch,)) if t.ndim == 0 else jnp.concatenate([t] * copies)
   )
-  kwargs = {} if extra_cond is None else _concat_batch(*extras)
+  kwargs = {} if extra_cond is None else dict(_concat_batch(*extras))
+  if self_cond is not None:
+    if self_cond.shape[0] != copies * batch:
+      raise ValueError(
+          f"self_cond: {copies} guidance branches x {batch} edits need {copies * batch} x0 "
+          f"estimates, got {self_cond.shape[0]}"
+      )
+    kwargs["self_cond"] = self_cond
   output = model_fn(sample, timesteps, jnp.concatenate(contexts, axis=0), **kwargs)
-  if copies == 1:
-    return output
+  guided = (
+      output if copies == 1 else _combine(output, copies, text_scale, image_scale, reward_scale)
+  )
+  return guided if self_cond is None else (guided, output)
 
+
+def _combine(output, copies, text_scale, image_scale, reward_scale):
+  """The guidance arithmetic over the stacked branch outputs (module docstring)."""
   branches = jnp.split(output, copies, axis=0)
   eps_full, eps_image, eps_uncond = branches[:3]
   guided = eps_uncond + text_scale * (eps_full - eps_image) + image_scale * (eps_image - eps_uncond)
-  if with_reward_branch:
+  if copies == 4:
     guided = guided + reward_scale * (eps_full - branches[3])
   return guided

@@ -275,6 +275,7 @@ def sample(
     prediction_type: Optional[str] = None,
     eta: float = 0.0,
     noise: Optional[jax.Array] = None,
+    state=None,
 ) -> jax.Array:
   """Runs the full reverse process from `latents` (already scaled by `init_noise_sigma`) and
   returns the final latents. The loop is one `lax.fori_loop`: `denoise_fn` is traced once.
@@ -285,6 +286,8 @@ def sample(
     eta: DDIM only (0 = deterministic). key / noise: the per-step noise of the stochastic samplers
       (Euler-ancestral; DDIM with eta != 0): `noise[i]` if a [num_steps, *latents.shape] array is
       given, else `normal(fold_in(key, i))`. Deterministic samplers ignore both.
+    state: optional pytree carried from step to step (self-conditioning's previous x0
+      estimates): `denoise_fn` is then `(model_input, t, state) -> (model output, new state)`.
   """
   _check_sampler(sampler)
   prediction_type = resolve_prediction_type(schedule, prediction_type)
@@ -298,30 +301,36 @@ def sample(
   )
   dtype = latents.dtype
 
-  def model_output_at(i, model_input):
-    return denoise_fn(model_input, model_timesteps[i]).astype(dtype)
+  # Without a state the loops carry `state=None` (an empty pytree) and the model ignores it.
+  def model_output_at(i, model_input, state):
+    if state is None:
+      return denoise_fn(model_input, model_timesteps[i]).astype(dtype), None
+    out, state = denoise_fn(model_input, model_timesteps[i], state)
+    return out.astype(dtype), state
 
   if sampler in K_DIFFUSION_SAMPLERS:
     sigmas = sampling_sigmas(schedule, num_steps, sampler)
 
-    def k_body(i, x):
+    def k_body(i, carry):
+      x, state = carry
       sigma, sigma_next = sigmas[i], sigmas[i + 1]
-      out = model_output_at(i, x / (sigma**2 + 1) ** 0.5)
+      out, state = model_output_at(i, x / (sigma**2 + 1) ** 0.5, state)
       if sampler == "euler_ancestral":
         x = euler_ancestral_step(x, out, sigma, sigma_next, step_noise(i), prediction_type)
       else:
         x = euler_step(x, out, sigma, sigma_next, prediction_type)
-      return x.astype(dtype)
+      return x.astype(dtype), state
 
-    return jax.lax.fori_loop(0, n, k_body, latents)
+    return jax.lax.fori_loop(0, n, k_body, (latents, state))[0]
 
   if sampler == "ddim":
     alpha_bar, alpha_bar_prev = _ddim_alphas(schedule, num_steps)
     clip = True if schedule.clip_sample is None else schedule.clip_sample
     clip_range = schedule.clip_sample_range if clip else None
 
-    def ddim_body(i, x):
-      out = model_output_at(i, x)
+    def ddim_body(i, carry):
+      x, state = carry
+      out, state = model_output_at(i, x, state)
       x = ddim_step(
           x,
           out,
@@ -332,16 +341,16 @@ def sample(
           prediction_type=prediction_type,
           clip_sample_range=clip_range,
       )
-      return x.astype(dtype)
+      return x.astype(dtype), state
 
-    return jax.lax.fori_loop(0, n, ddim_body, latents)
+    return jax.lax.fori_loop(0, n, ddim_body, (latents, state))[0]
 
   sigmas = sampling_sigmas(schedule, num_steps, sampler)
   first_order = jnp.asarray(_dpm_first_order_steps(schedule, n))
 
   def dpm_body(i, carry):
-    x, prev_x0 = carry
-    out = model_output_at(i, x)
+    x, prev_x0, state = carry
+    out, state = model_output_at(i, x, state)
     x, x0 = dpmpp_2m_step(
         x,
         out,
@@ -352,7 +361,6 @@ def sample(
         first_order[i],
         prediction_type,
     )
-    return x.astype(dtype), x0.astype(dtype)
+    return x.astype(dtype), x0.astype(dtype), state
 
-  x, _ = jax.lax.fori_loop(0, n, dpm_body, (latents, jnp.zeros_like(latents)))
-  return x
+  return jax.lax.fori_loop(0, n, dpm_body, (latents, jnp.zeros_like(latents), state))[0]

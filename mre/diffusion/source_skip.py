@@ -92,6 +92,10 @@ def with_source_skip(
     noise_scale = noise_scale.reshape(shape)
     residual_noisy = noisy - signal * source  # sqrt(ab) (x0 - x_src) + sqrt(1 - ab) eps
     shifted = jnp.concatenate([residual_noisy, source], axis=channel_axis)
+    if kwargs.get("self_cond") is not None:  # an x0 estimate: handed over as its edit residual
+      kwargs = dict(
+          kwargs, self_cond=kwargs["self_cond"] - source.astype(kwargs["self_cond"].dtype)
+      )
     out = unet(shifted, timesteps, context, **kwargs)
     source = source.astype(out.dtype)
     if prediction_type == "v_prediction":

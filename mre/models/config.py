@@ -99,6 +99,9 @@ class UNetConfig:
   # The input pixel's channels are multiplied by this before the head: a larger scale lets its
   # first layer draw sharp colour boundaries with small weights (Adam moves a weight ~lr a step).
   pixel_head_input_scale: float = 1.0
+  # Self-conditioning (Analog Bits): the U-Net also reads an earlier x0 estimate of its own (in the
+  # noisy latents' channels, appended to its input; zeros when there is none).
+  self_condition: bool = False
   raw: Any = dataclasses.field(default=None, compare=False, repr=False)
 
   @classmethod
@@ -181,6 +184,7 @@ class UNetConfig:
         pixel_head=int(cfg.get("mre_pixel_head", 0)),
         pixel_head_only=bool(cfg.get("mre_pixel_head_only", False)),
         pixel_head_input_scale=float(cfg.get("mre_pixel_head_input_scale", 1.0)),
+        self_condition=bool(cfg.get("mre_self_condition", False)),
         raw=dict(cfg),
     )
 

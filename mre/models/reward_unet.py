@@ -105,9 +105,11 @@ class RewardUNet(UNet2DConditionModel):
 
     return apply
 
-  def __call__(self, sample, timesteps, context, *, reward: RewardInputs):
+  def __call__(self, sample, timesteps, context, *, reward: RewardInputs, self_cond=None):
     extra, after = self.reward_injections(reward)
-    return super().__call__(sample, timesteps, context, extra_time_emb=extra, after_conv_in=after)
+    return super().__call__(
+        sample, timesteps, context, extra_time_emb=extra, after_conv_in=after, self_cond=self_cond
+    )
 
 
 # --- stage 2's starting point ---------------------------------------------------------------------

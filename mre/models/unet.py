@@ -45,7 +45,7 @@ class UNet2DConditionModel(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     ch = cfg.block_out_channels
     temb_dim = 4 * ch[0]
-    self.conv_in = conv(cfg.in_channels, ch[0], **kw)
+    self.conv_in = conv(_input_channels(cfg), ch[0], **kw)
     self.time_embedding = TimestepEmbedding(ch[0], temb_dim, **kw)
     if cfg.addition_embed_type == "text":
       self.add_embedding = TextTimeEmbedding(
@@ -118,7 +118,7 @@ class UNet2DConditionModel(nnx.Module):
       )
     if cfg.pixel_head:
       self.pixel_head = PixelHead(
-          ch[0] + cfg.in_channels, temb_dim, cfg.pixel_head, cfg.out_channels, **kw
+          ch[0] + _input_channels(cfg), temb_dim, cfg.pixel_head, cfg.out_channels, **kw
       )
 
   def time_embed(self, timesteps, batch):
@@ -136,8 +136,19 @@ class UNet2DConditionModel(nnx.Module):
       *,
       extra_time_emb=None,
       after_conv_in: Optional[Callable] = None,
+      self_cond=None,
   ):
     sample = sample.astype(self.dtype)
+    if self.config.self_condition:
+      # Ours (Analog Bits' self-conditioning): an earlier x0 estimate joins the input channels;
+      # zeros stand for "none yet" (the first sampling step, half of the training steps).
+      if self_cond is None:
+        self_cond = jnp.zeros(sample.shape[:-1] + (_latent_channels(self.config),), self.dtype)
+      sample = jnp.concatenate([sample, self_cond.astype(self.dtype)], axis=-1)
+    elif self_cond is not None:
+      raise ValueError(
+          "self_cond: this U-Net was not built to read an x0 estimate (mre_self_condition is off)"
+      )
     context = context.astype(self.dtype)
     emb = self.time_embed(timesteps, sample.shape[0])
     if self.config.addition_embed_type == "text":
@@ -201,7 +212,17 @@ class PixelHead(nnx.Module):
     return self.fc_out(nnx.silu(self.fc2(h)))
 
 
+def _latent_channels(cfg: UNetConfig) -> int:
+  """Channels of the noisy latents (half of InstructPix2Pix's input: noisy | source)."""
+  return cfg.in_channels // 2
+
+
+def _input_channels(cfg: UNetConfig) -> int:
+  """Channels conv_in reads: the config's, plus the x0 estimate's with self-conditioning."""
+  return cfg.in_channels + (_latent_channels(cfg) if cfg.self_condition else 0)
+
+
 def _noisy_channels(cfg: UNetConfig) -> int:
   """Channels of the noisy latents, which lead the input and match the output's first ones (the
   affine source skip's output adds a colour matrix after them)."""
-  return cfg.in_channels // 2 if cfg.source_skip_affine else cfg.out_channels
+  return _latent_channels(cfg) if cfg.source_skip_affine else cfg.out_channels

@@ -120,7 +120,11 @@ def test_config_key_and_refused_diffusers_export(tmp_path):
   with pytest.raises(ValueError, match="mre_source_skip"):
     diffusers_folder.save_unet(unet, str(tmp_path / "unet"))
   # The other options of ours are refused by name too, before anything is written.
-  for extra in ({"mre_noisy_skip": True}, {"mre_pixel_head": 8, "mre_pixel_head_only": True}):
+  for extra in (
+      {"mre_noisy_skip": True},
+      {"mre_pixel_head": 8, "mre_pixel_head_only": True},
+      {"mre_self_condition": True},
+  ):
     unet = types.SimpleNamespace(config=UNetConfig.from_dict({**raw, **extra}))
     with pytest.raises(ValueError, match=next(iter(extra))):
       diffusers_folder.save_unet(unet, str(tmp_path / "other"))

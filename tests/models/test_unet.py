@@ -169,3 +169,30 @@ def test_pixel_head_input_scale_multiplies_the_pixel_channels_only():
   kernel = one.pixel_head.fc1.kernel[...]
   one.pixel_head.fc1.kernel[...] = kernel.at[features:].multiply(4.0)
   np.testing.assert_allclose(np.asarray(one(x, t, ctx)), np.asarray(four(x, t, ctx)), atol=1e-5)
+
+
+def test_self_condition_reads_an_estimate_in_extra_input_channels():
+  """mre_self_condition: conv_in reads the latent channels of an x0 estimate after the usual input;
+  no estimate means zeros; a plain U-Net refuses one."""
+  configs = UNET_CONFIGS
+  name = sorted(configs)[0]
+  plain = UNet2DConditionModel(dict(configs[name]), rngs=nnx.Rngs(0))
+  sc = UNet2DConditionModel({**configs[name], "mre_self_condition": True}, rngs=nnx.Rngs(0))
+  assert sc.conv_in.kernel.shape[-2] == plain.conv_in.kernel.shape[-2] + 4
+  rs = np.random.RandomState(4)
+  x = jnp.asarray(rs.randn(2, 16, 16, 8), jnp.float32)
+  estimate = jnp.asarray(rs.randn(2, 16, 16, 4), jnp.float32)
+  ctx = jnp.asarray(rs.randn(2, 5, configs[name]["cross_attention_dim"]), jnp.float32)
+  t = jnp.array([3, 951])
+  none = np.asarray(sc(x, t, ctx))
+  np.testing.assert_array_equal(none, np.asarray(sc(x, t, ctx, self_cond=jnp.zeros_like(estimate))))
+  assert np.abs(np.asarray(sc(x, t, ctx, self_cond=estimate)) - none).max() > 1e-3
+  # With the estimate's weights of conv_in at zero it is the plain U-Net with the same weights.
+  sc.conv_in.kernel[...] = sc.conv_in.kernel[...].at[:, :, 8:, :].set(0.0)
+  plain.conv_in.kernel[...] = sc.conv_in.kernel[...][:, :, :8, :]
+  nnx.update(plain, nnx.state(sc, nnx.Not(nnx.PathContains("conv_in"))))
+  np.testing.assert_allclose(
+      np.asarray(sc(x, t, ctx, self_cond=estimate)), np.asarray(plain(x, t, ctx)), atol=1e-5
+  )
+  with pytest.raises(ValueError, match="self_cond"):
+    plain(x, t, ctx, self_cond=estimate)
