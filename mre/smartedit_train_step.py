@@ -1,0 +1,206 @@
+"""The SmartEdit-style editor's training step: LM cross-entropy + diffusion loss, as the release.
+
+One pass per batch (configs/smartedit.py has the recipe):
+
+  CLIP patches (frozen tower) -> the conversation with its answer, teacher-forced through the
+  LLM (LoRA) -> LM cross-entropy on the answer tokens, and the final-norm states at the 32
+  `<img_k>` inputs -> Q-Former -> BIM -> U-Net context and conv_in map -> the InstructPix2Pix
+  denoising loss on the edited image's latents, with the release's conditioning dropout
+  -> loss = lm_weight * CE + diffusion_weight * MSE.
+
+Trained (`trained` names, the release's split): `unet`, `lora` (the adapters' weights),
+`embeddings` (the LLM's embedding and lm_head matrices; after every update the original
+vocabulary's rows are put back, so only the added tokens' rows learn, as the release does),
+`sd_qformer`, `bim`. Everything else (the LLaMA base weights, vision tower, projector, VAE) is
+frozen: it gets no gradient and no optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mre.diffusion.schedule import NoiseSchedule, add_noise, training_target
+from mre.models.lora import LoRAParam
+from mre.models.smartedit import ConditionedUNet, SmartEdit, release_condition_dropout
+from mre.models.smartedit_prompt import IGNORE
+
+TRAINABLE = ("unet", "lora", "embeddings", "sd_qformer", "bim")
+
+
+def _embedding_matrix(path, value) -> bool:
+  del value
+  names = tuple(str(p) for p in path)
+  return names[:1] == ("llm",) and (
+      names[-2:] == ("embed_tokens", "embedding") or names[-2:] == ("lm_head", "kernel")
+  )
+
+
+def trained_filter(trained: Sequence[str]):
+  """The NNX filter of the parameters a SmartEdit step trains (`TRAINABLE` names)."""
+  unknown = sorted(set(trained) - set(TRAINABLE))
+  if unknown:
+    raise ValueError(f"unknown trained part(s) {unknown}; choose from {TRAINABLE}")
+  filters = []
+  for name in trained:
+    if name == "lora":
+      filters.append(LoRAParam)
+    elif name == "embeddings":
+      filters.append(_embedding_matrix)
+    else:
+      filters.append(lambda path, value, name=name: bool(path) and str(path[0]) == name)
+  if not filters:
+    raise ValueError("model.smartedit.trained is empty: nothing would be trained")
+  return nnx.All(nnx.Param, nnx.Any(*filters))
+
+
+def splice_labels(ids, labels, num_patches: int, placeholder: int):
+  """The LM labels [B, T] laid out as `splice_image` lays out the ids: the first `placeholder` of
+  each row replaced by `num_patches` positions that have no target. Returns [B, T - 1 + N]."""
+  b, t = ids.shape
+  p = jnp.argmax(ids == placeholder, axis=1)[:, None]
+  j = jnp.arange(t - 1 + num_patches)[None]
+  at_image = (j >= p) & (j < p + num_patches)
+  src = jnp.clip(jnp.where(j < p, j, j - num_patches + 1), 0, t - 1)
+  return jnp.where(at_image, IGNORE, jnp.take_along_axis(labels, src, axis=1))
+
+
+def lm_cross_entropy(logits, labels):
+  """Next-token cross-entropy (float32), averaged over the positions with a target: logits at
+  position i predict labels at i + 1 (the labels are the answer's own ids, unshifted)."""
+  logits = logits[:, :-1].astype(jnp.float32)
+  target = labels[:, 1:]
+  valid = target != IGNORE
+  per_token = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, target, 0))
+  return jnp.sum(jnp.where(valid, per_token, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SmartEditLossConfig:
+  lm_weight: float = 1.0
+  diffusion_weight: float = 1.0
+  cond_dropout: float = 0.05  # the release's p: text dropped if r < 2p, image if p <= r < 3p
+
+
+def smartedit_loss(
+    model: SmartEdit,
+    schedule: NoiseSchedule,
+    batch: dict,
+    key,
+    null_context,
+    config: SmartEditLossConfig = SmartEditLossConfig(),
+    reward=None,
+):
+  """(loss, {"lm": CE, "diffusion": MSE}) of one batch.
+
+  batch: `clip_pixels` [B, S, S, 3] (CLIP-normalised), `input_ids`, `attention_mask`, `labels`
+  [B, T] (right-padded, `prompt_batch(answer=True)`), `target_latents` (the edited image's,
+  scaled as the U-Net sees them) and `image_latents` (the source's, unscaled), [B, h, w, c];
+  optional `noise` and `timesteps` fix the draws. null_context: the empty prompt's CLIP text
+  context [1, 77, D]. reward: `RewardInputs` for a RewardUNet.
+  """
+  k_noise, k_t, k_drop = jax.random.split(key, 3)
+  patches = jax.lax.stop_gradient(model.image_features(batch["clip_pixels"]))
+  states, logits, _, _ = model.teacher_forced(patches, batch["input_ids"], batch["attention_mask"])
+  labels = splice_labels(
+      batch["input_ids"], batch["labels"], patches.shape[1], model.config.tokens.first_img
+  )
+  lm = lm_cross_entropy(logits, labels)
+
+  target = batch["target_latents"]
+  image = batch["image_latents"]
+  context, residual = model.condition(states, patches, target.shape[1:3])
+  noise = batch.get("noise")
+  if noise is None:
+    noise = jax.random.normal(k_noise, target.shape, jnp.float32)
+  t = batch.get("timesteps")
+  if t is None:
+    t = jax.random.randint(k_t, (target.shape[0],), 0, schedule.num_train_timesteps)
+  context, image = release_condition_dropout(
+      k_drop, context, null_context, image, config.cond_dropout
+  )
+  noisy = add_noise(schedule, target, noise, t)
+  sample = jnp.concatenate([noisy, image.astype(noisy.dtype)], axis=-1)
+  out = ConditionedUNet(model.unet)(sample, t, context, conv_in_residual=residual, reward=reward)
+  diffusion = jnp.mean((out.astype(jnp.float32) - training_target(schedule, target, noise, t)) ** 2)
+  loss = config.lm_weight * lm + config.diffusion_weight * diffusion
+  return loss, {"lm": lm, "diffusion": diffusion}
+
+
+def restore_original_rows(params: nnx.State, original: nnx.State, num_original: int) -> nnx.State:
+  """The embedding and lm_head matrices with their first `num_original` vocabulary rows (the
+  base LLM's) taken from `original`: only the added tokens' rows keep their update."""
+
+  def fix(path, new, old):
+    if not _embedding_matrix(path, None):
+      return new
+    axis = 0 if str(path[-1]) == "embedding" else 1  # embedding [V, D]; lm_head kernel [D, V]
+    keep = jnp.arange(new.shape[axis]) < num_original
+    keep = keep[:, None] if axis == 0 else keep[None, :]
+    return jnp.where(keep, old, new)
+
+  flat_new = dict(nnx.to_flat_state(params))
+  flat_old = dict(nnx.to_flat_state(original))
+  for path, var in flat_new.items():
+    if path in flat_old:
+      var.set_value(fix(path, var.get_value(), flat_old[path].get_value()))
+  return params
+
+
+@dataclasses.dataclass
+class SmartEditTrainer:
+  """One compiled step over the trained parameters only. `step(batch, key) -> metrics` updates
+  `model` in place (its trained parameters); `null_context` as in `smartedit_loss`."""
+
+  model: SmartEdit
+  schedule: NoiseSchedule
+  tx: optax.GradientTransformation
+  null_context: jax.Array
+  trained: Sequence[str] = TRAINABLE
+  loss_config: SmartEditLossConfig = SmartEditLossConfig()
+  reward_fn: Optional[callable] = None  # batch -> RewardInputs, for a RewardUNet
+
+  def __post_init__(self):
+    self.filter = trained_filter(self.trained)
+    self.graphdef, self.params, self.rest = nnx.split(self.model, self.filter, ...)
+    self.original_rows = jax.tree.map(jnp.copy, nnx.state(self.model, _embedding_matrix))
+    self.opt_state = self.tx.init(self.params)
+    self._step = jax.jit(self._update, donate_argnums=(0, 1))
+
+  def _update(self, params, opt_state, rest, original_rows, batch, key):
+    def loss_fn(p):
+      model = nnx.merge(self.graphdef, p, rest)
+      reward = None if self.reward_fn is None else self.reward_fn(model, batch)
+      return smartedit_loss(
+          model, self.schedule, batch, key, self.null_context, self.loss_config, reward
+      )
+
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = self.tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    params = restore_original_rows(params, original_rows, self.model.config.tokens.img)
+    return params, opt_state, {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads)}
+
+  def step(self, batch, key) -> dict:
+    self.params, self.opt_state, metrics = self._step(
+        self.params, self.opt_state, self.rest, self.original_rows, batch, key
+    )
+    nnx.update(self.model, self.params)
+    return metrics
+
+
+__all__ = [
+    "SmartEditLossConfig",
+    "SmartEditTrainer",
+    "TRAINABLE",
+    "lm_cross_entropy",
+    "restore_original_rows",
+    "smartedit_loss",
+    "splice_labels",
+    "trained_filter",
+]

@@ -1,0 +1,121 @@
+"""The SmartEdit training step (mre/smartedit_train_step.py) on a tiny random model: label
+splicing, the LM cross-entropy, the trained/frozen split, the original vocabulary rows kept,
+and the loss falling over a few steps on one batch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from mre.diffusion import make_schedule
+from mre.models import smartedit as se
+from mre.models.smartedit_prompt import IGNORE, prompt_batch
+from mre.smartedit_train_step import (
+    SmartEditTrainer,
+    lm_cross_entropy,
+    splice_labels,
+    trained_filter,
+)
+from tests.smartedit_fixtures import TEMPLATE, encode, rigged_model
+
+
+def _batch(cfg, seed=0):
+  rng = np.random.default_rng(seed)
+  prompts = prompt_batch(
+      ["make it red", "turn the sky blue"], encode, answer=True, ids=cfg.tokens, template=TEMPLATE
+  )
+  images = jnp.asarray(rng.uniform(-1, 1, (2, 8, 8, 3)), jnp.float32)
+  return {
+      "clip_pixels": se.clip_pixels(images, 16),
+      "input_ids": jnp.asarray(prompts.input_ids),
+      "attention_mask": jnp.asarray(prompts.attention_mask),
+      "labels": jnp.asarray(prompts.labels),
+      "target_latents": jnp.asarray(rng.uniform(-1, 1, (2, 8, 8, 3)), jnp.float32),
+      "image_latents": images,
+      "noise": jnp.asarray(rng.standard_normal((2, 8, 8, 3)), jnp.float32),
+      "timesteps": jnp.asarray([30, 700]),
+  }
+
+
+def test_spliced_labels_line_up_with_the_spliced_ids():
+  cfg = se.tiny_config(vocab_words=64, latent_channels=3)
+  batch = _batch(cfg)
+  ids, mask = batch["input_ids"], batch["attention_mask"]
+  n = cfg.num_patches
+  embed = lambda i: jnp.zeros(i.shape + (4,))  # noqa: E731
+  _, _, sids = se.splice_image(embed, ids, mask, jnp.zeros((2, n, 4)), cfg.tokens.first_img)
+  labels = np.asarray(splice_labels(ids, batch["labels"], n, cfg.tokens.first_img))
+  assert labels.shape == sids.shape
+  has = labels != IGNORE
+  np.testing.assert_array_equal(labels[has], np.asarray(sids)[has])
+  # the answer's <img_k> tokens are targets; the patches are not
+  assert (labels == cfg.tokens.first_img).sum() == 2 and not has[np.asarray(sids) == -1].any()
+
+
+def test_lm_cross_entropy_is_the_next_token_loss_on_the_labelled_positions():
+  rng = np.random.default_rng(1)
+  logits = rng.standard_normal((2, 5, 7)).astype(np.float32)
+  labels = np.array([[IGNORE, IGNORE, 3, 4, 1], [IGNORE, 6, IGNORE, IGNORE, 2]])
+  got = float(lm_cross_entropy(jnp.asarray(logits), jnp.asarray(labels)))
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  terms = [-logp[0, 1, 3], -logp[0, 2, 4], -logp[0, 3, 1], -logp[1, 0, 6], -logp[1, 3, 2]]
+  np.testing.assert_allclose(got, np.mean(terms), rtol=1e-5)
+
+
+def test_unknown_or_empty_trained_parts_are_refused():
+  with pytest.raises(ValueError, match="unknown trained part"):
+    trained_filter(["unet", "vision_tower"])
+  with pytest.raises(ValueError, match="nothing would be trained"):
+    trained_filter([])
+
+
+@pytest.fixture(scope="module")
+def trained():
+  """A tiny model, its weights before, and the metrics of 6 steps on one batch (lr 1e-3)."""
+  model = rigged_model()
+  before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  schedule = make_schedule(beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+  cfg = model.config
+  null = jnp.zeros((1, cfg.qformer.num_query_tokens, cfg.unet.cross_attention_dim))
+  trainer = SmartEditTrainer(model, schedule, optax.adam(1e-3), null)
+  batch = _batch(model.config)
+  metrics = [jax.tree.map(float, trainer.step(batch, jax.random.key(i))) for i in range(6)]
+  after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  return model, before, after, metrics
+
+
+def test_the_loss_falls_and_both_terms_are_there(trained):
+  _, _, _, metrics = trained
+  assert all(np.isfinite(m["loss"]) and m["lm"] > 0 and m["diffusion"] > 0 for m in metrics)
+  assert metrics[-1]["loss"] < metrics[0]["loss"]
+  np.testing.assert_allclose(metrics[0]["loss"], metrics[0]["lm"] + metrics[0]["diffusion"], 1e-5)
+
+
+def test_frozen_parts_stay_and_trained_parts_move(trained):
+  model, before, after, _ = trained
+  moved = lambda *keys: not np.array_equal(_at(before, keys), _at(after, keys))  # noqa: E731
+  assert not moved("vision_tower") and not moved("mm_projector")
+  q_proj = ("llm", "model", "layers", 0, "self_attn", "q_proj")
+  assert not moved(*q_proj, "kernel")  # the LLaMA base weight
+  assert moved(*q_proj, "lora_B", "kernel")  # its adapter
+  assert moved("unet") and moved("sd_qformer") and moved("bim")
+  # only the added tokens' rows of the embedding and lm_head learn
+  img = model.config.tokens.img
+  emb_b, emb_a = (_at(t, ("llm", "model", "embed_tokens", "embedding")) for t in (before, after))
+  np.testing.assert_array_equal(emb_a[:img], emb_b[:img])
+  assert not np.array_equal(emb_a[img:], emb_b[img:])
+  head_b, head_a = (_at(t, ("llm", "lm_head", "kernel")) for t in (before, after))
+  np.testing.assert_array_equal(head_a[:, :img], head_b[:, :img])
+  assert not np.array_equal(head_a[:, img:], head_b[:, img:])
+
+
+def _at(tree, keys):
+  for k in keys:
+    tree = tree[k]
+  return (
+      np.concatenate([np.ravel(v) for v in jax.tree.leaves(tree)])
+      if isinstance(tree, dict)
+      else tree
+  )
