@@ -158,7 +158,9 @@ def base_config():
   c.train.val_image_scale = 1.5
   c.train.export = True  # write the final EMA model to workdir/export*
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: fill with the devices left
+  # -1: fill with the devices left; tensor > 1 splits the LLM's attention heads and MLP columns
+  # (mre/sharding.py: tensor_dim)
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.mesh.fsdp_min_size = 2**18  # parameters smaller than this stay replicated
   return c
 

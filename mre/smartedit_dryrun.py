@@ -1,10 +1,12 @@
 """Dry run of the SmartEdit-style editor: parameter counts and a per-device memory estimate, built
 with `nnx.eval_shape` (nothing is allocated, nothing is loaded).
 
-  python -m mre.smartedit_dryrun --config=configs/smartedit.py [--fsdp=8]
+  python -m mre.smartedit_dryrun --config=configs/smartedit.py [--fsdp=8] [--tensor=2]
 
 The estimate counts parameters (param_dtype) sharded as the trainer shards them (the largest
-divisible axis over `fsdp` for tensors of at least `mesh.fsdp_min_size` elements), and for the
+divisible axis over `fsdp` for tensors of at least `mesh.fsdp_min_size` elements; with a `tensor`
+axis the LLM's attention and MLP projections split by heads and columns first, mre/sharding.py),
+and for the
 trained parts their gradients (param_dtype), AdamW's two moments (float32) and an EMA copy when
 `train.ema_decay` > 0. Activations are not counted: they depend on batch, resolution and remat.
 """
@@ -78,8 +80,9 @@ class PartSize:
   device_bytes: float = 0.0
 
 
-def estimate(config, fsdp: int) -> dict[str, PartSize]:
-  """Parameter counts and per-device bytes per part on an (fsdp,) mesh."""
+def estimate(config, fsdp: int, tensor: int = 1) -> dict[str, PartSize]:
+  """Parameter counts and per-device bytes per part on an (fsdp, tensor) mesh."""
+  axis_size = {"fsdp": fsdp, "tensor": tensor}
   trained = set(config.model.smartedit.trained)
   min_size = config.mesh.fsdp_min_size
   ema = config.train.ema_decay > 0
@@ -89,9 +92,8 @@ def estimate(config, fsdp: int) -> dict[str, PartSize]:
     for path, var in nnx.to_flat_state(state):
       shape, dtype = var.get_value().shape, var.get_value().dtype
       n = int(np.prod(shape, dtype=np.int64))
-      split = (
-          fsdp if sharding.param_spec(shape, fsdp, min_size) != jax.sharding.PartitionSpec() else 1
-      )
+      spec = sharding.param_spec(shape, fsdp, min_size, tensor, sharding.tensor_dim(path))
+      split = int(np.prod([axis_size[a] for a in spec if a is not None]))
       per = np.dtype(dtype).itemsize
       size.params += n
       nbytes = n * per
@@ -103,11 +105,12 @@ def estimate(config, fsdp: int) -> dict[str, PartSize]:
   return out
 
 
-def report(config, fsdp: int = 8) -> str:
-  sizes = estimate(config, fsdp)
+def report(config, fsdp: int = 8, tensor: int = 1) -> str:
+  sizes = estimate(config, fsdp, tensor)
+  mesh = f"({fsdp},) fsdp" if tensor == 1 else f"({fsdp}, {tensor}) fsdp x tensor"
   lines = [
-      f"SmartEdit {config.model.smartedit.size}: parameters and per-device memory on an ({fsdp},) "
-      f"fsdp mesh (params {config.model.param_dtype}, AdamW moments float32, no activations)",
+      f"SmartEdit {config.model.smartedit.size}: parameters and per-device memory on an {mesh} "
+      f"mesh (params {config.model.param_dtype}, AdamW moments float32, no activations)",
       f"{'part':<14}{'params':>16}{'trained':>16}{'GiB/device':>12}",
   ]
   for part, s in sizes.items():
@@ -131,7 +134,7 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config=configs/smartedit.py")
   if config.model.family != "smartedit":
     raise app.UsageError(f"model.family={config.model.family!r}: this dry run is SmartEdit's")
-  print(report(config, flags.FLAGS.fsdp))
+  print(report(config, flags.FLAGS.fsdp, flags.FLAGS.tensor))
 
 
 if __name__ == "__main__":
@@ -139,4 +142,7 @@ if __name__ == "__main__":
   # which mre.train defines too.
   config_flags.DEFINE_config_file("config", None, "configs/smartedit.py[:toy]")
   flags.DEFINE_integer("fsdp", 8, "devices of the fsdp mesh axis the estimate assumes")
+  flags.DEFINE_integer(
+      "tensor", 1, "devices of the tensor mesh axis (attention heads, MLP columns)"
+  )
   app.run(main)

@@ -120,7 +120,7 @@ def train(config) -> dict:
   sharding.maybe_initialize_distributed(config.distributed)
   workdir = os.path.abspath(config.workdir)
   os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.get("tensor", 1))
   lead = jax.process_index() == 0
   t = config.train
   logging.info(

@@ -137,3 +137,16 @@ def test_the_trainer_refuses_the_family_with_a_message_not_a_stack_trace():
   )
   assert r.returncode != 0 and "Traceback" not in r.stderr
   assert "model.family='smartedit' is not built yet" in r.stderr and "smartedit_dryrun" in r.stderr
+
+
+def test_dry_run_with_a_tensor_axis_splits_the_llm_projections():
+  """configs/smartedit.py:toy (nothing large enough for fsdp): a tensor axis of 2 halves the
+  per-device bytes of the LLM's attention and MLP projections and leaves the counts alone."""
+  from configs import smartedit as recipe
+  from mre.smartedit_dryrun import estimate
+
+  config = recipe.get_config("toy")
+  one, two = estimate(config, fsdp=1, tensor=1), estimate(config, fsdp=1, tensor=2)
+  assert two["llm"].params == one["llm"].params and two["llm"].trained == one["llm"].trained
+  assert two["llm"].device_bytes < one["llm"].device_bytes
+  assert two["unet"].device_bytes == one["unet"].device_bytes  # its attention is not split
