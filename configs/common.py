@@ -132,6 +132,7 @@ def base_config():
   c.train.edit_threshold = 0.25  # source by more than this (mre/train_step.py: edit_region_weight)
   c.train.edit_smoothing = 1  # odd window the difference is averaged over first (1: per position)
   c.train.edit_dilation = 0  # positions the region is widened by on every side (its surroundings)
+  c.train.edit_weight_minority = False  # the weight on the smaller of changed / unchanged regions
   # > 0 (instead of edit_weight): the changed region's share of each sample's loss, the rest of the
   # image keeping 1 - share (mre/train_step.py: edit_region_share_weight)
   c.train.edit_region_share = 0.0

@@ -155,7 +155,13 @@ def edit_region(target, source, threshold: float, smoothing: int = 1):
 
 
 def edit_region_weight(
-    target, source, strength: float, threshold: float, smoothing: int = 1, dilation: int = 0
+    target,
+    source,
+    strength: float,
+    threshold: float,
+    smoothing: int = 1,
+    dilation: int = 0,
+    minority: bool = False,
 ):
   """Per-position loss weight 1 + strength inside `edit_region`, shape [B, H, W, 1].
 
@@ -164,9 +170,15 @@ def edit_region_weight(
   the positions the edit changes lets object-level edits be learned in a short run (README, "What
   the toy editor needed"). `dilation` > 0 widens the region by that many positions on every side
   (a max over a (2 d + 1)-square window): the edit's surroundings, where a soft halo around an
-  edited object would otherwise cost little, weigh as much as the edit.
+  edited object would otherwise cost little, weigh as much as the edit. `minority`: the weight
+  goes to whichever of the changed and the unchanged region is the smaller, per sample: in a
+  background edit that is the objects that must stay (which the plain form leaves ~2% of the loss,
+  and the toy editors tinted), in an object edit the edit itself, as before.
   """
   changed = edit_region(target, source, threshold, smoothing)
+  if minority:
+    larger = jnp.mean(changed, axis=tuple(range(1, changed.ndim)), keepdims=True) > 0.5
+    changed = jnp.where(larger, 1.0 - changed, changed)
   if dilation > 0:
     window = (1, 2 * dilation + 1, 2 * dilation + 1, 1)
     changed = jax.lax.reduce_window(changed, 0.0, jax.lax.max, window, (1, 1, 1, 1), "SAME")
@@ -340,6 +352,7 @@ def micro_loss(ctx: StepContext, params, batch, key):
         cfg.edit_threshold,
         cfg.get("edit_smoothing", 1),
         cfg.get("edit_dilation", 0),
+        cfg.get("edit_weight_minority", False),
     )
     # weight is [B, H, W, 1]: its mean over the axes equals that of its broadcast over channels
     per_sample = jnp.mean(weight * per_element, axis=axes) / jnp.mean(weight, axis=axes)

@@ -570,3 +570,18 @@ def test_edit_region_share_and_edit_weight_are_not_combined(released):
   ctx, params = _context(cfg, released)
   with pytest.raises(ValueError, match="edit_region_share"):
     micro_loss(ctx, params, _batch(released, 2), jax.random.key(0))
+
+
+def test_minority_edit_weight_falls_on_the_smaller_region():
+  """edit_weight_minority: a background edit (8 of 10 positions changed) weights its 2 untouched
+  positions; an object edit (1 of 10) its changed one, as the plain form does."""
+  source = jnp.zeros((2, 2, 5, 3))
+  target = source.at[0, :, :4].set(0.8).at[1, 0, 0].set(-0.6)
+  weight = np.asarray(edit_region_weight(target, source, 4.0, 0.25, minority=True))[..., 0]
+  want = np.ones((2, 2, 5))
+  want[0, :, 4] = 5.0
+  want[1, 0, 0] = 5.0
+  np.testing.assert_array_equal(weight, want)
+  plain = np.asarray(edit_region_weight(target, source, 4.0, 0.25))[..., 0]
+  np.testing.assert_array_equal(plain[1], want[1])
+  assert plain[0, 0, 0] == 5.0 and plain[0, 0, 4] == 1.0
