@@ -213,13 +213,6 @@ def apply_toy(c):
   # were not learned at all (README, "What the toy editor needed").
   c.train.edit_weight = 4.0
   c.train.ema_decay = 0.995
-  # With model.scratch.self_condition: the share of training examples whose second call reads the
-  # first call's x0 estimate (the rest read zeros; mre/diffusion/self_condition.py)
-  c.train.self_condition_prob = 0.5
-  # > 0 (x0 prediction): the share of training inputs made by one DDIM step of `rollout_gap`
-  # timesteps from the model's own estimate, as the sampler makes them (mre/diffusion/rollout.py)
-  c.train.rollout_prob = 0.0
-  c.train.rollout_gap = 50
   c.train.log_every = 10
   c.train.checkpoint_every = 500
   c.train.validate_every = 1000
