@@ -293,9 +293,8 @@ def micro_loss(ctx: StepContext, params, batch, key):
     kwargs["reward"] = reward
 
   denoise = denoiser(unet, ctx.schedule)
-  if (
-      cfg.get("rollout_prob", 0.0) > 0
-  ):  # some inputs made from the model's own estimate (rollout.py)
+  # Rollout training: some inputs made from the model's own estimate (mre/diffusion/rollout.py).
+  if cfg.get("rollout_prob", 0.0) > 0:
     noisy = rollout_inputs(
         denoise,
         ctx.schedule,
