@@ -6,8 +6,7 @@ with `nnx.eval_shape` (nothing is allocated, nothing is loaded).
 The estimate counts parameters (param_dtype) sharded as the trainer shards them (the largest
 divisible axis over `fsdp` for tensors of at least `mesh.fsdp_min_size` elements; with a `tensor`
 axis the LLM's attention and MLP projections split by heads and columns first, mre/sharding.py),
-and for the
-trained parts their gradients (param_dtype), AdamW's two moments (float32) and an EMA copy when
+and for the trained parts their gradients (param_dtype), AdamW's two moments (float32) and an EMA copy when
 `train.ema_decay` > 0. Activations are not counted: they depend on batch, resolution and remat.
 """
 
@@ -15,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import numpy as np
 from absl import app, flags
 from flax import nnx

@@ -163,7 +163,7 @@ class SmartEditTrainer:
   null_context: jax.Array
   trained: Sequence[str] = TRAINABLE
   loss_config: SmartEditLossConfig = SmartEditLossConfig()
-  reward_fn: Optional[callable] = None  # batch -> RewardInputs, for a RewardUNet
+  reward_fn: Optional[callable] = None  # (model, batch) -> RewardInputs, for a RewardUNet
 
   def __post_init__(self):
     self.filter = trained_filter(self.trained)

@@ -85,11 +85,13 @@ def edit_latents(
       channel_axis=channel_axis,
   )
 
-  def guided_unet(latents_input, t):
-    return guidance(latents_input, t=t)
-
   state = None
-  if self_conditioned(unet):
+  if not self_conditioned(unet):
+
+    def guided_unet(latents_input, t):
+      return guidance(latents_input, t=t)
+
+  else:
     # Each guidance branch reads its own previous x0 estimate (mre/diffusion/self_condition.py).
     copies = guidance_branches(text_scale, image_scale, reward_scale)
     state = jnp.zeros((copies * latents.shape[0],) + latents.shape[1:], latents.dtype)

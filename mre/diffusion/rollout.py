@@ -22,12 +22,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mre.diffusion.samplers import ddim_step
 from mre.diffusion.schedule import NoiseSchedule, add_noise, resolve_prediction_type
-from mre.diffusion.source_skip import signal_and_noise_scale
-
-
-def _per_example(values, like):
-  return values.reshape((like.shape[0],) + (1,) * (like.ndim - 1)).astype(like.dtype)
 
 
 def rollout_inputs(
@@ -41,16 +37,20 @@ def rollout_inputs(
         f"train.rollout_prob needs x0 prediction (model.scheduler.prediction_type='sample'), not "
         f"{prediction_type!r}"
     )
-  b = x0.shape[0]
+  per_example = lambda v: v.reshape((x0.shape[0],) + (1,) * (x0.ndim - 1))  # noqa: E731
   t_before = jnp.minimum(t + gap, schedule.num_train_timesteps - 1)
   noisy_before = add_noise(schedule, x0, noise, t_before)
   sample = jnp.concatenate([noisy_before, image.astype(noisy_before.dtype)], axis=-1)
   estimate = jax.lax.stop_gradient(denoise(sample, t_before, context, **kw).astype(jnp.float32))
-  signal_b, scale_b = signal_and_noise_scale(schedule, t_before, b)
-  eps_hat = (noisy_before - _per_example(signal_b, x0) * estimate) / _per_example(scale_b, x0)
-  signal, scale = signal_and_noise_scale(schedule, t, b)
-  rolled = _per_example(signal, x0) * estimate + _per_example(scale, x0) * eps_hat
-  use = _per_example(jax.random.bernoulli(key, prob, (b,)), x0) > 0
+  alpha_bar = schedule.alphas_cumprod.astype(jnp.float32)
+  rolled = ddim_step(
+      noisy_before,
+      estimate,
+      per_example(alpha_bar[t_before]),
+      per_example(alpha_bar[t]),
+      prediction_type="sample",
+  )
+  use = per_example(jax.random.bernoulli(key, prob, (x0.shape[0],)))
   return jnp.where(use, rolled, add_noise(schedule, x0, noise, t))
 
 

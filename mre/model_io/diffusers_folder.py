@@ -195,12 +195,8 @@ def config_dict(module) -> dict:
 
 def mre_only_options(unet_config) -> list[str]:
   """The U-Net config keys of ours that diffusers has no counterpart for (set in this config)."""
-  fields = (
-      "source_skip",
-      "noisy_skip",
-      "pixel_head",
-      "self_condition",
-  )  # each read from the key "mre_" + field
+  # each read from the key "mre_" + field
+  fields = ("source_skip", "noisy_skip", "pixel_head", "self_condition")
   return [f"mre_{field}" for field in fields if getattr(unet_config, field, False)]
 
 

@@ -1,6 +1,7 @@
 """Self-conditioning (mre/diffusion/self_condition.py): the x0 estimate, the training estimate,
 the source skip's residual, and one estimate chain per guidance branch in the sampler."""
 
+import functools
 import types
 
 import jax
@@ -12,12 +13,10 @@ from mre.diffusion import add_noise, make_schedule, training_target
 from mre.diffusion.editing import edit_latents
 from mre.diffusion.self_condition import predicted_x0, self_conditioned, training_estimate
 from mre.diffusion.source_skip import with_source_skip
+from tests.diffusion.test_source_skip import _arrays as source_skip_arrays
 
 
-def _arrays(seed=0, b=3, n=5, c=3):
-  rng = np.random.default_rng(seed)
-  x0, source, noise = (jnp.asarray(rng.standard_normal((b, n, n, c)), jnp.float32) for _ in "abc")
-  return x0, source, noise, jnp.asarray([3, 410, 987])
+_arrays = functools.partial(source_skip_arrays, n=5)
 
 
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon", "sample"])
