@@ -160,6 +160,11 @@ def scratch_unet_config(config, channels: int, context_dim: int) -> dict:
           if s.get("pixel_head_input_scale", 1.0) != 1.0
           else {}
       ),
+      **(
+          {"mre_pixel_head_fourier": int(s.pixel_head_fourier)}
+          if s.get("pixel_head_fourier", 0)
+          else {}
+      ),
       **({"mre_self_condition": True} if s.get("self_condition", False) else {}),
       # diffusers' TextTimeEmbedding: the pooled instruction joins the time embedding
       **(

@@ -99,6 +99,9 @@ class UNetConfig:
   # The input pixel's channels are multiplied by this before the head: a larger scale lets its
   # first layer draw sharp colour boundaries with small weights (Adam moves a weight ~lr a step).
   pixel_head_input_scale: float = 1.0
+  # With pixel_head: > 0 adds sin/cos(2^k pi x) of the input pixel, k < this, to the head's input
+  # (Fourier features: an MLP then learns sharp functions of colour, Tancik et al. 2020)
+  pixel_head_fourier: int = 0
   # Self-conditioning (Analog Bits): the U-Net also reads an earlier x0 estimate of its own (in the
   # noisy latents' channels, appended to its input; zeros when there is none).
   self_condition: bool = False
@@ -144,8 +147,9 @@ class UNetConfig:
     refuse(cfg, "conv_out_kernel", (3,), where, 3)
     if isinstance(cfg["cross_attention_dim"], (list, tuple)):
       raise ConfigError(f"{where}: per-block cross_attention_dim is not supported")
-    if cfg.get("mre_pixel_head_only", False) and not cfg.get("mre_pixel_head", 0):
-      raise ConfigError(f"{where}: mre_pixel_head_only needs mre_pixel_head > 0 (its width)")
+    for key in ("mre_pixel_head_only", "mre_pixel_head_fourier"):
+      if cfg.get(key, False) and not cfg.get("mre_pixel_head", 0):
+        raise ConfigError(f"{where}: {key} needs mre_pixel_head > 0 (its width)")
     # diffusers' historical naming: `attention_head_dim` holds the number of heads when
     # `num_attention_heads` is unset (true of every SD 1.x config).
     heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
@@ -184,6 +188,7 @@ class UNetConfig:
         pixel_head=int(cfg.get("mre_pixel_head", 0)),
         pixel_head_only=bool(cfg.get("mre_pixel_head_only", False)),
         pixel_head_input_scale=float(cfg.get("mre_pixel_head_input_scale", 1.0)),
+        pixel_head_fourier=int(cfg.get("mre_pixel_head_fourier", 0)),
         self_condition=bool(cfg.get("mre_self_condition", False)),
         raw=dict(cfg),
     )

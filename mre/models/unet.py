@@ -118,7 +118,11 @@ class UNet2DConditionModel(nnx.Module):
       )
     if cfg.pixel_head:
       self.pixel_head = PixelHead(
-          ch[0] + _input_channels(cfg), temb_dim, cfg.pixel_head, cfg.out_channels, **kw
+          ch[0] + _input_channels(cfg) * (1 + 2 * cfg.pixel_head_fourier),
+          temb_dim,
+          cfg.pixel_head,
+          cfg.out_channels,
+          **kw,
       )
 
   def time_embed(self, timesteps, batch):
@@ -175,8 +179,11 @@ class UNet2DConditionModel(nnx.Module):
     features = nnx.silu(self.conv_norm_out(h))
     out = None if self.config.pixel_head_only else self.conv_out(features)
     if self.config.pixel_head:
-      pixel = sample * self.config.pixel_head_input_scale
-      head = self.pixel_head(jnp.concatenate([features, pixel], axis=-1), emb)
+      pixel = [sample * self.config.pixel_head_input_scale]
+      for k in range(self.config.pixel_head_fourier):
+        angle = (2.0**k * jnp.pi) * sample
+        pixel += [jnp.sin(angle), jnp.cos(angle)]
+      head = self.pixel_head(jnp.concatenate([features, *pixel], axis=-1), emb)
       out = head if out is None else out + head
     if self.config.noisy_skip:
       # The noisy input passed straight to the output with a gain read from the time (and

@@ -171,6 +171,41 @@ def test_pixel_head_input_scale_multiplies_the_pixel_channels_only():
   np.testing.assert_allclose(np.asarray(one(x, t, ctx)), np.asarray(four(x, t, ctx)), atol=1e-5)
 
 
+def test_pixel_head_fourier_features_extend_the_head_and_are_periodic_in_the_pixel():
+  """mre_pixel_head_fourier k: the head also reads sin/cos(2^j pi x), j < k, of the input pixel.
+  With their first-layer weights zero it is the head without them; with only theirs non-zero its
+  output repeats when the pixel moves by 2 (the slowest period) and not by 1."""
+  configs = UNET_CONFIGS
+  name = sorted(configs)[0]
+  cfg = {**configs[name], "mre_pixel_head": 8, "mre_pixel_head_only": True}
+  plain = UNet2DConditionModel(cfg, rngs=nnx.Rngs(0))
+  fourier = UNet2DConditionModel({**cfg, "mre_pixel_head_fourier": 2}, rngs=nnx.Rngs(0))
+  features = plain.config.block_out_channels[0]
+  kernel = plain.pixel_head.fc1.kernel[...]
+  assert fourier.pixel_head.fc1.kernel.shape[0] == kernel.shape[0] + 2 * 2 * 8
+  with pytest.raises(ConfigError, match="mre_pixel_head_fourier"):
+    UNet2DConditionModel({**configs[name], "mre_pixel_head_fourier": 2}, rngs=nnx.Rngs(0))
+  out = jnp.asarray(np.random.RandomState(6).randn(8, 4), jnp.float32)
+  for m in (plain, fourier):
+    m.pixel_head.fc_out.kernel[...] = out
+  fourier.pixel_head.fc1.kernel[...] = jnp.concatenate(
+      [kernel, jnp.zeros((2 * 2 * 8, kernel.shape[1]))], axis=0
+  )
+  rs = np.random.RandomState(5)
+  x = jnp.asarray(rs.randn(2, 16, 16, 8), jnp.float32)
+  ctx = jnp.asarray(rs.randn(2, 5, configs[name]["cross_attention_dim"]), jnp.float32)
+  t = jnp.array([3, 951])
+  np.testing.assert_allclose(
+      np.asarray(fourier(x, t, ctx)), np.asarray(plain(x, t, ctx)), atol=1e-6
+  )
+  only = np.zeros(fourier.pixel_head.fc1.kernel.shape, np.float32)
+  only[features + 8 :] = rs.randn(2 * 2 * 8, kernel.shape[1])
+  fourier.pixel_head.fc1.kernel[...] = jnp.asarray(only)
+  a, b, c = (np.asarray(fourier(x + shift, t, ctx)) for shift in (0.0, 2.0, 1.0))
+  np.testing.assert_allclose(b, a, atol=1e-4)
+  assert np.abs(c - a).max() > 1e-2
+
+
 def test_self_condition_reads_an_estimate_in_extra_input_channels():
   """mre_self_condition: conv_in reads the latent channels of an x0 estimate after the usual input;
   no estimate means zeros; a plain U-Net refuses one."""
