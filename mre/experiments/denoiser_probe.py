@@ -43,7 +43,8 @@ def probe(
 ) -> dict:
   """{t: {"inside": error, "next_to_edge": error, "blur": judge blur level}} (errors: mean RGB
   distance in [-1, 1] units) over the first `items` test edits of `category` with a known ideal.
-  `model` is a folder or a loaded Pipeline of a pixel-space editor."""
+  `model` is a folder or a loaded Pipeline of a pixel-space editor (a reward editor is probed at
+  the perfect reward)."""
   pipe = load_any(model) if isinstance(model, str) else model
   if not isinstance(pipe.vae, PixelSpace):
     raise ValueError("the probe makes x_t from images: it needs a pixel-space (toy) editor")
@@ -64,7 +65,9 @@ def probe(
   source = np.stack([it.original for it, _ in chosen]).astype(np.float32) / 127.5 - 1
   ideal = np.stack([i for _, i in chosen]).astype(np.float32) / 127.5 - 1
   context, _ = editor.text_features([it.instruction for it, _ in chosen])
-  estimate = nnx.jit(lambda unet, s, t, c: denoiser(unet, editor.schedule)(s, t, c))
+  # A reward editor is probed at the perfect reward (the one its edits are made with).
+  extra = {"reward": editor.reward_inputs(len(chosen))} if editor.is_reward else {}
+  estimate = nnx.jit(lambda unet, s, t, c, x: denoiser(unet, editor.schedule)(s, t, c, **x))
   alpha_bar = np.asarray(editor.schedule.alphas_cumprod, np.float64)
   region = np.linalg.norm(ideal - source, axis=-1) > 0.1
   # Unchanged pixels touching the changed region: where a soft halo shows.
@@ -75,7 +78,7 @@ def probe(
     noise = rng.standard_normal(ideal.shape).astype(np.float32)
     noisy = np.sqrt(alpha_bar[t]) * ideal + np.sqrt(1 - alpha_bar[t]) * noise
     sample = jnp.asarray(np.concatenate([noisy, source], -1), jnp.float32)
-    x0 = np.asarray(estimate(pipe.unet, sample, jnp.full((len(chosen),), t), context))
+    x0 = np.asarray(estimate(pipe.unet, sample, jnp.full((len(chosen),), t), context, extra))
     error = np.linalg.norm(x0 - ideal, axis=-1)
     blur = np.mean([quality.quality_levels(to_uint8(x))["blur"] for x in x0])
     out[int(t)] = {

@@ -4,27 +4,33 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import ip2p
+from configs import ip2p, reward
 from data_prep.toy.judge import quality
 from data_prep.toy.judge.view import EditView
 from mre import evaluation, model_setup
 from mre.experiments.denoiser_probe import probe
+from mre.models.reward_unet import RewardUNet
 
 
-def test_a_source_copying_editor_is_wrong_inside_the_edit_at_every_noise_level(tmp_path, toy_data):
+@pytest.mark.parametrize("recipe", [ip2p, reward])
+def test_a_source_copying_editor_is_wrong_inside_the_edit_at_every_noise_level(
+    recipe, tmp_path, toy_data
+):
   """With the source skip and a zero output layer the x0 estimate is the source itself: its error
   is |ideal - source| inside the edited region, exactly 0 next to it, and the blur of the sources,
-  at every t."""
+  at every t (a reward editor: at the perfect reward)."""
   from data_prep.toy.vocabulary import vocabulary  # pylint: disable=import-outside-toplevel
 
-  c = ip2p.get_config("toy")
+  c = recipe.get_config("toy")
+  c.model.reward.score_dim, c.model.reward.heads = 8, 2
   c.model.scratch.unet_channels, c.model.scratch.text_hidden = (8, 16), 16
   c.model.scratch.heads, c.model.scratch.text_heads = 2, 2
   c.data.resolution = 16
   pipe = model_setup.build_scratch(c, vocabulary(), str(tmp_path / "tok"), abstract=False)
-  conv = pipe.unet.conv_out
-  conv.kernel[...] = conv.kernel[...] * 0
-  conv.bias[...] = conv.bias[...] * 0
+  assert isinstance(pipe.unet, RewardUNet) == (recipe is reward)
+  out = pipe.unet.pixel_head.fc_out  # the toy recipe's output layer (zero at the start anyway)
+  out.kernel[...] = out.kernel[...] * 0
+  out.bias[...] = out.bias[...] * 0
   got = probe(
       pipe,
       category="local",
