@@ -68,6 +68,7 @@ def base_config():
           pixel_head=0,  # > 0: hidden width of a per-pixel MLP head added to the output
           pixel_head_only=False,  # the head is the whole output (no 3 x 3 conv_out)
           pixel_head_input_scale=1.0,  # the input pixel's scale in the head (sharper colour tests)
+          pixel_head_fourier=0,  # > 0: octaves of sin/cos features of the input pixel in the head
           # the U-Net also reads its own earlier x0 estimate (mre/diffusion/self_condition.py)
           self_condition=False,
           text_hidden=64,
@@ -201,6 +202,12 @@ def apply_toy(c):
   c.model.scratch.attention_from_level = 2
   c.model.scratch.text_time_embedding = True
   c.model.scratch.source_skip = True
+  # The output is a per-pixel MLP over the last features and the input pixel (scaled by 8, so
+  # its colour tests can be sharp), not a 3 x 3 convolution that blurs every edge it paints
+  # (README, "What the toy editor needed": quality 27% -> 49% on the ideal edits).
+  c.model.scratch.pixel_head = 64
+  c.model.scratch.pixel_head_only = True
+  c.model.scratch.pixel_head_input_scale = 8.0
   c.train.steps = 3000
   c.train.batch_per_device = 32
   c.train.grad_accum = 1
@@ -212,6 +219,10 @@ def apply_toy(c):
   # Object edits are a few percent of an image: without weighting the region an edit changes they
   # were not learned at all (README, "What the toy editor needed").
   c.train.edit_weight = 4.0
+  # ... on whichever of the changed and unchanged regions is the smaller: a background edit's
+  # changed region is most of the image, and weighting it left the objects that must stay 2% of
+  # the loss (background preserving 6.5% -> 87.1%).
+  c.train.edit_weight_minority = True
   c.train.ema_decay = 0.995
   c.train.log_every = 10
   c.train.checkpoint_every = 500

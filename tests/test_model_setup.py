@@ -162,13 +162,20 @@ def test_noisy_skip_reaches_the_unet_config():
 
 def test_pixel_head_reaches_the_unet_config():
   c = ip2p.get_config("toy")
-  assert "mre_pixel_head" not in model_setup.scratch_unet_config(c, 3, 64)
-  c.model.scratch.pixel_head = 32
-  assert UNetConfig.from_dict(model_setup.scratch_unet_config(c, 3, 64)).pixel_head == 32
-  c.model.scratch.pixel_head_only = True
-  c.model.scratch.pixel_head_input_scale = 8.0
   unet = UNetConfig.from_dict(model_setup.scratch_unet_config(c, 3, 64))
-  assert unet.pixel_head_only and unet.pixel_head_input_scale == 8.0
+  # The toy recipe's output is the scaled head.
+  assert unet.pixel_head == 64 and unet.pixel_head_only and unet.pixel_head_input_scale == 8.0
+  assert "mre_pixel_head_fourier" not in model_setup.scratch_unet_config(c, 3, 64)
+  c.model.scratch.pixel_head_fourier = 4
+  assert UNetConfig.from_dict(model_setup.scratch_unet_config(c, 3, 64)).pixel_head_fourier == 4
+  c.model.scratch.pixel_head_input_scale = 1.0
+  c.model.scratch.pixel_head_only = False
+  c.model.scratch.pixel_head = 32
+  cfg = model_setup.scratch_unet_config(c, 3, 64)
+  assert "mre_pixel_head_only" not in cfg and "mre_pixel_head_input_scale" not in cfg
+  assert UNetConfig.from_dict(cfg).pixel_head == 32
+  c.model.scratch.pixel_head = 0
+  assert "mre_pixel_head" not in model_setup.scratch_unet_config(c, 3, 64)
 
 
 def test_self_condition_reaches_the_unet_config():

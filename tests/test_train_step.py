@@ -49,6 +49,12 @@ TINY = {
     "model.reward.heads": 2,
     "model.reward.attn_dropout": 0.0,
     "train.snr_gamma": 0.0,
+    # The 3 x 3 conv_out, not the recipe's zero-initialised pixel head: these tests compare losses
+    # and gradients of the whole network, which a zero output layer would hide.
+    "model.scratch.pixel_head": 0,
+    "model.scratch.pixel_head_only": False,
+    "model.scratch.pixel_head_input_scale": 1.0,
+    "model.scratch.pixel_head_fourier": 0,
 }
 WORDS = ["make", "the", "square", "circle", "red", "blue", "green", "bigger", "move", "left"]
 

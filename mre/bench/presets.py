@@ -226,7 +226,15 @@ def preset(name: str, tokenizer_dir: str) -> Preset:
     from configs import ip2p  # pylint: disable=import-outside-toplevel
 
     rows = ("input_pipeline",) + TRAIN_ROWS + EDIT_ROWS + CONV_ROWS
-    return from_config(ip2p.get_config("toy"), tokenizer_dir, name="toy", rows=rows, edit_steps=20)
+    config = ip2p.get_config("toy")
+    # The recipe's per-pixel output head is ours, not diffusers': both sides time the same
+    # U-Net with its 3 x 3 conv_out (`--config=configs/ip2p.py:toy`
+    # times the recipe's network, head included, on the JAX side).
+    config.model.scratch.pixel_head = 0
+    config.model.scratch.pixel_head_only = False
+    config.model.scratch.pixel_head_input_scale = 1.0
+    config.model.scratch.pixel_head_fourier = 0
+    return from_config(config, tokenizer_dir, name="toy", rows=rows, edit_steps=20)
   if name == "sd15-256-train":
     return sd15(name, resolution=256, batch=8, edit_batch=8, edit_steps=30, rows=TRAIN_ROWS)
   if name == "sd15-512-edit":
