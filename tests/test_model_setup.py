@@ -163,11 +163,13 @@ def test_noisy_skip_reaches_the_unet_config():
 def test_pixel_head_reaches_the_unet_config():
   c = ip2p.get_config("toy")
   unet = UNetConfig.from_dict(model_setup.scratch_unet_config(c, 3, 64))
-  # The toy recipe's output is the scaled head.
-  assert unet.pixel_head == 64 and unet.pixel_head_only and unet.pixel_head_input_scale == 8.0
-  assert "mre_pixel_head_fourier" not in model_setup.scratch_unet_config(c, 3, 64)
-  c.model.scratch.pixel_head_fourier = 4
-  assert UNetConfig.from_dict(model_setup.scratch_unet_config(c, 3, 64)).pixel_head_fourier == 4
+  # The toy recipe's output is the scaled, gated head with Fourier features.
+  assert unet.pixel_head == 128 and unet.pixel_head_only and unet.pixel_head_input_scale == 8.0
+  assert unet.pixel_head_fourier == 4 and unet.pixel_head_gate
+  c.model.scratch.pixel_head_fourier = 0
+  c.model.scratch.pixel_head_gate = False
+  cfg = model_setup.scratch_unet_config(c, 3, 64)
+  assert "mre_pixel_head_fourier" not in cfg and "mre_pixel_head_gate" not in cfg
   c.model.scratch.pixel_head_input_scale = 1.0
   c.model.scratch.pixel_head_only = False
   c.model.scratch.pixel_head = 32

@@ -55,6 +55,7 @@ TINY = {
     "model.scratch.pixel_head_only": False,
     "model.scratch.pixel_head_input_scale": 1.0,
     "model.scratch.pixel_head_fourier": 0,
+    "model.scratch.pixel_head_gate": False,
 }
 WORDS = ["make", "the", "square", "circle", "red", "blue", "green", "bigger", "move", "left"]
 

@@ -234,6 +234,7 @@ def preset(name: str, tokenizer_dir: str) -> Preset:
     config.model.scratch.pixel_head_only = False
     config.model.scratch.pixel_head_input_scale = 1.0
     config.model.scratch.pixel_head_fourier = 0
+    config.model.scratch.pixel_head_gate = False
     return from_config(config, tokenizer_dir, name="toy", rows=rows, edit_steps=20)
   if name == "sd15-256-train":
     return sd15(name, resolution=256, batch=8, edit_batch=8, edit_steps=30, rows=TRAIN_ROWS)

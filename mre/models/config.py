@@ -102,6 +102,10 @@ class UNetConfig:
   # With pixel_head: > 0 adds sin/cos(2^k pi x) of the input pixel, k < this, to the head's input
   # (Fourier features: an MLP then learns sharp functions of colour, Tancik et al. 2020)
   pixel_head_fourier: int = 0
+  # With pixel_head: the head gives one more channel, a gate g = sigmoid(that channel), and its
+  # output is g times the other channels' (an edit = "where" x "what"; a saturated gate is exactly
+  # 0 or 1, so the product keeps sharp boundaries that an additive output must cancel to draw).
+  pixel_head_gate: bool = False
   # Self-conditioning (Analog Bits): the U-Net also reads an earlier x0 estimate of its own (in the
   # noisy latents' channels, appended to its input; zeros when there is none).
   self_condition: bool = False
@@ -147,7 +151,7 @@ class UNetConfig:
     refuse(cfg, "conv_out_kernel", (3,), where, 3)
     if isinstance(cfg["cross_attention_dim"], (list, tuple)):
       raise ConfigError(f"{where}: per-block cross_attention_dim is not supported")
-    for key in ("mre_pixel_head_only", "mre_pixel_head_fourier"):
+    for key in ("mre_pixel_head_only", "mre_pixel_head_fourier", "mre_pixel_head_gate"):
       if cfg.get(key, False) and not cfg.get("mre_pixel_head", 0):
         raise ConfigError(f"{where}: {key} needs mre_pixel_head > 0 (its width)")
     # diffusers' historical naming: `attention_head_dim` holds the number of heads when
@@ -189,6 +193,7 @@ class UNetConfig:
         pixel_head_only=bool(cfg.get("mre_pixel_head_only", False)),
         pixel_head_input_scale=float(cfg.get("mre_pixel_head_input_scale", 1.0)),
         pixel_head_fourier=int(cfg.get("mre_pixel_head_fourier", 0)),
+        pixel_head_gate=bool(cfg.get("mre_pixel_head_gate", False)),
         self_condition=bool(cfg.get("mre_self_condition", False)),
         raw=dict(cfg),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -121,7 +122,7 @@ class UNet2DConditionModel(nnx.Module):
           ch[0] + _input_channels(cfg) * (1 + 2 * cfg.pixel_head_fourier),
           temb_dim,
           cfg.pixel_head,
-          cfg.out_channels,
+          cfg.out_channels + int(cfg.pixel_head_gate),
           **kw,
       )
 
@@ -184,6 +185,8 @@ class UNet2DConditionModel(nnx.Module):
         angle = (2.0**k * jnp.pi) * sample
         pixel += [jnp.sin(angle), jnp.cos(angle)]
       head = self.pixel_head(jnp.concatenate([features, *pixel], axis=-1), emb)
+      if self.config.pixel_head_gate:  # "where" (a sigmoid gate) times "what" (the rest)
+        head = jax.nn.sigmoid(head[..., -1:]) * head[..., :-1]
       out = head if out is None else out + head
     if self.config.noisy_skip:
       # The noisy input passed straight to the output with a gain read from the time (and

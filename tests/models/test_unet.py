@@ -206,6 +206,32 @@ def test_pixel_head_fourier_features_extend_the_head_and_are_periodic_in_the_pix
   assert np.abs(c - a).max() > 1e-2
 
 
+def test_pixel_head_gate_multiplies_the_output_by_a_sigmoid_of_one_more_channel():
+  """mre_pixel_head_gate: the head gives out_channels + 1 channels and the output is
+  sigmoid(the last) times the others: zero at the start, the ungated head's output at a saturated
+  open gate, zero at a saturated closed one, half of it at a zero gate channel."""
+  configs = UNET_CONFIGS
+  name = sorted(configs)[0]
+  cfg = {**configs[name], "mre_pixel_head": 8, "mre_pixel_head_only": True}
+  plain = UNet2DConditionModel(cfg, rngs=nnx.Rngs(0))
+  gated = UNet2DConditionModel({**cfg, "mre_pixel_head_gate": True}, rngs=nnx.Rngs(0))
+  assert gated.pixel_head.fc_out.kernel.shape == (8, 5)
+  with pytest.raises(ConfigError, match="mre_pixel_head_gate"):
+    UNet2DConditionModel({**configs[name], "mre_pixel_head_gate": True}, rngs=nnx.Rngs(0))
+  rs = np.random.RandomState(7)
+  x = jnp.asarray(rs.randn(2, 16, 16, 8), jnp.float32)
+  ctx = jnp.asarray(rs.randn(2, 5, configs[name]["cross_attention_dim"]), jnp.float32)
+  t = jnp.array([3, 951])
+  np.testing.assert_array_equal(np.asarray(gated(x, t, ctx)), 0.0)
+  out = jnp.asarray(rs.randn(8, 4), jnp.float32)
+  plain.pixel_head.fc_out.kernel[...] = out
+  ungated = np.asarray(plain(x, t, ctx))
+  for bias, share in ((30.0, 1.0), (-30.0, 0.0), (0.0, 0.5)):
+    gated.pixel_head.fc_out.kernel[...] = jnp.concatenate([out, jnp.zeros((8, 1))], axis=1)
+    gated.pixel_head.fc_out.bias[...] = jnp.asarray([0.0, 0.0, 0.0, 0.0, bias])
+    np.testing.assert_allclose(np.asarray(gated(x, t, ctx)), share * ungated, atol=1e-5)
+
+
 def test_self_condition_reads_an_estimate_in_extra_input_channels():
   """mre_self_condition: conv_in reads the latent channels of an x0 estimate after the usual input;
   no estimate means zeros; a plain U-Net refuses one."""
