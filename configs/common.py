@@ -26,7 +26,9 @@ def base_config():
   c.distributed = "auto"  # "auto": jax.distributed.initialize() on TPU pods / SLURM / env
 
   c.model = ml_collections.ConfigDict()
-  c.model.family = "instructpix2pix"  # the editor architecture ("smartedit" is not built yet)
+  # the editor architecture: "instructpix2pix" or "smartedit" (configs/smartedit.py; only its toy
+  # trains: mre/smartedit_train.py)
+  c.model.family = "instructpix2pix"
   c.model.pretrained = ""  # local folder to start from ("" = from scratch: toy world only)
   c.model.dtype = "bfloat16"  # computation; parameters stay in param_dtype
   c.model.param_dtype = "float32"

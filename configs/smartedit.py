@@ -1,8 +1,9 @@
 """SmartEdit-style editor (second baseline): LLaVA-7B + LoRA, CLIP ViT-L/14, Q-Former, BIM, SD 1.5.
 
   python -m mre.smartedit_dryrun --config=configs/smartedit.py      # sizes and memory, no weights
-  python -m mre.smartedit_dryrun --config=configs/smartedit.py:toy
-  python -m mre.train --config=configs/smartedit.py                  # refused: not trainable yet
+  python -m mre.smartedit_dryrun --config=configs/smartedit.py:toy   # tiny_config's sizes
+  python -m mre.train --config=configs/smartedit.py:toy              # trains the toy on the CPU
+  python -m mre.train --config=configs/smartedit.py                  # refused: 7B training not built
 
 The release's stage-2 recipe: 15k steps, AdamW lr 1e-5 (cosine, no warmup), weight decay 0, batch
 128 (8 GPUs x 2 x accumulation 8), bf16, 256 px; loss = LM cross-entropy + diffusion MSE (epsilon),
@@ -11,7 +12,14 @@ embeddings and lm_head (only the 35 new rows change: the release puts the old ro
 step), the Q-Former, the BIM. Frozen: vision tower, projector, VAE, the LLaMA base weights.
 Conditioning dropout: one draw r per sample, text -> the empty prompt's CLIP context if r < 0.1,
 source latents zeroed if 0.05 <= r < 0.15, the BIM map never dropped. Multi-reward on top:
---config.model.reward.enabled=True (the U-Net becomes a RewardUNet).
+--config.model.reward.enabled=True (the U-Net becomes a RewardUNet; training it is not built yet).
+
+`:toy` (mre/smartedit_train.py, mre/smartedit_setup.py): the toy world at 24 px, every network from
+random weights and trained (LLaMA, ViT and projector too: there is nothing pretrained to keep), the
+toy InstructPix2Pix U-Net and CLIP text sizes (`model.scratch`), `tiny_config`'s LLaMA/ViT/Q-Former/
+BIM, a word-level LLM tokenizer, the release's conversation and template with all 32 `<img_k>`
+tokens, the release's conditioning dropout and loss weights, no EMA, the toy's AdamW schedule;
+validation's LLM answers greedy (temperature 0).
 """
 
 import ml_collections
@@ -20,6 +28,7 @@ from configs import common
 
 TRAINED = ("unet", "lora", "embeddings", "sd_qformer", "bim")
 FROZEN = ("llm_base", "vision_tower", "mm_projector", "vae")
+TOY_TRAINED = ("llm", "vision_tower", "mm_projector")  # the toy's, all from scratch
 
 
 def get_config(arg=None):
@@ -46,6 +55,8 @@ def get_config(arg=None):
           text_dropout=0.1,  # r < 0.1: the empty prompt's CLIP context
           image_dropout=(0.05, 0.15),  # 0.05 <= r < 0.15: zero source latents
           temperature=0.7,  # LLM sampling at inference
+          num_img_tokens=32,  # the <img_k> tokens of the answer (the release's 32)
+          max_prompt_tokens=160,  # training conversations are padded to this many tokens (toy)
       )
   )
   c.model.dtype = "bfloat16"
@@ -66,11 +77,18 @@ def get_config(arg=None):
   c.mesh.data = 1
   c.mesh.fsdp = 8
   if variant == "toy":
-    common.apply_toy(c)
+    common.apply_toy(c)  # the toy world, and the toy InstructPix2Pix U-Net and CLIP text sizes
     c.model.smartedit.size = "toy"
     c.model.smartedit.lora_r = 2
     c.model.smartedit.lora_alpha = 4.0
+    # Everything starts from random weights: there is no pretrained LLaMA or CLIP to keep frozen.
+    c.model.smartedit.trained = TRAINED + TOY_TRAINED
+    # Validation's answers greedy: sampled at the release's 0.7, one of 20 answers of a 300-step
+    # run's LLM (mre.eval on its export) lacked an <img_k> token, and the editor then refuses the
+    # whole batch (README, "Training the toy SmartEdit").
+    c.model.smartedit.temperature = 0.0
     c.train.ema_decay = 0.0
+    c.train.grad_accum = 1
     c.mesh.fsdp = 1
     c.mesh.data = -1
   return c

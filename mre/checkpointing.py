@@ -7,6 +7,7 @@ continues on exactly the next batch. Saves are asynchronous; the newest `keep` a
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -60,6 +61,13 @@ class Checkpointer:
     """True on every host once any host got a preemption notice (TPU maintenance events)."""
     return self.manager.reached_preemption(step)
 
+  def stop_reason(self, stop: "StopSignal", step: int):
+    """Why a run stops after `step` ("signal N", "preemption notice"), or None: then it saves a
+    checkpoint whatever `checkpoint_every` says, and returns."""
+    if stop.requested:
+      return f"signal {stop.signum}"
+    return "preemption notice" if self.reached_preemption(step) else None
+
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
@@ -96,3 +104,35 @@ class StopSignal:
   @property
   def requested(self) -> bool:
     return self.event.is_set()
+
+
+def run_summary(workdir, step, start_step, history, validations) -> dict:
+  """What a trainer returns and writes to `train_summary.json` (`write_summary`)."""
+  return {
+      "workdir": workdir,
+      "step": step,
+      "resumed_from": start_step,
+      "history": history,
+      "validation": validations,
+  }
+
+
+def stopped_summary(summary: dict, stopped: str) -> dict:
+  """`summary` of a run stopped by a signal or a preemption notice, which is said and logged."""
+  msg = (
+      f"stopped at step {summary['step']} on {stopped}; checkpoint saved, rerun the command to "
+      "resume"
+  )
+  logging.warning(msg)
+  print(msg)
+  return {**summary, "stopped": stopped}
+
+
+def write_summary(workdir: str, summary: dict) -> str:
+  """`workdir/train_summary.json`, whole or not at all (for readers and a killed run). Call it
+  from one process: two truncating one file garble it."""
+  path = os.path.join(workdir, "train_summary.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(summary, f, indent=1)
+  os.replace(path + ".tmp", path)
+  return path

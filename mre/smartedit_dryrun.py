@@ -62,13 +62,15 @@ def abstract_parts(config) -> dict:
 
 
 def _is_trained(part: str, path, var, trained) -> bool:
+  if part in trained:  # a whole part (the toy trains the LLM, vision tower, projector too)
+    return True
   if part == "llm":
     if isinstance(var, LoRAParam):
       return "lora" in trained
     # The whole embedding and lm_head matrices get gradients and optimizer state in the release
     # (the old rows are restored after each step).
     return "embeddings" in trained and ("embed_tokens" in path or "lm_head" in path)
-  return part in trained
+  return False
 
 
 @dataclasses.dataclass

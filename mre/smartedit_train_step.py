@@ -12,7 +12,12 @@ Trained (`trained` names, the release's split): `unet`, `lora` (the adapters' we
 `embeddings` (the LLM's embedding and lm_head matrices; after every update the original
 vocabulary's rows are put back, so only the added tokens' rows learn, as the release does),
 `sd_qformer`, `bim`. Everything else (the LLaMA base weights, vision tower, projector, VAE) is
-frozen: it gets no gradient and no optimizer state.
+frozen: it gets no gradient and no optimizer state. A model trained from scratch (the toy world)
+has no pretrained LLM or CLIP to keep: `llm` (every LLM weight, all vocabulary rows),
+`vision_tower` and `mm_projector` train them too.
+
+The U-Net is called through `denoiser`, so a toy U-Net with the source skip (`mre_source_skip`) is
+trained as the samplers call it.
 """
 
 from __future__ import annotations
@@ -26,11 +31,14 @@ import optax
 from flax import nnx
 
 from mre.diffusion.schedule import NoiseSchedule, add_noise, training_target
+from mre.diffusion.source_skip import denoiser
 from mre.models.lora import LoRAParam
 from mre.models.smartedit import ConditionedUNet, SmartEdit, release_condition_dropout
 from mre.models.smartedit_prompt import IGNORE
 
 TRAINABLE = ("unet", "lora", "embeddings", "sd_qformer", "bim")
+# From scratch only: the whole LLM, the vision tower, the projector.
+SCRATCH_TRAINABLE = ("llm", "vision_tower", "mm_projector")
 
 
 def _embedding_matrix(path, value) -> bool:
@@ -43,9 +51,11 @@ def _embedding_matrix(path, value) -> bool:
 
 def trained_filter(trained: Sequence[str]):
   """The NNX filter of the parameters a SmartEdit step trains (`TRAINABLE` names)."""
-  unknown = sorted(set(trained) - set(TRAINABLE))
+  unknown = sorted(set(trained) - set(TRAINABLE + SCRATCH_TRAINABLE))
   if unknown:
-    raise ValueError(f"unknown trained part(s) {unknown}; choose from {TRAINABLE}")
+    raise ValueError(
+        f"unknown trained part(s) {unknown}; choose from {TRAINABLE + SCRATCH_TRAINABLE}"
+    )
   filters = []
   for name in trained:
     if name == "lora":
@@ -126,7 +136,8 @@ def smartedit_loss(
   )
   noisy = add_noise(schedule, target, noise, t)
   sample = jnp.concatenate([noisy, image.astype(noisy.dtype)], axis=-1)
-  out = ConditionedUNet(model.unet)(sample, t, context, conv_in_residual=residual, reward=reward)
+  unet = ConditionedUNet(model.unet)
+  out = denoiser(unet, schedule)(sample, t, context, conv_in_residual=residual, reward=reward)
   diffusion = jnp.mean((out.astype(jnp.float32) - training_target(schedule, target, noise, t)) ** 2)
   loss = config.lm_weight * lm + config.diffusion_weight * diffusion
   return loss, {"lm": lm, "diffusion": diffusion}
@@ -167,6 +178,8 @@ class SmartEditTrainer:
 
   def __post_init__(self):
     self.filter = trained_filter(self.trained)
+    # With the whole LLM trained (from scratch) every vocabulary row learns: none is put back.
+    self.keep_original_rows = "llm" not in self.trained
     self.graphdef, self.params, self.rest = nnx.split(self.model, self.filter, ...)
     self.original_rows = jax.tree.map(jnp.copy, nnx.state(self.model, _embedding_matrix))
     self.opt_state = self.tx.init(self.params)
@@ -183,7 +196,8 @@ class SmartEditTrainer:
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = self.tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    params = restore_original_rows(params, original_rows, self.model.config.tokens.img)
+    if self.keep_original_rows:
+      params = restore_original_rows(params, original_rows, self.model.config.tokens.img)
     return params, opt_state, {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads)}
 
   def step(self, batch, key) -> dict:
@@ -197,6 +211,7 @@ class SmartEditTrainer:
 __all__ = [
     "SmartEditLossConfig",
     "SmartEditTrainer",
+    "SCRATCH_TRAINABLE",
     "TRAINABLE",
     "lm_cross_entropy",
     "restore_original_rows",

@@ -1,12 +1,12 @@
 """Train an editor: `python -m mre.train --config=configs/reward.py[:toy] [--config.key=value ...]`.
 
 `train(config)` is the whole run: mesh, models (sharded), input pipeline, a compiled and donated
-train step, Orbax checkpoints with automatic resume, metrics, validation grids, final export.
+train step, Orbax checkpoints with automatic resume, metrics, validation grids, final export. A
+`model.family='smartedit'` config is trained by `mre.smartedit_train.train` (the toy only).
 """
 
 from __future__ import annotations
 
-import json
 import logging as std_logging
 import os
 import time
@@ -19,30 +19,31 @@ from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from mre import checkpointing, model_setup, sharding
+from mre import checkpointing, model_setup, sharding, smartedit_setup, smartedit_train
 from mre.data import latent_cache, train_input
 from mre.diffusion.schedule import schedule_from_config
-from mre.editor import EditSettings
 from mre.model_io import diffusers_folder, native_format
 from mre.models.vae import AutoencoderKL
 from mre.pipeline import tokenize
 from mre.train_step import (
+    NonFiniteError,
     SplitModel,
     StepContext,
+    StepTimer,
     init_train_state,
+    log_metrics,
     lr_schedule,
     make_optimizer,
     make_train_step,
 )
-from mre.validation import ValidationGrid, ValidationJudge, save_grid
+from mre.validation import validate, validation_grid, validation_judge
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training recipe, e.g. " "configs/reward.py:toy.", lock_config=True
 )
 
 
-class NonFiniteError(FloatingPointError):
-  """Loss or gradients became NaN/inf; the state of the last good step is kept."""
+SMARTEDIT = "smartedit"  # the family `mre.smartedit_train` trains
 
 
 def materialize(module, mesh, min_size, make=None):
@@ -114,6 +115,8 @@ def ensure_stage1(config):
 
 def train(config) -> dict:
   """Runs (or resumes) the training run described by `config`; returns a summary dict."""
+  if config.model.family == SMARTEDIT:
+    return smartedit_train.train(config)
   ensure_stage1(config)
   model_setup.check_pretrained(config)
   model_setup.scheduler_settings(config)  # a model.scheduler field it cannot use fails at once
@@ -238,15 +241,14 @@ def train(config) -> dict:
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
 
     writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-  grid = _validation_grid(config, pipe, source) if (t.validate_every and lead) else None
-  judged = _validation_judge(config, pipe, source) if (t.validate_every and lead) else None
+  grid = validation_grid(config, pipe, source) if (t.validate_every and lead) else None
+  judged = validation_judge(config, pipe, source) if (t.validate_every and lead) else None
   global_batch_size = per_host * jax.process_count() * t.grad_accum
 
   history, validations, pending, step = [], [], None, start_step
-  last_time, last_step = time.time(), start_step
+  timer = StepTimer(start_step)
 
   def record(step_no, metrics):
-    nonlocal last_time, last_step
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not m.pop("finite"):
       raise NonFiniteError(
@@ -255,26 +257,13 @@ def train(config) -> dict:
           "state. Lower train.lr, check the data, or use model.dtype=float32."
       )
     if step_no % t.log_every == 0 or step_no == t.steps:
-      now = time.time()
-      dt = (now - last_time) / max(step_no - last_step, 1)
-      last_time, last_step = now, step_no
+      dt = timer.per_step(step_no)
       m.update(
           step_time=dt,
           images_per_s=global_batch_size / dt,
           tflops=flops / dt / 1e12 if flops else 0.0,
       )
-      history.append({"step": step_no, **m})
-      if writer:
-        for k, v in m.items():
-          writer.add_scalar(f"train/{k}", v, step_no)
-      logging.info(
-          "step %d loss %.4f grad_norm %.3f lr %.2e %.1f img/s",
-          step_no,
-          m["loss"],
-          m["grad_norm"],
-          m["lr"],
-          m["images_per_s"],
-      )
+      log_metrics(history, writer, step_no, m, ("loss", "grad_norm", "lr", "images_per_s"))
       bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{m['images_per_s']:.1f}")
 
   stopped = None
@@ -291,109 +280,39 @@ def train(config) -> dict:
         step += 1
         pending = (step, metrics)
         bar.update(1)
-        preempted = ckpt.reached_preemption(step)
-        if step % t.checkpoint_every == 0 or step == t.steps or stop.requested or preempted:
+        stopped = ckpt.stop_reason(stop, step)
+        if step % t.checkpoint_every == 0 or step == t.steps or stopped:
           record(*pending)
           pending = None
           ckpt.save(step, state, data.get_state(), force=True)
-        if stop.requested or preempted:
-          stopped = f"signal {stop.signum}" if stop.requested else "preemption notice"
+        if stopped:
           break
         if grid is not None and step % t.validate_every == 0:
-          validations.append(_validate(grid, judged, state, step, workdir, writer))
+          validations.append(
+              validate(grid, judged, jax.device_get(state.ema), step, workdir, writer)
+          )
       if pending is not None:
         record(*pending)
   finally:  # also on errors (e.g. NonFiniteError): finish pending saves, stop workers
     ckpt.close()
     data.close()
-  summary = {
-      "workdir": workdir,
-      "step": step,
-      "resumed_from": start_step,
-      "history": history,
-      "validation": validations,
-  }
+  summary = checkpointing.run_summary(workdir, step, start_step, history, validations)
   if stopped:
-    msg = f"stopped at step {step} on {stopped}; checkpoint saved, rerun the command to resume"
-    logging.warning(msg)
-    print(msg)
-    summary["stopped"] = stopped
-    return summary
+    return checkpointing.stopped_summary(summary, stopped)
   if grid is not None and t.steps % t.validate_every:
-    validations.append(_validate(grid, judged, state, step, workdir, writer))
+    validations.append(validate(grid, judged, jax.device_get(state.ema), step, workdir, writer))
   if t.export and lead:
     summary["export"] = export_model(pipe, jax.device_get(state.ema), workdir)
   if writer:
     writer.close()
-  if jax.process_index() == 0:  # one writer: two processes truncating one file garble it
-    path = os.path.join(workdir, "train_summary.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump({k: v for k, v in summary.items()}, f, indent=1)
-    os.replace(path + ".tmp", path)  # whole or not at all, for readers and a killed run
+  if jax.process_index() == 0:  # one writer (`write_summary`)
+    checkpointing.write_summary(workdir, summary)
   print(
       f"trained {step} steps; last loss {history[-1]['loss']:.4f}"
       if history
       else f"nothing to do: already at step {step}"
   )
   return summary
-
-
-def _validation_settings(config) -> EditSettings:
-  """How validation edits are made (grid and judged edits alike)."""
-  t = config.train
-  return EditSettings(
-      steps=t.val_steps,
-      sampler=t.val_sampler,
-      text_scale=t.val_text_scale,
-      image_scale=t.val_image_scale,
-      seed=config.seed,
-      resolution=config.data.resolution,
-  )
-
-
-def _validation_grid(config, pipe, source):
-  t = config.train
-  originals, instructions, references = source.validation_items(t.val_count, config.data.resolution)
-  return ValidationGrid(
-      pipe, originals, instructions, references, t.val_rewards, _validation_settings(config)
-  )
-
-
-def _validation_judge(config, pipe, source):
-  """Judged validation edits, for datasets with a judge (the toy world) and `val_judge_items`."""
-  t = config.train
-  if not (t.val_judge_items and source.judge is not None):
-    return None
-  originals, instructions, _ = source.validation_items(t.val_judge_items, config.data.resolution)
-  return ValidationJudge(pipe, originals, instructions, source.judge, _validation_settings(config))
-
-
-def _validate(grid, judged, state, step, workdir, writer) -> dict:
-  """Renders the grid and, with a judge, measures the yes-rates; returns the metrics record."""
-  ema = jax.device_get(state.ema)
-  image = grid.render(ema)
-  path = save_grid(image, os.path.join(workdir, "validation", f"step_{step:06d}.png"))
-  if writer:
-    writer.add_image("validation/" + grid.header(), image, step, dataformats="HWC")
-  logging.info("validation grid (%s) -> %s", grid.header(), path)
-  record = {"step": step, "validation": {}}
-  if judged is not None:
-    metrics = judged.metrics(ema)
-    record["validation"] = metrics
-    if writer:
-      for k, v in metrics.items():
-        writer.add_scalar(f"val/{k}", v, step)
-    line = " ".join(
-        f"{p} {metrics[p + '_yes']:.0%} ({metrics[p + '_score']:.2f})"
-        for p in ("following", "preserving", "quality")
-    )
-    tqdm.write(
-        f"step {step} validation, {len(judged.instructions)} judged edits"
-        f"{' at reward ' + ','.join(f'{v:g}' for v in judged.reward) if judged.editor.is_reward else ''}"
-        f": yes-rate (mean score) {line}"
-    )
-    logging.info("step %d validation: %s", step, metrics)
-  return record
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -425,12 +344,15 @@ def main(argv):
   if _CONFIG.value is None:
     raise app.UsageError("--config is required, e.g. --config=configs/reward.py:toy")
   family = _CONFIG.value.model.family
-  if family not in model_setup.FAMILIES:  # a message, not a stack trace
+  if family not in model_setup.FAMILIES + (SMARTEDIT,):  # a message, not a stack trace
     raise app.UsageError(
-        f"training of model.family={family!r} is not built yet (trainable: "
-        f"{', '.join(model_setup.FAMILIES)}); for its sizes and memory: "
-        "python -m mre.smartedit_dryrun --config=configs/smartedit.py"
+        f"model.family={family!r} is unknown (trainable: "
+        f"{', '.join(model_setup.FAMILIES + (SMARTEDIT,))})"
     )
+  if family == SMARTEDIT:
+    why = smartedit_setup.refusal(_CONFIG.value)
+    if why:
+      raise app.UsageError(why)
   train(_CONFIG.value)
 
 

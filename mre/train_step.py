@@ -11,12 +11,14 @@ reports when loss or gradients are not finite.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 from flax import nnx
 
 from mre.diffusion.condition_dropout import conditioning_dropout, drop_rewards
@@ -32,6 +34,33 @@ from mre.diffusion.self_condition import self_conditioned, training_estimate
 from mre.diffusion.source_skip import denoiser
 from mre.models.reward_config import RewardConfig, RewardInputs
 from mre.models.vae import DiagonalGaussian
+
+
+class NonFiniteError(FloatingPointError):
+  """Loss or gradients became NaN/inf; the state of the last good step is kept."""
+
+
+def log_metrics(history: list, writer, step: int, m: dict, shown=("loss", "grad_norm", "lr")):
+  """A logged step: `m` appended to `history`, every value to TensorBoard (`writer`, or None),
+  the `shown` ones to the log."""
+  history.append({"step": step, **m})
+  if writer:
+    for k, v in m.items():
+      writer.add_scalar(f"train/{k}", v, step)
+  logging.info("step %d " + " ".join(f"{k} %.4g" for k in shown), step, *(m[k] for k in shown))
+
+
+class StepTimer:
+  """Wall-clock seconds per step between the logged steps (`per_step`)."""
+
+  def __init__(self, step: int):
+    self.time, self.step = time.time(), step
+
+  def per_step(self, step: int) -> float:
+    now = time.time()
+    dt = (now - self.time) / max(step - self.step, 1)
+    self.time, self.step = now, step
+    return dt
 
 
 @flax.struct.dataclass

@@ -66,7 +66,7 @@ def test_lm_cross_entropy_is_the_next_token_loss_on_the_labelled_positions():
 
 def test_unknown_or_empty_trained_parts_are_refused():
   with pytest.raises(ValueError, match="unknown trained part"):
-    trained_filter(["unet", "vision_tower"])
+    trained_filter(["unet", "vae"])
   with pytest.raises(ValueError, match="nothing would be trained"):
     trained_filter([])
 

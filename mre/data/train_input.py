@@ -166,9 +166,11 @@ class TrainIterator:
       accum: int,
       reward: Optional[RewardConfig],
       latents=None,
+      tokenize_fn=None,
   ):
     """`reward`: None for a model without reward (stage 1); `latents`: a
-    `latent_cache.LatentSource` to read precomputed VAE latents from."""
+    `latent_cache.LatentSource` to read precomputed VAE latents from; `tokenize_fn`: texts ->
+    int array [B, L] in place of `TokenizeFn(tokenizer)` (the SmartEdit trainer's prompts)."""
     d = config.data
     target = d.get("target_key", "edited")
     if target != "edited" and latents is not None:
@@ -194,7 +196,7 @@ class TrainIterator:
       records = InMemorySource(records, (source.name, source.data_dir, d.split))
     self.pipeline = EditPipeline(
         records,
-        TokenizeFn(tokenizer),
+        tokenize_fn or TokenizeFn(tokenizer),
         pc,
         process_index=jax.process_index(),
         process_count=jax.process_count(),

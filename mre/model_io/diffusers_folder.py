@@ -21,6 +21,7 @@ from mre.model_io import reward_layout
 from mre.model_io.safetensors_io import read_state_dict, write_safetensors
 from mre.model_io.torch_state_dict import load_state_dict, materialize_non_params, state_dict
 from mre.models.clip_text import CLIPTextModel
+from mre.models import pixel
 from mre.models.config import CLIPTextConfig, UNetConfig, VAEConfig, read_json
 from mre.models.reward_unet import RewardUNet
 from mre.models.unet import UNet2DConditionModel
@@ -56,7 +57,10 @@ def load_unet(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, remat=
 
 
 def load_vae(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32):
-  cfg = VAEConfig.from_dict(read_json(folder))
+  raw = read_json(folder)
+  if raw.get("_class_name") == pixel.CLASS_NAME:  # a toy editor's pixel space (`save_vae`)
+    return pixel.PixelSpace({"channels": raw.get("channels", 3)}, dtype=dtype)
+  cfg = VAEConfig.from_dict(raw)
   vae = _abstract(
       lambda: AutoencoderKL(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
   )
@@ -218,6 +222,11 @@ def save_unet(unet, folder: str):
 
 
 def save_vae(vae, folder: str):
+  """An AutoencoderKL's config.json and weights; a `PixelSpace` (no weights) writes its config
+  only, which `load_vae` reads back (diffusers itself cannot open it)."""
+  if isinstance(vae, pixel.PixelSpace):
+    _write_config(folder, vae.config.raw, pixel.CLASS_NAME, "diffusers")
+    return
   _write_config(folder, config_dict(vae), "AutoencoderKL", "diffusers")
   write_safetensors(
       os.path.join(folder, "diffusion_pytorch_model.safetensors"),

@@ -50,6 +50,7 @@ from flax import nnx
 from mre.model_io import bim_weights, clip_vision_weights, qformer_weights
 from mre.model_io.safetensors_io import WeightsError, read_state_dict, write_safetensors
 from mre.model_io.torch_state_dict import load_state_dict, materialize_non_params, state_dict
+from mre.models import pixel
 from mre.models.bim import BIMConfig
 from mre.models.clip_vision import CLIPVisionConfig, CLIPVisionModel
 from mre.models.config import UNetConfig, read_json
@@ -341,7 +342,8 @@ def null_context(text_encoder, tokenizer) -> jax.Array:
 
 def check_diffusers_parts(config: SmartEditConfig, ip2p: str):
   """Refuses a diffusers folder whose VAE or CLIP text encoder does not fit the U-Net."""
-  latent = read_json(os.path.join(ip2p, "vae"))["latent_channels"]
+  vae = read_json(os.path.join(ip2p, "vae"))
+  latent = vae["channels"] if _pixel_space(vae) else vae["latent_channels"]
   width = read_json(os.path.join(ip2p, "text_encoder"))["hidden_size"]
   unet = config.unet
   bad = []
@@ -425,6 +427,11 @@ def is_editor_folder(folder: str) -> bool:
   return os.path.exists(os.path.join(folder, EDITOR_JSON)) or bool(release_steps(folder))
 
 
+def _pixel_space(vae_config: dict) -> bool:
+  """A toy editor's `PixelSpace` "VAE" (config only, no weights; `diffusers_folder.save_vae`)."""
+  return vae_config.get("_class_name") == pixel.CLASS_NAME
+
+
 def _weights(folder: str) -> bool:
   return any(glob.glob(os.path.join(folder, p)) for p in ("*.safetensors", "*.bin"))
 
@@ -444,8 +451,10 @@ def _folder_problems(key: str, path: str) -> list[str]:
   elif key == "ip2p":
     for sub in ("vae", "text_encoder"):
       d = os.path.join(path, sub)
-      lacks += [] if os.path.exists(os.path.join(d, "config.json")) else [f"{sub}/config.json"]
-      lacks += [] if _weights(d) else [f"{sub}/ weights"]
+      has_config = os.path.exists(os.path.join(d, "config.json"))
+      lacks += [] if has_config else [f"{sub}/config.json"]
+      pixels = sub == "vae" and has_config and _pixel_space(read_json(d))  # no weights to have
+      lacks += [] if _weights(d) or pixels else [f"{sub}/ weights"]
     lacks += [] if os.path.isdir(os.path.join(path, "tokenizer")) else ["tokenizer/"]
     lacks += [] if glob.glob(os.path.join(path, "scheduler", "*.json")) else ["scheduler/*.json"]
   elif key == "llm_tokenizer":

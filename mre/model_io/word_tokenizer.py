@@ -52,3 +52,35 @@ def write_word_tokenizer(folder: str, words, max_length: int = 77):
         f,
     )
   return folder
+
+
+LLM_SPECIALS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2: LLaMA's unk, BOS and EOS
+
+
+def llm_words(texts) -> list[str]:
+  """The words of `texts` as `write_llm_word_tokenizer`'s tokenizer splits them (runs of word
+  characters, runs of other non-space characters), in first-seen order."""
+  from tokenizers.pre_tokenizers import Whitespace  # pylint: disable=import-outside-toplevel
+
+  split = Whitespace()
+  return list(dict.fromkeys(w for t in texts for w, _ in split.pre_tokenize_str(t)))
+
+
+def write_llm_word_tokenizer(folder: str, words) -> str:
+  """A transformers tokenizer folder (`AutoTokenizer` opens it offline) standing in for LLaMA's in
+  the toy world: one id per listed word (`llm_words`), after `<unk>`, `<s>`, `</s>` (0, 1, 2, as
+  LLaMA numbers them); anything else is `<unk>`. A LLaMA tokenizer would split the closed toy
+  vocabulary into sub-words for nothing: whole words keep the prompts short on the CPU."""
+  from tokenizers import Tokenizer, models  # pylint: disable=import-outside-toplevel
+  from tokenizers.pre_tokenizers import Whitespace  # pylint: disable=import-outside-toplevel
+  from transformers import PreTrainedTokenizerFast  # pylint: disable=import-outside-toplevel
+
+  vocab = {s: i for i, s in enumerate(LLM_SPECIALS)}
+  for w in words:
+    vocab.setdefault(w, len(vocab))
+  tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=LLM_SPECIALS[0]))
+  tok.pre_tokenizer = Whitespace()
+  unk, bos, eos = LLM_SPECIALS
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=unk)
+  fast.save_pretrained(folder)
+  return folder

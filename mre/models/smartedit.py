@@ -231,6 +231,11 @@ class ConditionedUNet(nnx.Module):
   def __init__(self, unet: UNet2DConditionModel):
     self.unet = unet
 
+  @property
+  def config(self):
+    """The U-Net's config: `denoiser` (the samplers, the loss) reads its source skip from it."""
+    return self.unet.config
+
   def __call__(
       self, sample, timesteps, context, *, conv_in_residual, reward: Optional[RewardInputs] = None
   ):

@@ -121,14 +121,16 @@ def test_7b_dry_run_counts_the_known_sizes():
   assert 4 * 2**30 < total < 8 * 2**30  # ~5.6 GiB per device before activations
 
 
-def test_the_trainer_refuses_the_family_with_a_message_not_a_stack_trace():
+def test_the_trainer_refuses_the_release_sizes_with_a_message_not_a_stack_trace():
+  """The toy trains (tests/test_smartedit_train.py); the 7B recipe is refused before anything
+  loads."""
   import os
   import subprocess
   import sys
 
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   r = subprocess.run(
-      [sys.executable, "-m", "mre.train", "--config=configs/smartedit.py:toy"],
+      [sys.executable, "-m", "mre.train", "--config=configs/smartedit.py"],
       cwd=root,
       capture_output=True,
       text=True,
@@ -136,7 +138,8 @@ def test_the_trainer_refuses_the_family_with_a_message_not_a_stack_trace():
       timeout=300,
   )
   assert r.returncode != 0 and "Traceback" not in r.stderr
-  assert "model.family='smartedit' is not built yet" in r.stderr and "smartedit_dryrun" in r.stderr
+  assert "training the release-size SmartEdit (model.smartedit.size='7b') is not built" in r.stderr
+  assert "smartedit_dryrun" in r.stderr and "configs/smartedit.py:toy" in r.stderr
 
 
 def test_dry_run_with_a_tensor_axis_splits_the_llm_projections():

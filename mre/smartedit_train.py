@@ -1,0 +1,235 @@
+"""Training the SmartEdit-style editor: `python -m mre.train --config=configs/smartedit.py:toy`.
+
+`mre.train.train` hands a `model.family='smartedit'` config to `train(config)` here. The pieces
+are the InstructPix2Pix trainer's: the dataset and its resumable iterator (`mre.data.train_input`),
+Orbax checkpoints of the train state and the iterator position (`mre.checkpointing`; a rerun
+resumes exactly), the validation grid and the toy judge every `train.validate_every` steps
+(`mre.validation`, with a `SmartEditor`). The step is `SmartEditTrainer`'s (LM cross-entropy +
+diffusion loss, `mre/smartedit_train_step.py`); each example's conversation is the release's with
+the instruction in it and the answer's 32 `<img_k>` tokens teacher-forced. At the end the model is
+exported as an editor folder (`mre.smartedit_setup.export_editor`) that `mre.edit` and `mre.eval`
+open. One device, as the toy needs (no mesh, no accumulation, no EMA: the release keeps none).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from tqdm import tqdm
+
+from mre import checkpointing, smartedit_setup, validation
+from mre.data import train_input
+from mre.diffusion.schedule import schedule_from_config
+from mre.model_io.smartedit_folder import EDITOR_JSON
+from mre.models.smartedit import clip_pixels
+from mre.models.smartedit_prompt import prompt_batch
+from mre.smartedit_editor import SmartEditSettings
+from mre.smartedit_train_step import SmartEditLossConfig, SmartEditTrainer
+from mre.train_step import NonFiniteError, StepTimer, log_metrics, lr_schedule, make_optimizer
+
+
+class PromptIds:
+  """Instruction texts -> the teacher-forced conversations as one int array [B, 3 L]: the ids,
+  the attention mask and the LM labels side by side (`split_prompt` takes them apart), so the
+  input pipeline carries them where it carries CLIP ids. Rows are remembered per instruction."""
+
+  def __init__(self, tokenizer, tokens, length: int, template):
+    self.tokenizer, self.tokens, self.length, self.template = tokenizer, tokens, length, template
+    self._cache = {}
+
+  def encode(self, text):
+    return self.tokenizer(text, add_special_tokens=False).input_ids
+
+  def __call__(self, texts):
+    texts = list(texts)
+    missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+    if missing:
+      b = prompt_batch(
+          missing,
+          self.encode,
+          answer=True,
+          ids=self.tokens,
+          template=self.template,
+          length=self.length,
+      )
+      rows = np.concatenate([b.input_ids, b.attention_mask.astype(np.int32), b.labels], axis=1)
+      self._cache.update(zip(missing, rows))
+    return np.stack([self._cache[t] for t in texts])
+
+
+def split_prompt(packed, length: int) -> dict:
+  """`PromptIds`' rows [B, 3 L] -> input_ids, attention_mask, labels [B, L]."""
+  return {
+      "input_ids": packed[:, :length],
+      "attention_mask": packed[:, length : 2 * length].astype(bool),
+      "labels": packed[:, 2 * length :],
+  }
+
+
+def step_batch(raw: dict, length: int, clip_size: int) -> dict:
+  """A pipeline batch (accumulation axis of 1) -> `smartedit_loss`'s batch; pixel space, so the
+  images are the latents."""
+  original, edited = raw["original"][0], raw["edited"][0]
+  return {
+      "clip_pixels": clip_pixels(original, clip_size),
+      **split_prompt(raw["instruction_ids"][0], length),
+      "target_latents": edited,
+      "image_latents": original,
+  }
+
+
+def train_state(trainer: SmartEditTrainer, step: int) -> dict:
+  """What a checkpoint holds: the trained parameters, the optimizer state, the step."""
+  return {"step": jnp.int32(step), "params": trainer.params, "opt_state": trainer.opt_state}
+
+
+def _validation(config, toy, source):
+  """(grid, judge) of the IP2P trainer, editing with a `SmartEditor` (the LLM generating its
+  answer at `model.smartedit.temperature`); (None, None) without validation."""
+  if not config.train.validate_every:
+    return None, None
+  base = validation.validation_settings(config)
+  settings = SmartEditSettings(
+      **{f: getattr(base, f) for f in base.__dataclass_fields__},
+      temperature=config.model.smartedit.temperature,
+  )
+  grid = validation.validation_grid(config, toy.pipe, source, settings)
+  judged = validation.validation_judge(config, toy.pipe, source, settings)
+  return grid, judged
+
+
+def _validate(grid, judged, trainer, step, workdir, writer) -> dict:
+  """The IP2P trainer's validation; a model whose LLM does not yet answer all `<img_k>` tokens
+  cannot edit (as in the release), which is reported and recorded instead."""
+  try:
+    return validation.validate(grid, judged, {"model": trainer.params}, step, workdir, writer)
+  except ValueError as e:
+    if "<img_k>" not in str(e):
+      raise
+    tqdm.write(f"step {step} validation skipped: {e}")
+    logging.warning("step %d validation skipped: %s", step, e)
+    return {"step": step, "validation": {}, "skipped": str(e)}
+
+
+def _finite(metrics, step: int, checkpoints: str) -> dict:
+  """The step's metrics as floats; a non-finite loss stops the run. `SmartEditTrainer` has
+  applied that step's update already, so the last good state is the last checkpoint's."""
+  m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  if not np.isfinite(m["loss"]):
+    raise NonFiniteError(
+        f"step {step}: loss={m['loss']} (lm {m['lm']}, diffusion {m['diffusion']}) is not "
+        f"finite; training stopped. Checkpoints in {checkpoints} hold the last saved state. "
+        "Lower train.lr or check the data."
+    )
+  return m
+
+
+def train(config) -> dict:
+  """Runs (or resumes) the SmartEdit training run `config` describes; returns a summary dict."""
+  why = smartedit_setup.refusal(config)
+  if why:
+    raise ValueError(why)
+  t, s = config.train, config.model.smartedit
+  workdir = os.path.abspath(config.workdir)
+  os.makedirs(workdir, exist_ok=True)
+
+  source = train_input.open_dataset(config)
+  toy = smartedit_setup.build_toy(config, source.vocabulary, workdir)
+  pipe, model = toy.pipe, toy.pipe.model
+  cfg = model.config
+  length = s.max_prompt_tokens
+  prompts = PromptIds(toy.llm_tokenizer, cfg.tokens, length, pipe.template)
+  data = train_input.TrainIterator(
+      source, config, None, batch_size=t.batch_per_device, accum=1, reward=None, tokenize_fn=prompts
+  )
+  trainer = SmartEditTrainer(
+      model,
+      schedule_from_config(pipe.scheduler_config),
+      make_optimizer(config),
+      pipe.null_context,
+      trained=tuple(s.trained),
+      loss_config=SmartEditLossConfig(s.lm_loss_weight, s.diffusion_loss_weight, t.cond_dropout),
+  )
+  n_trained = sum(x.size for x in jax.tree.leaves(trainer.params))
+  n_all = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  logging.info("SmartEdit toy: %d parameters, %d trained (%s)", n_all, n_trained, s.trained)
+
+  ckpt = checkpointing.Checkpointer(
+      os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints, async_save=t.async_checkpoints
+  )
+  start_step = 0
+  if ckpt.latest_step() is not None:
+    state, data_state = ckpt.restore(checkpointing.abstract_like(train_state(trainer, 0)))
+    trainer.params, trainer.opt_state = state["params"], state["opt_state"]
+    nnx.update(model, trainer.params)
+    data.set_state(data_state)
+    start_step = int(state["step"])
+    logging.info("resumed from %s at step %d", ckpt.directory, start_step)
+    print(f"resuming from step {start_step} ({ckpt.directory})")
+
+  export_dir = os.path.join(workdir, "export")
+  exported = os.path.exists(os.path.join(export_dir, EDITOR_JSON))  # written last by the export
+  if start_step >= t.steps and (not t.export or exported):
+    ckpt.close()
+    data.close()
+    print(f"nothing to do: {workdir} is already at step {start_step} of {t.steps}")
+    summary = checkpointing.run_summary(workdir, start_step, start_step, [], [])
+    return {**summary, **({"export": export_dir} if t.export else {})}
+
+  prepare = jax.jit(lambda raw: step_batch(raw, length, cfg.vision.image_size))
+  rates = np.asarray(jax.vmap(lr_schedule(config))(jnp.arange(max(t.steps, 1))), np.float32)
+  base_key = jax.random.key(config.seed)
+  from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+
+  writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+  grid, judged = _validation(config, toy, source)
+  history, validations, step, stopped = [], [], start_step, None
+  timer = StepTimer(start_step)
+  try:
+    with (
+        checkpointing.StopSignal() as stop,
+        tqdm(total=t.steps, initial=start_step, desc="train", unit="step") as bar,
+    ):
+      while step < t.steps:
+        batch = prepare(data.next())
+        # The step's key from the step number alone: a resumed run draws what the first would.
+        metrics = trainer.step(batch, jax.random.fold_in(base_key, step))
+        step += 1
+        bar.update(1)
+        m = _finite(metrics, step, ckpt.directory)
+        if step % t.log_every == 0 or step == t.steps:
+          dt = timer.per_step(step)
+          m.update(lr=float(rates[step - 1]), step_time=dt, images_per_s=t.batch_per_device / dt)
+          log_metrics(history, writer, step, m, ("loss", "lm", "diffusion", "grad_norm", "lr"))
+          bar.set_postfix(lm=f"{m['lm']:.3f}", diffusion=f"{m['diffusion']:.4f}")
+        stopped = ckpt.stop_reason(stop, step)
+        if step % t.checkpoint_every == 0 or step == t.steps or stopped:
+          ckpt.save(step, train_state(trainer, step), data.get_state(), force=True)
+        if stopped:
+          break
+        if grid is not None and step % t.validate_every == 0:
+          validations.append(_validate(grid, judged, trainer, step, workdir, writer))
+  finally:  # also on errors: finish pending saves, stop workers
+    ckpt.close()
+    data.close()
+  summary = checkpointing.run_summary(workdir, step, start_step, history, validations)
+  if stopped:
+    return checkpointing.stopped_summary(summary, stopped)
+  if grid is not None and t.steps % t.validate_every:
+    validations.append(_validate(grid, judged, trainer, step, workdir, writer))
+  if t.export:
+    summary["export"] = smartedit_setup.export_editor(toy, export_dir, step)
+  writer.close()
+  checkpointing.write_summary(workdir, summary)
+  if history:
+    h = history[-1]
+    print(
+        f"trained {step} steps; last loss {h['loss']:.4f} (lm {h['lm']:.4f}, diffusion "
+        f"{h['diffusion']:.4f})"
+    )
+  return summary

@@ -1,0 +1,140 @@
+"""The SmartEdit trainer (mre/smartedit_train.py) end to end on the toy world: a short run, an exact
+resume from its checkpoint, and its export opened by `mre.edit`'s loader and editing an image.
+
+All runs share one tiny configuration (16 px toy data, a 2-level U-Net, the tiny LLaMA/ViT/
+Q-Former/BIM), so the train step compiles once and the persistent compilation cache serves the
+later runs. A constant learning rate makes a 4-step run followed by a resume to 8 steps the same
+recipe as one 8-step run.
+"""
+
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from configs import smartedit
+from mre import smartedit_setup, train
+from mre.editor import EditSettings
+from mre.model_io.folders import load_for_editing
+from mre.smartedit_editor import SmartEditPipeline, editor_for
+
+STEPS = 8
+TINY = {
+    "data.config": "tiny",
+    "data.resolution": 16,
+    "train.batch_per_device": 8,
+    "train.log_every": 1,
+    "train.checkpoint_every": 4,
+    "train.lr_schedule": "constant",
+    "train.warmup_steps": 0,
+    "train.lr": 1e-2,  # the LM learns the constant answer in 8 steps, so the export can edit
+    "train.validate_every": 0,
+    "train.val_count": 2,
+    "train.val_judge_items": 4,
+    "train.val_steps": 2,
+    "model.scratch.unet_channels": (16, 32),
+    "model.scratch.attention_from_level": 0,
+    "model.scratch.heads": 2,
+    "model.scratch.text_hidden": 32,
+    "model.scratch.text_layers": 1,
+    "model.scratch.text_heads": 2,
+}
+
+
+def tiny_config(workdir, data_dir, **overrides):
+  c = smartedit.get_config("toy")
+  values = {**TINY, "workdir": str(workdir), "data.data_dir": data_dir, "train.steps": STEPS}
+  c.update_from_flattened_dict({**values, **overrides})
+  return c
+
+
+def checkpoint(workdir, step=STEPS):
+  """A run's saved train state at `step`, as plain nested dicts of arrays."""
+  return ocp.StandardCheckpointer().restore(
+      os.path.join(workdir, "checkpoints", str(step), "state")
+  )
+
+
+def flat(tree):
+  """{path: array} with the keys as strings, for checkpoint dicts (whose variables end in a
+  "value" key) and pure NNX states alike."""
+  out = {}
+  for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    keys = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    out[keys[:-1] if keys[-1] == "value" else keys] = np.asarray(v)
+  return out
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, toy_data):
+  """The uninterrupted run (validated and exported at its last step)."""
+  workdir = tmp_path_factory.mktemp("smartedit_reference")
+  summary = train.train(tiny_config(workdir, toy_data, **{"train.validate_every": STEPS}))
+  return str(workdir), summary
+
+
+def test_train_runs_and_both_losses_are_logged(reference_run):
+  workdir, summary = reference_run
+  assert summary["step"] == STEPS and summary["resumed_from"] == 0
+  history = summary["history"]
+  assert [h["step"] for h in history] == list(range(1, STEPS + 1))
+  for h in history:
+    assert all(np.isfinite(h[k]) for k in ("loss", "lm", "diffusion", "grad_norm"))
+    np.testing.assert_allclose(h["loss"], h["lm"] + h["diffusion"], rtol=1e-5)
+  # The LM learns the constant answer (the template and the 32 <img_k> tokens) at once.
+  assert history[-1]["lm"] < history[0]["lm"]
+  # Trained parameters move between the two checkpoints, in every trained part.
+  mid, end = flat(checkpoint(workdir, 4)["params"]), flat(checkpoint(workdir)["params"])
+  assert mid.keys() == end.keys()
+  for part in ("unet", "llm", "vision_tower", "mm_projector", "sd_qformer", "bim"):
+    keys = [k for k in mid if k[0] == part]
+    assert keys and any(not np.array_equal(mid[k], end[k]) for k in keys), part
+  # Validation at the last step (the LLM answers all 32 <img_k> tokens by then, greedily): the
+  # grid and the toy judge's numbers.
+  (record,) = summary["validation"]
+  assert record["step"] == STEPS and "skipped" not in record
+  assert os.path.exists(os.path.join(workdir, "validation", f"step_{STEPS:06d}.png"))
+  assert {"following_yes", "preserving_yes", "quality_yes"} <= set(record["validation"])
+
+
+def test_resumed_run_continues_exactly(tmp_path, toy_data, reference_run):
+  workdir = tmp_path / "resumed"
+  first = train.train(tiny_config(workdir, toy_data, **{"train.steps": 4, "train.export": False}))
+  assert first["step"] == 4
+  second = train.train(tiny_config(workdir, toy_data, **{"train.export": False}))
+  assert second["resumed_from"] == 4 and second["step"] == STEPS
+  ref, got = flat(checkpoint(reference_run[0])), flat(checkpoint(str(workdir)))
+  assert ref.keys() == got.keys()
+  for k in ref:  # bitwise: same program, same batches, same step keys
+    np.testing.assert_array_equal(ref[k], got[k], err_msg=str(k))
+  # Re-running the finished command does nothing.
+  again = train.train(tiny_config(workdir, toy_data, **{"train.export": False}))
+  assert again["resumed_from"] == STEPS and again["history"] == []
+
+
+def test_export_loads_as_an_editor_folder_and_edits(reference_run):
+  workdir, summary = reference_run
+  pipe = load_for_editing(summary["export"])
+  assert isinstance(pipe, SmartEditPipeline) and type(pipe.vae).__name__ == "PixelSpace"
+  # The exported weights are the trained ones.
+  trained = flat(checkpoint(workdir)["params"])
+  loaded = flat(nnx.to_pure_dict(nnx.state(pipe.model, nnx.Param)))
+  for k, v in trained.items():
+    np.testing.assert_array_equal(loaded[k], v, err_msg=str(k))
+  settings = EditSettings(steps=2, sampler="ddim", text_scale=2.0, image_scale=1.0, resolution=16)
+  editor = editor_for(pipe, settings, temperature=0.0, max_new_tokens=64)
+  image = np.random.default_rng(0).uniform(-1, 1, (1, 16, 16, 3)).astype(np.float32)
+  out = editor.edit_arrays(image, ["make the red square blue"])
+  assert out.shape == image.shape and np.isfinite(out).all()
+
+
+def test_what_the_trainer_does_not_take_is_named():
+  assert smartedit_setup.refusal(smartedit.get_config("toy")) is None
+  c = smartedit.get_config("toy")
+  c.update_from_flattened_dict({"model.reward.enabled": True, "train.grad_accum": 2})
+  why = smartedit_setup.refusal(c)
+  assert "model.reward.enabled" in why and "train.grad_accum=2" in why
+  assert "release-size SmartEdit" in smartedit_setup.refusal(smartedit.get_config())
