@@ -46,6 +46,7 @@ def base_config():
           heads=8,
           attn_dropout=0.1,
           dropout_prob=0.0,
+          text_dropout_prob=0.0,  # ours: single failure texts emptied in training, scores kept
       )
   )
   # From-scratch model sizes (toy): a diffusers-style U-Net config and a CLIP text config.

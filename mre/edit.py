@@ -45,6 +45,7 @@ class EditFlags:
   reward: flags.FlagHolder
   reward_text: flags.FlagHolder
   reward_guidance: flags.FlagHolder
+  reward_guidance_away: flags.FlagHolder
   dtype: flags.FlagHolder
 
 
@@ -90,7 +91,15 @@ def define_flags(flag_values=flags.FLAGS) -> EditFlags:
       reward_guidance=flags.DEFINE_float(
           "reward-guidance",
           None,
-          "Reward guidance scale s_R (only for models trained with reward dropout).",
+          "Reward guidance scale s_R: away from the null reward (only for models trained with "
+          "reward dropout), or from --reward-guidance-away.",
+          flag_values=fv,
+      ),
+      reward_guidance_away=flags.DEFINE_string(
+          "reward-guidance-away",
+          None,
+          "Scores (e.g. 1,1,1) that reward guidance pushes away from instead of the null reward, "
+          "like a negative prompt; any reward model (no reward dropout needed).",
           flag_values=fv,
       ),
       dtype=flags.DEFINE_enum(
@@ -148,6 +157,11 @@ def command(fl: EditFlags) -> list[str]:
         "--model is required (a diffusers pipeline folder, mre checkpoint or SmartEdit folder)"
     )
   scores, texts = parse_reward(fl.reward.value, fl.reward_text.value)
+  away = None
+  if fl.reward_guidance_away.value is not None:
+    if fl.reward_guidance.value is None:
+      raise app.UsageError("--reward-guidance-away needs --reward-guidance (the scale s_R)")
+    away, _ = parse_reward(fl.reward_guidance_away.value, [])
   jobs = collect_jobs(fl.image.value, fl.instruction.value, fl.output.value)
   if any(not (t and t.strip()) for _, t, _ in jobs):
     raise app.UsageError("an instruction is empty")
@@ -164,6 +178,7 @@ def command(fl: EditFlags) -> list[str]:
       reward_scores=scores,
       reward_texts=texts,
       reward_scale=fl.reward_guidance.value,
+      reward_negative_scores=away,
   )
   editor = editor_for(pipe, settings, **fl.smartedit.llm_settings())
   if editor.is_reward:

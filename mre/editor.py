@@ -34,6 +34,9 @@ class EditSettings:
   reward_scores: tuple = PERFECT_SCORES
   reward_texts: Optional[tuple] = None  # None: the form's "nothing is wrong" texts
   reward_scale: Optional[float] = None  # reward guidance s_R (needs a model trained with dropout)
+  # Ours: guide away from these scores (with the settings' texts) instead of the null reward, like
+  # a negative prompt; needs no reward dropout, since stage 2 trains on low scores.
+  reward_negative_scores: Optional[tuple] = None
   eta: float = 0.0
 
 
@@ -90,6 +93,8 @@ class Editor:
     self.is_reward = isinstance(pipe.unet, RewardUNet)
     if settings.reward_scale is not None and not self.is_reward:
       raise ValueError("reward guidance (reward_scale) needs a reward-conditioned model")
+    if settings.reward_negative_scores is not None and settings.reward_scale is None:
+      raise ValueError("reward_negative_scores: guiding away from a reward needs reward_scale")
     self._sample = edit_sampler(self.schedule, settings, pipe.vae.config.latent_channels)
     self._encode_text = nnx.jit(lambda te, ids: te(ids))
     self._encode_image = nnx.jit(lambda vae, x: vae.encode(x).mode())
@@ -137,7 +142,11 @@ class Editor:
     extra = extra_uncond = None
     if self.is_reward:
       extra = {"reward": reward if reward is not None else self.reward_inputs(b)}
-      if self.settings.reward_scale is not None:
+      if self.settings.reward_negative_scores is not None:
+        extra_uncond = {
+            "reward": self.reward_inputs(b, scores=self.settings.reward_negative_scores)
+        }
+      elif self.settings.reward_scale is not None:
         extra_uncond = {"reward": self.null_reward(b)}
     key = jax.random.key(self.settings.seed) if key is None and noise is None else key
     latents = self._sample(

@@ -70,6 +70,8 @@ class SmartEditor:
     self.is_reward = isinstance(pipe.model.unet, RewardUNet)
     if settings.reward_scale is not None and not self.is_reward:
       raise ValueError("reward guidance (reward_scale) needs a reward-conditioned model")
+    if settings.reward_negative_scores is not None and settings.reward_scale is None:
+      raise ValueError("reward_negative_scores: guiding away from a reward needs reward_scale")
     self.schedule = schedule_from_config(pipe.scheduler_config)
     self._sample = edit_sampler(self.schedule, settings, pipe.vae.config.latent_channels)
     size = self.model.config.vision.image_size
@@ -151,7 +153,10 @@ class SmartEditor:
     extra_uncond = None
     if self.is_reward:
       extra["reward"] = reward if reward is not None else self.reward_inputs(b)
-      if self.settings.reward_scale is not None:
+      if self.settings.reward_negative_scores is not None:  # guidance away from a low reward
+        away = self.reward_inputs(b, scores=self.settings.reward_negative_scores)
+        extra_uncond = {"conv_in_residual": residual, "reward": away}
+      elif self.settings.reward_scale is not None:
         ids = tokenize(self.pipe.tokenizer, [NULL_TEXT])
         _, pooled = self._encode_text(self.pipe.text_encoder, ids)
         null = self.model.unet.reward_config.null_reward(pooled, b)

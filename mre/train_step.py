@@ -21,7 +21,11 @@ import optax
 from absl import logging
 from flax import nnx
 
-from mre.diffusion.condition_dropout import conditioning_dropout, drop_rewards
+from mre.diffusion.condition_dropout import (
+    conditioning_dropout,
+    drop_reward_texts,
+    drop_rewards,
+)
 from mre.diffusion.schedule import (
     NoiseSchedule,
     add_noise,
@@ -318,6 +322,10 @@ def micro_loss(ctx: StepContext, params, batch, key):
     if ctx.reward.dropout_prob > 0:
       reward = drop_rewards(
           k_reward, reward, ctx.reward.null_reward(empty_pooled), ctx.reward.dropout_prob
+      )
+    if ctx.reward.text_dropout_prob > 0:  # its own key, so runs without it keep their numbers
+      reward = drop_reward_texts(
+          jax.random.fold_in(k_reward, 1), reward, empty_pooled, ctx.reward.text_dropout_prob
       )
     kwargs["reward"] = reward
 

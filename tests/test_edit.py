@@ -112,6 +112,13 @@ def test_cli_errors_are_clear(tmp_path, tiny_pipeline_dir):
       "--reward=5,5",
   )
   assert r.returncode != 0 and "three scores" in r.stderr
+  r = _cli(
+      f"--model={tiny_pipeline_dir}",
+      f"--image={tmp_path / 'ok.png'}",
+      "--instruction=x",
+      "--reward-guidance-away=1,1,1",
+  )
+  assert r.returncode != 0 and "needs --reward-guidance" in r.stderr
 
 
 def test_reward_model_edits_follow_the_reward(tmp_path, tiny_pipeline_dir):
@@ -167,3 +174,22 @@ def test_reward_guidance_adds_a_branch_with_the_null_reward(tiny_pipeline_dir):
   assert np.abs(a - b).max() > 2  # the fourth branch changes the result
   with pytest.raises(ValueError, match="reward-conditioned model"):
     Editor(diffusers_folder.load_pipeline(tiny_pipeline_dir), EditSettings(reward_scale=2.0))
+
+
+def test_guidance_away_from_a_negative_reward(tiny_pipeline_dir):
+  pipe = diffusers_folder.load_pipeline(tiny_pipeline_dir)
+  pipe.unet = reward_unet_from_stage1(pipe.unet, RewardConfig(form="released"), seed=0)
+  img = [_image(4)]
+
+  def edit(**settings):
+    editor = Editor(pipe, EditSettings(steps=3, resolution=16, seed=2, **settings))
+    return np.asarray(editor.edit(img, ["make it darker"])[0], np.float32)
+
+  plain = edit()
+  # Guiding away from the very reward it is conditioned on adds nothing.
+  same = edit(reward_scale=2.0, reward_negative_scores=(5, 5, 5))
+  assert np.abs(plain - same).max() <= 1
+  away = edit(reward_scale=2.0, reward_negative_scores=(0, 0, 0))
+  assert np.abs(plain - away).max() > 2
+  with pytest.raises(ValueError, match="needs reward_scale"):
+    Editor(pipe, EditSettings(reward_negative_scores=(1, 1, 1)))

@@ -192,6 +192,18 @@ def test_no_reward_dropout_at_prob_zero():
   assert not _reward_masks(seen, 3).any()
 
 
+def test_reward_text_dropout_empties_single_texts_and_keeps_every_score():
+  cfg = _config(**{"model.reward.text_dropout_prob": 0.3, "train.cond_dropout": 0.0})
+  seen = _observed(cfg, with_reward=True)
+  scores, text = seen["reward"].scores, np.asarray(seen["reward"].text)[..., 0]
+  np.testing.assert_array_equal(scores, 4.0)  # no score is touched
+  emptied = text == 0.0  # [samples, 3 slots]: the empty prompt's stand-in
+  assert np.all(emptied | (text == 2 * 77))
+  assert _within(emptied.mean(), 0.3, emptied.size), emptied.mean()
+  # Drawn per text: all three emptied together only as often as independence says.
+  assert _within(np.mean(emptied.all(axis=1)), 0.3**3, N)
+
+
 # --- a tiny real editor ---------------------------------------------------------------------------
 
 

@@ -5,6 +5,8 @@ the instruction is replaced by the empty prompt, the original image's latents by
 so that one network also predicts without the text, without the image and without either (the
 branches of dual classifier-free guidance). `drop_rewards` is reward dropout: per sample, the
 whole reward becomes the null reward (`RewardConfig.null_reward`), for reward guidance.
+`drop_reward_texts` (ours) empties single failure texts and keeps their scores, so that a score
+also has to speak for its perspective alone.
 """
 
 from __future__ import annotations
@@ -40,3 +42,22 @@ def drop_rewards(key, reward, null, prob: float):
       drop.reshape((-1,) + (1,) * (a.ndim - 1)), jnp.broadcast_to(b, a.shape).astype(a.dtype), a
   )
   return jax.tree.map(pick, reward, null)
+
+
+def drop_reward_texts(key, reward, empty_pooled, prob: float):
+  """Ours: with probability `prob` per sample and text slot, that failure text becomes the empty
+  text (`empty_pooled`: its pooled features, [D] or [1, D]); the scores stay.
+
+  Trained on the paper's rewards, a model reads the texts far more than the scores: a score of 5
+  nearly always comes with "no negative aspects", so a lowered score beside that text is a pair it
+  never saw. With some texts empty in training, a score must carry its perspective on its own, and
+  at inference a lowered score with an empty text ("worse, for no stated reason") means something.
+  """
+  if prob <= 0:
+    return reward
+  batch, slots = reward.text.shape[:2]
+  drop = jax.random.uniform(key, (batch, slots)) < prob
+  empty = jnp.broadcast_to(jnp.reshape(empty_pooled, (1, 1, -1)), reward.text.shape)
+  return reward._replace(
+      text=jnp.where(drop[..., None], empty.astype(reward.text.dtype), reward.text)
+  )

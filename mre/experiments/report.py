@@ -73,15 +73,17 @@ def claim(rows: dict) -> dict:
   }
 
 
-def control(rows: dict) -> dict:
-  """For each lowered perspective: the drop in yes-rate of every perspective from (5,5,5), and
-  whether the lowered one dropped most."""
-  base = rows["(b) reward 5,5,5"]["summary"]["all"]
+def control(rows: dict, base: str = "(b) reward 5,5,5", row: str = "(b) reward {}") -> dict:
+  """For each lowered perspective: the drop in yes-rate of every perspective from `base` (at
+  5,5,5) to the row `row.format(lowered scores)`, and whether the lowered one dropped most."""
+  if base not in rows:
+    return {}
+  base = rows[base]["summary"]["all"]
   out = {}
   for i, p in enumerate(PERSPECTIVES):
     scores = ["5", "5", "5"]
     scores[i] = "1"
-    name = f"(b) reward {','.join(scores)}"
+    name = row.format(",".join(scores))
     if name not in rows:
       continue
     low = rows[name]["summary"]["all"]
@@ -107,7 +109,8 @@ def grid(items, columns, n: int = 10, scale: int = 4) -> np.ndarray:
   return np.kron(image, np.ones((scale, scale, 1), np.uint8))
 
 
-_CONTROL_ROW = re.compile(r"\(b\) reward [0-9.]+,[0-9.]+,[0-9.]+")
+_CONTROL_ROW = re.compile(r"\(b\) reward [0-9.]+,[0-9.]+,[0-9.]+(, its text empty)?")
+EMPTY_TEXT_ROW = "(b) reward {}, its text empty"  # a control row whose lowered text is empty
 
 
 def build(rows: dict, items, workdir: str, *, timings: dict, settings: dict) -> dict:
@@ -116,6 +119,10 @@ def build(rows: dict, items, workdir: str, *, timings: dict, settings: dict) -> 
       "rows": {name: row["summary"] for name, row in rows.items()},
       "claim": claim(rows),
       "control": control(rows),
+      # --ablations: the same check on the scores-only model (no failure text beside a score)
+      "control_scores_only": control(rows, "(b) scores only", "(b) scores only, {}"),
+      # --control_texts=empty: the lowered perspective's failure text is the empty text
+      "control_text_empty": control(rows, row=EMPTY_TEXT_ROW),
       "timings": timings,
       "settings": settings,
   }
@@ -144,7 +151,7 @@ def build(rows: dict, items, workdir: str, *, timings: dict, settings: dict) -> 
       main_table(rows, controls),
   ]
   md += [
-      f"- score {v['row'][-5:]}: yes-rate drops "
+      f"- {v['row']}: yes-rate drops "
       + ", ".join(f"{q} {_pct(d)}" for q, d in v["drops"].items())
       + (
           f" (its own perspective, {p}, drops most)"
@@ -153,6 +160,18 @@ def build(rows: dict, items, workdir: str, *, timings: dict, settings: dict) -> 
       )
       for p, v in result["control"].items()
   ]
+  for key, title in (
+      ("control_text_empty", "Control with the lowered perspective's text empty:"),
+      ("control_scores_only", "Control of the scores-only model:"),
+  ):
+    if not result[key]:
+      continue
+    md += ["", title] + [
+        f"- {v['row']}: yes-rate drops "
+        + ", ".join(f"{q} {_pct(d)}" for q, d in v["drops"].items())
+        + (" (its own perspective drops most)" if v["own_drop_largest"] else " (NOT its own most)")
+        for v in result[key].values()
+    ]
   if others:
     md += ["", "## Ablations and reward guidance", "", main_table(rows, main[-1:] + others)]
   md += ["", f"Timings (s): {timings}", f"Settings: {settings}", ""]

@@ -106,18 +106,25 @@ def evaluate_row(
     *,
     reward: Optional[tuple] = None,
     reward_scale: Optional[float] = None,
+    reward_negative: Optional[tuple] = None,
+    reward_texts: Optional[tuple] = None,
     batch_size: int = 70,
     settings: Optional[dict] = None,
 ) -> dict:
   """{"summary": per-category stats with 95% intervals, "paths": {id: edited PNG}, "records":
   {id: judged record}}.
 
-  `reward` is the score condition of a reward model (texts: "nothing wrong"); `reward_scale`
-  adds reward guidance (a model trained with reward dropout); `settings` replaces EVAL_SETTINGS.
+  `reward` is the score condition of a reward model (texts: `reward_texts`, by default the ones
+  that say nothing is wrong); `reward_scale`
+  adds reward guidance (a model trained with reward dropout), or, with `reward_negative` (scores),
+  guidance away from that reward (any reward model); `settings` replaces EVAL_SETTINGS.
   """
   os.makedirs(out_dir, exist_ok=True)
   settings = EditSettings(
-      resolution=resolution, reward_scale=reward_scale, **(settings or EVAL_SETTINGS)
+      resolution=resolution,
+      reward_scale=reward_scale,
+      reward_negative_scores=tuple(reward_negative) if reward_negative is not None else None,
+      **(settings or EVAL_SETTINGS),
   )
   evaluation.check_provenance(
       out_dir,
@@ -125,8 +132,14 @@ def evaluate_row(
           "model": os.path.abspath(export),
           # a retrained model is another model
           "model_time": os.path.getmtime(os.path.join(export, "mre_model.json")),
-          "settings": dataclasses.asdict(settings),
+          # (a field that is unset is left out, so caches made before it existed stay valid)
+          "settings": {
+              k: v
+              for k, v in dataclasses.asdict(settings).items()
+              if not (k == "reward_negative_scores" and v is None)
+          },
           "reward": reward,
+          **({"reward_texts": list(reward_texts)} if reward_texts is not None else {}),
           "judge": "toy judge, in process",
       },
   )
@@ -138,7 +151,9 @@ def evaluate_row(
     editor = Editor(load_any(export), settings)
     make_reward = None
     if reward is not None and editor.is_reward:
-      make_reward = lambda n: editor.reward_inputs(n, scores=tuple(reward))  # noqa: E731
+      make_reward = lambda n: editor.reward_inputs(  # noqa: E731
+          n, scores=tuple(reward), texts=reward_texts
+      )
     paths = evaluation.edit_items(
         editor, items, os.path.join(out_dir, "images"), batch_size=batch_size, reward=make_reward
     )

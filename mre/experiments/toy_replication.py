@@ -31,6 +31,7 @@ from mre import train
 from mre.data.train_input import default_data_dir
 from mre.experiments import report, toy_eval
 from mre.experiments.recipes import ABLATIONS, parse_overrides, stage1_config, stage2_config
+from mre.models.reward_config import RewardConfig
 
 CONTROL = ((1, 5, 5), (5, 1, 5), (5, 5, 1), (1, 1, 1))
 
@@ -55,6 +56,9 @@ def replicate(
     eval_items: int = 0,
     ablations: bool = False,
     control: bool = True,
+    control_texts: str = "perfect",
+    negative_guidance=(),
+    negative_reward=(1, 1, 1),
     overrides=None,
     settings=None,
 ) -> dict:
@@ -62,6 +66,9 @@ def replicate(
 
   `overrides` ({"train.batch_per_device": 8, ...}) apply to every run (tests use tiny settings).
   `control=False` evaluates only the main rows (a second seed's check of the claim).
+  `control_texts="empty"` gives the control rows' lowered perspective the empty failure text
+  (the others keep "nothing wrong"); "perfect" keeps all three texts at "nothing wrong".
+  `negative_guidance` (scales s_R) adds rows of (b) at 5,5,5 guided away from `negative_reward`.
   `settings` (from `toy_eval.eval_settings`) evaluates at other edit settings: the same trained
   runs, edits and reports in `workdir/eval_<tag>/` (the default settings' are in `workdir`).
   """
@@ -110,9 +117,29 @@ def replicate(
   rows["stage 1"] = evaluate("stage1", "stage1")
   rows["(a) baseline"] = evaluate("baseline", "baseline")
   rows["(b) reward 5,5,5"] = evaluate("reward_5-5-5", "reward", reward=(5, 5, 5))
+  if control_texts not in ("perfect", "empty"):
+    raise ValueError(f"control_texts must be 'perfect' or 'empty', got {control_texts!r}")
+  perfect = RewardConfig(form=runs["reward"].model.reward.form).perfect_texts
   for scores in CONTROL if control else ():
     tag = ",".join(map(str, scores))
-    rows[f"(b) reward {tag}"] = evaluate(f"reward_{tag.replace(',', '-')}", "reward", reward=scores)
+    if control_texts == "perfect":
+      rows[f"(b) reward {tag}"] = evaluate(
+          f"reward_{tag.replace(',', '-')}", "reward", reward=scores
+      )
+    else:  # a lowered score says "worse", its empty text does not say why
+      texts = tuple("" if s < 5 else t for s, t in zip(scores, perfect))
+      rows[report.EMPTY_TEXT_ROW.format(tag)] = evaluate(
+          f"reward_{tag.replace(',', '-')}_text_empty", "reward", reward=scores, reward_texts=texts
+      )
+  for scale in negative_guidance:
+    away = ",".join(map(str, negative_reward))
+    rows[f"(b) reward 5,5,5, away from {away} at {scale:g}"] = evaluate(
+        f"reward_away_{away.replace(',', '-')}_{scale:g}",
+        "reward",
+        reward=(5, 5, 5),
+        reward_scale=scale,
+        reward_negative=tuple(negative_reward),
+    )
   if ablations:
     for name in ABLATIONS:
       if name == "reward_dropout":
@@ -123,6 +150,13 @@ def replicate(
           )
       else:
         rows[f"(b) {name.replace('_', ' ')}"] = evaluate(name, name, reward=(5, 5, 5))
+      if name == "scores_only":
+        # Does a score control its own perspective when no failure text speaks beside it?
+        for scores in CONTROL if control else ():
+          tag = ",".join(map(str, scores))
+          rows[f"(b) scores only, {tag}"] = evaluate(
+              f"{name}_{tag.replace(',', '-')}", name, reward=scores
+          )
   timings["evaluate"] = round(time.time() - t0, 1)
   timings["total"] = round(time.time() - start, 1)
 
@@ -137,6 +171,9 @@ def replicate(
           "stage2_steps": runs["reward"].train.steps,
           "eval_items": len(items),
           "control": control,
+          "control_texts": control_texts,
+          "negative_guidance": list(negative_guidance),
+          "negative_reward": list(negative_reward),
           "overrides": overrides or {},
           "eval": settings,
           "batch": s1.train.batch_per_device,
@@ -149,6 +186,16 @@ def replicate(
   with open(os.path.join(report_dir, "replication.md"), "w") as f:
     f.write(result["markdown"])
   return result
+
+
+def _scores(values) -> tuple:
+  try:
+    scores = tuple(float(v) for v in values)
+  except ValueError:
+    scores = ()
+  if len(scores) != 3 or not all(0 <= v <= 5 for v in scores):
+    raise app.UsageError(f"--negative_reward: three scores in [0, 5], got {','.join(values)}")
+  return tuple(int(v) if v.is_integer() else v for v in scores)
 
 
 def define_flags():
@@ -176,6 +223,23 @@ def define_flags():
       "Evaluate (b) at the control scores (1,5,5), (5,1,5), (5,5,1), (1,1,1); --nocontrol "
       "evaluates the main rows only (a second seed's check of the claim).",
   )
+  flags.DEFINE_enum(
+      "control_texts",
+      "perfect",
+      ["perfect", "empty"],
+      "Failure texts of the control rows: 'perfect' keeps all three at 'nothing wrong'; 'empty' "
+      "gives the lowered perspective the empty text (for a model trained with "
+      "model.reward.text_dropout_prob > 0).",
+  )
+  flags.DEFINE_list(
+      "negative_guidance",
+      [],
+      "Reward guidance scales s_R at which (b) at 5,5,5 is also evaluated guided away from "
+      "--negative_reward (ours, like a negative prompt; no reward dropout needed), e.g. 1,2.",
+  )
+  flags.DEFINE_list(
+      "negative_reward", ["1", "1", "1"], "The scores --negative_guidance guides away from."
+  )
   toy_eval.define_eval_flags()
 
 
@@ -193,6 +257,9 @@ def main(argv):
       eval_items=f.eval_items,
       ablations=f.ablations,
       control=f.control,
+      control_texts=f.control_texts,
+      negative_guidance=[float(v) for v in f.negative_guidance],
+      negative_reward=_scores(f.negative_reward),
       overrides=parse_overrides(f.set),
       settings=toy_eval.settings_from_flags(),
   )

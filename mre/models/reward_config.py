@@ -48,6 +48,7 @@ class RewardConfig:
   heads: int = 8  # reward cross-attention heads (8 x 40 at SD scale)
   attn_dropout: float = 0.1  # released form's BERT-style dropout, training only
   dropout_prob: float = 0.0  # reward dropout during training (0 as in the paper)
+  text_dropout_prob: float = 0.0  # ours: per text, the empty text in training (scores kept)
 
   def __post_init__(self):
     if self.form not in FORMS:
@@ -58,6 +59,8 @@ class RewardConfig:
       raise ValueError("a reward must be injected somewhere (inject_latent/inject_unet both False)")
     if not 0.0 <= self.dropout_prob < 1.0:
       raise ValueError(f"reward dropout_prob {self.dropout_prob} is not in [0, 1)")
+    if not 0.0 <= self.text_dropout_prob < 1.0:
+      raise ValueError(f"reward text_dropout_prob {self.text_dropout_prob} is not in [0, 1)")
 
   @property
   def text_slots(self) -> int:

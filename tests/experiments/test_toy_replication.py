@@ -115,11 +115,33 @@ def test_replication_runs_end_to_end_and_resumes(tmp_path, toy_data):
   # Other edit settings: the same trained runs, their own edits and reports in eval_<tag>/.
   report = open(os.path.join(workdir, "replication.md")).read()
   settings = toy_eval.eval_settings(sampler="euler_ancestral", text_scale=3.0)
-  other = run(control=False, eval_items=5, settings=settings)
+  other = run(control=False, eval_items=5, settings=settings, negative_guidance=(1.0,))
   tagged = os.path.join(workdir, "eval_euler_ancestral-20-sT3-sI1")
   assert other["report_dir"] == tagged and other["settings"]["eval"] == settings
   assert other["rows"]["(a) baseline"]["all"]["n"] == 5
+  # Guidance away from a low reward: one more row of (b), its own edits.
+  assert other["rows"]["(b) reward 5,5,5, away from 1,1,1 at 1"]["all"]["n"] == 5
+  away = os.path.join(tagged, "eval", "reward_away_1-1-1_1", "images")
+  assert len(os.listdir(away)) == 5
   assert len(os.listdir(os.path.join(tagged, "eval", "reward_5-5-5", "images"))) == 5
   assert json.load(open(os.path.join(tagged, "replication.json")))["settings"]["eval"] == settings
   assert open(os.path.join(workdir, "replication.md")).read() == report
   assert os.path.getmtime(export) == export_stamp
+
+
+def test_control_finds_the_perspective_each_lowered_score_moves_most():
+  from mre.experiments import report
+
+  def row(f, p, q):
+    return {"summary": {"all": {k: {"yes_rate": v} for k, v in zip(stats.PERSPECTIVES, (f, p, q))}}}
+
+  rows = {
+      "(b) scores only": row(0.8, 0.8, 0.8),
+      "(b) scores only, 1,5,5": row(0.5, 0.7, 0.7),  # following drops most
+      "(b) scores only, 5,1,5": row(0.6, 0.7, 0.7),  # following again: not its own
+  }
+  out = report.control(rows, "(b) scores only", "(b) scores only, ")
+  assert set(out) == {"following", "preserving"}
+  assert out["following"]["own_drop_largest"] and not out["preserving"]["own_drop_largest"]
+  assert out["following"]["drops"]["following"] == pytest.approx(0.3)
+  assert report.control(rows) == {}  # no (b) reward rows
