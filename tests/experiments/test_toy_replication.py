@@ -140,7 +140,7 @@ def test_control_finds_the_perspective_each_lowered_score_moves_most():
       "(b) scores only, 1,5,5": row(0.5, 0.7, 0.7),  # following drops most
       "(b) scores only, 5,1,5": row(0.6, 0.7, 0.7),  # following again: not its own
   }
-  out = report.control(rows, "(b) scores only", "(b) scores only, ")
+  out = report.control(rows, "(b) scores only", "(b) scores only, {}")
   assert set(out) == {"following", "preserving"}
   assert out["following"]["own_drop_largest"] and not out["preserving"]["own_drop_largest"]
   assert out["following"]["drops"]["following"] == pytest.approx(0.3)
