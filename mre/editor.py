@@ -39,6 +39,10 @@ class EditSettings:
   reward_negative_scores: Optional[tuple] = None
   eta: float = 0.0
 
+  def __post_init__(self):
+    if self.reward_negative_scores is not None and self.reward_scale is None:
+      raise ValueError("reward_negative_scores: guiding away from a reward needs reward_scale")
+
 
 def size_multiple(pipe: Pipeline) -> int:
   """Edge lengths must divide by the VAE's and the U-Net's downsampling (64 for SD 1.5)."""
@@ -93,8 +97,6 @@ class Editor:
     self.is_reward = isinstance(pipe.unet, RewardUNet)
     if settings.reward_scale is not None and not self.is_reward:
       raise ValueError("reward guidance (reward_scale) needs a reward-conditioned model")
-    if settings.reward_negative_scores is not None and settings.reward_scale is None:
-      raise ValueError("reward_negative_scores: guiding away from a reward needs reward_scale")
     self._sample = edit_sampler(self.schedule, settings, pipe.vae.config.latent_channels)
     self._encode_text = nnx.jit(lambda te, ids: te(ids))
     self._encode_image = nnx.jit(lambda vae, x: vae.encode(x).mode())

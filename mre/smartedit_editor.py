@@ -70,8 +70,6 @@ class SmartEditor:
     self.is_reward = isinstance(pipe.model.unet, RewardUNet)
     if settings.reward_scale is not None and not self.is_reward:
       raise ValueError("reward guidance (reward_scale) needs a reward-conditioned model")
-    if settings.reward_negative_scores is not None and settings.reward_scale is None:
-      raise ValueError("reward_negative_scores: guiding away from a reward needs reward_scale")
     self.schedule = schedule_from_config(pipe.scheduler_config)
     self._sample = edit_sampler(self.schedule, settings, pipe.vae.config.latent_channels)
     size = self.model.config.vision.image_size

@@ -113,6 +113,20 @@ _CONTROL_ROW = re.compile(r"\(b\) reward [0-9.]+,[0-9.]+,[0-9.]+(, its text empt
 EMPTY_TEXT_ROW = "(b) reward {}, its text empty"  # a control row whose lowered text is empty
 
 
+def _control_lines(checks: dict) -> list:
+  """One markdown line per lowered perspective of a `control` check."""
+  return [
+      f"- {v['row']}: yes-rate drops "
+      + ", ".join(f"{q} {_pct(d)}" for q, d in v["drops"].items())
+      + (
+          f" (its own perspective, {p}, drops most)"
+          if v["own_drop_largest"]
+          else f" (NOT its own perspective, {p}, most)"
+      )
+      for p, v in checks.items()
+  ]
+
+
 def build(rows: dict, items, workdir: str, *, timings: dict, settings: dict) -> dict:
   """The report: markdown, every row's numbers, the claim and control checks; writes the grids."""
   result = {
@@ -150,28 +164,13 @@ def build(rows: dict, items, workdir: str, *, timings: dict, settings: dict) -> 
       "",
       main_table(rows, controls),
   ]
-  md += [
-      f"- {v['row']}: yes-rate drops "
-      + ", ".join(f"{q} {_pct(d)}" for q, d in v["drops"].items())
-      + (
-          f" (its own perspective, {p}, drops most)"
-          if v["own_drop_largest"]
-          else f" (NOT its own perspective, {p}, most)"
-      )
-      for p, v in result["control"].items()
-  ]
+  md += _control_lines(result["control"])
   for key, title in (
       ("control_text_empty", "Control with the lowered perspective's text empty:"),
       ("control_scores_only", "Control of the scores-only model:"),
   ):
-    if not result[key]:
-      continue
-    md += ["", title] + [
-        f"- {v['row']}: yes-rate drops "
-        + ", ".join(f"{q} {_pct(d)}" for q, d in v["drops"].items())
-        + (" (its own perspective drops most)" if v["own_drop_largest"] else " (NOT its own most)")
-        for v in result[key].values()
-    ]
+    if result[key]:
+      md += ["", title] + _control_lines(result[key])
   if others:
     md += ["", "## Ablations and reward guidance", "", main_table(rows, main[-1:] + others)]
   md += ["", f"Timings (s): {timings}", f"Settings: {settings}", ""]

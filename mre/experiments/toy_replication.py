@@ -31,7 +31,7 @@ from mre import train
 from mre.data.train_input import default_data_dir
 from mre.experiments import report, toy_eval
 from mre.experiments.recipes import ABLATIONS, parse_overrides, stage1_config, stage2_config
-from mre.models.reward_config import RewardConfig
+from mre.models.reward_config import RewardConfig, parse_scores
 
 CONTROL = ((1, 5, 5), (5, 1, 5), (5, 5, 1), (1, 1, 1))
 
@@ -189,12 +189,11 @@ def replicate(
 
 
 def _scores(values) -> tuple:
+  """--negative_reward's three scores; whole numbers stay ints, so rows read "1,1,1"."""
   try:
-    scores = tuple(float(v) for v in values)
-  except ValueError:
-    scores = ()
-  if len(scores) != 3 or not all(0 <= v <= 5 for v in scores):
-    raise app.UsageError(f"--negative_reward: three scores in [0, 5], got {','.join(values)}")
+    scores = parse_scores(",".join(values))
+  except ValueError as e:
+    raise app.UsageError(f"--negative_reward: {e}") from e
   return tuple(int(v) if v.is_integer() else v for v in scores)
 
 
