@@ -46,6 +46,7 @@ class EditFlags:
   reward_text: flags.FlagHolder
   reward_guidance: flags.FlagHolder
   reward_guidance_away: flags.FlagHolder
+  reward_guidance_away_text: flags.FlagHolder
   dtype: flags.FlagHolder
 
 
@@ -102,6 +103,14 @@ def define_flags(flag_values=flags.FLAGS) -> EditFlags:
           "like a negative prompt; any reward model (no reward dropout needed).",
           flag_values=fv,
       ),
+      reward_guidance_away_text=flags.DEFINE_multi_string(
+          "reward-guidance-away-text",
+          [],
+          "Failure texts of the reward --reward-guidance-away pushes from, three times (one per "
+          "perspective; '*' keeps that perspective's --reward-text), e.g. '*' '*' 'the image is "
+          "blurry'; default: the --reward-text ones.",
+          flag_values=fv,
+      ),
       dtype=flags.DEFINE_enum(
           "dtype", "float32", ["float32", "bfloat16"], "Computation dtype.", flag_values=fv
       ),
@@ -116,6 +125,17 @@ def parse_reward(scores: str, texts):
   if len(texts) not in (0, 1, 3):
     raise app.UsageError("--reward-text is given once (all perspectives) or three times")
   return values, (tuple(texts) * 3 if len(texts) == 1 else tuple(texts) or None)
+
+
+def parse_away_texts(texts, away):
+  """--reward-guidance-away-text's three texts ('*' -> None: keep that perspective's), or None."""
+  if not texts:
+    return None
+  if away is None:
+    raise app.UsageError("--reward-guidance-away-text needs --reward-guidance-away (the scores)")
+  if len(texts) != 3:
+    raise app.UsageError("--reward-guidance-away-text is given three times (one per perspective)")
+  return tuple(None if t == "*" else t for t in texts)
 
 
 def collect_jobs(image: str, instruction, output: str):
@@ -162,6 +182,7 @@ def command(fl: EditFlags) -> list[str]:
     if fl.reward_guidance.value is None:
       raise app.UsageError("--reward-guidance-away needs --reward-guidance (the scale s_R)")
     away, _ = parse_reward(fl.reward_guidance_away.value, [])
+  away_texts = parse_away_texts(fl.reward_guidance_away_text.value, away)
   jobs = collect_jobs(fl.image.value, fl.instruction.value, fl.output.value)
   if any(not (t and t.strip()) for _, t, _ in jobs):
     raise app.UsageError("an instruction is empty")
@@ -179,6 +200,7 @@ def command(fl: EditFlags) -> list[str]:
       reward_texts=texts,
       reward_scale=fl.reward_guidance.value,
       reward_negative_scores=away,
+      reward_negative_texts=away_texts,
   )
   editor = editor_for(pipe, settings, **fl.smartedit.llm_settings())
   if editor.is_reward:

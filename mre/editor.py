@@ -37,11 +37,28 @@ class EditSettings:
   # Ours: guide away from these scores (with the settings' texts) instead of the null reward, like
   # a negative prompt; needs no reward dropout, since stage 2 trains on low scores.
   reward_negative_scores: Optional[tuple] = None
+  # ... and with these failure texts (None: the settings' texts), e.g. a quality text that names
+  # the artifact to steer away from: (None, None, "the image is blurry"), None keeping that
+  # perspective's text ("" is the empty text).
+  reward_negative_texts: Optional[tuple] = None
   eta: float = 0.0
 
   def __post_init__(self):
     if self.reward_negative_scores is not None and self.reward_scale is None:
       raise ValueError("reward_negative_scores: guiding away from a reward needs reward_scale")
+    if self.reward_negative_texts is not None:
+      if self.reward_negative_scores is None:
+        raise ValueError("reward_negative_texts needs reward_negative_scores (the reward to avoid)")
+      if len(self.reward_negative_texts) != 3:
+        raise ValueError(f"reward_negative_texts: 3 texts, got {self.reward_negative_texts!r}")
+
+  def negative_texts(self, perfect: tuple) -> Optional[tuple]:
+    """The texts of the reward guided away from: each None replaced by the settings' text (by
+    default the form's `perfect` one); None when no texts are set."""
+    if self.reward_negative_texts is None:
+      return None
+    base = self.reward_texts or perfect
+    return tuple(b if t is None else t for t, b in zip(self.reward_negative_texts, base))
 
 
 def size_multiple(pipe: Pipeline) -> int:
@@ -145,8 +162,11 @@ class Editor:
     if self.is_reward:
       extra = {"reward": reward if reward is not None else self.reward_inputs(b)}
       if self.settings.reward_negative_scores is not None:
+        texts = self.settings.negative_texts(self.pipe.unet.reward_config.perfect_texts)
         extra_uncond = {
-            "reward": self.reward_inputs(b, scores=self.settings.reward_negative_scores)
+            "reward": self.reward_inputs(
+                b, scores=self.settings.reward_negative_scores, texts=texts
+            )
         }
       elif self.settings.reward_scale is not None:
         extra_uncond = {"reward": self.null_reward(b)}

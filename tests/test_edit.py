@@ -119,6 +119,15 @@ def test_cli_errors_are_clear(tmp_path, tiny_pipeline_dir):
       "--reward-guidance-away=1,1,1",
   )
   assert r.returncode != 0 and "needs --reward-guidance" in r.stderr
+  r = _cli(
+      f"--model={tiny_pipeline_dir}",
+      f"--image={tmp_path / 'ok.png'}",
+      "--instruction=x",
+      "--reward-guidance=2",
+      "--reward-guidance-away=1,1,1",
+      "--reward-guidance-away-text=blurry",
+  )
+  assert r.returncode != 0 and "three times" in r.stderr
 
 
 def test_reward_model_edits_follow_the_reward(tmp_path, tiny_pipeline_dir):
@@ -193,3 +202,21 @@ def test_guidance_away_from_a_negative_reward(tiny_pipeline_dir):
   assert np.abs(plain - away).max() > 2
   with pytest.raises(ValueError, match="needs reward_scale"):
     Editor(pipe, EditSettings(reward_negative_scores=(1, 1, 1)))
+  # Its texts: None keeps the conditioning text, so all-None is the same reward again; a named
+  # failure text (the released form reads the quality slot's text) makes it another one.
+  kept = edit(reward_scale=2.0, reward_negative_scores=(5, 5, 5), reward_negative_texts=(None,) * 3)
+  assert np.abs(plain - kept).max() <= 1
+  named = edit(
+      reward_scale=2.0,
+      reward_negative_scores=(5, 5, 5),
+      reward_negative_texts=("the image is blurry",) * 3,
+  )
+  assert np.abs(plain - named).max() > 2
+  s = EditSettings(
+      reward_scale=1.0, reward_negative_scores=(1, 1, 1), reward_negative_texts=(None, "", "x")
+  )
+  assert s.negative_texts(("a", "b", "c")) == ("a", "", "x")
+  with pytest.raises(ValueError, match="needs reward_negative_scores"):
+    EditSettings(reward_scale=1.0, reward_negative_texts=(None, None, "x"))
+  with pytest.raises(ValueError, match="3 texts"):
+    EditSettings(reward_scale=1.0, reward_negative_scores=(1, 1, 1), reward_negative_texts=("x",))

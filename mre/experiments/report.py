@@ -8,10 +8,12 @@ import re
 import numpy as np
 from PIL import Image
 
-from mre.experiments.stats import PERSPECTIVES, separated
+from mre.experiments.stats import PERSPECTIVES, failures, separated
 
 CATEGORIES = ("local", "remove", "add", "background", "global")
 MAIN_ROWS = ("stage 1", "(a) baseline", "(b) reward 5,5,5")
+# --smartedit: the SmartEdit-style toy editor without and with the reward (the paper's second row)
+SMARTEDIT_ROWS = ("SmartEdit (a) baseline", "SmartEdit (b) reward 5,5,5")
 GOAL = {"following": 0.70, "preserving": 0.80, "quality": 0.80}  # competent editor at (5,5,5)
 
 
@@ -52,9 +54,23 @@ def category_table(rows: dict, names) -> str:
   return "\n".join(lines) + "\n"
 
 
-def claim(rows: dict) -> dict:
-  """(b) at (5,5,5) against (a): per perspective, whether its yes-rate interval lies above."""
-  a, b = rows["(a) baseline"]["summary"]["all"], rows["(b) reward 5,5,5"]["summary"]["all"]
+def failure_table(row: dict, top: int = 2) -> str:
+  """The commonest failure texts of a row's "no" verdicts, per category and perspective."""
+  found = failures(row["records"].values(), top)
+  lines = ["| category | " + " | ".join(PERSPECTIVES) + " |", "|" + "---|" * 4]
+  for c in CATEGORIES:
+    cells = [
+        "; ".join(f"{text} ({n})" for text, n in found.get(c, {}).get(p, [])) or "-"
+        for p in PERSPECTIVES
+    ]
+    lines.append(f"| {c} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def claim(rows: dict, names=MAIN_ROWS[1:]) -> dict:
+  """(b) at (5,5,5) against (a) (`names`: their rows): per perspective, whether its yes-rate
+  interval lies above."""
+  a, b = (rows[n]["summary"]["all"] for n in names)
   per = {
       p: {
           "yes_rate_separated": separated(b[p], a[p]),
@@ -113,6 +129,16 @@ _CONTROL_ROW = re.compile(r"\(b\) reward [0-9.]+,[0-9.]+,[0-9.]+(, its text empt
 EMPTY_TEXT_ROW = "(b) reward {}, its text empty"  # a control row whose lowered text is empty
 
 
+def texts_label(texts) -> str:
+  """' saying "a; b"' for the failure texts a guided-away row names ('' for none)."""
+  return f' saying "{"; ".join(texts)}"' if texts else ""
+
+
+def texts_tag(texts) -> str:
+  """The same as a folder-name part: '_the-image-is-blurry' ('' for none)."""
+  return "".join("_" + re.sub(r"[^a-z0-9]+", "-", t.lower()).strip("-") for t in texts)
+
+
 def _control_lines(checks: dict) -> list:
   """One markdown line per lowered perspective of a `control` check."""
   return [
@@ -137,6 +163,10 @@ def build(rows: dict, items, workdir: str, *, timings: dict, settings: dict) -> 
       "control_scores_only": control(rows, "(b) scores only", "(b) scores only, {}"),
       # --control_texts=empty: the lowered perspective's failure text is the empty text
       "control_text_empty": control(rows, row=EMPTY_TEXT_ROW),
+      # --smartedit: the same claim for the SmartEdit-style editor
+      "claim_smartedit": (
+          claim(rows, SMARTEDIT_ROWS) if all(r in rows for r in SMARTEDIT_ROWS) else None
+      ),
       "timings": timings,
       "settings": settings,
   }
@@ -145,7 +175,8 @@ def build(rows: dict, items, workdir: str, *, timings: dict, settings: dict) -> 
   controls = ["(b) reward 5,5,5"] + [
       r for r in rows if _CONTROL_ROW.fullmatch(r) and r != "(b) reward 5,5,5"
   ]
-  others = [r for r in rows if r not in main and r not in controls]
+  smartedit = [r for r in SMARTEDIT_ROWS if r in rows]
+  others = [r for r in rows if r not in main and r not in controls and r not in smartedit]
   c = result["claim"]
   gains = ", ".join(f"{p} {_pct(v['yes_rate_gain'])} points" for p, v in c["perspectives"].items())
   md = [
@@ -160,6 +191,9 @@ def build(rows: dict, items, workdir: str, *, timings: dict, settings: dict) -> 
       "## Per category (yes-rate following / preserving / quality)",
       "",
       category_table(rows, main),
+      '## Commonest failures of (b) at 5,5,5 (text of the "no" verdicts, count)',
+      "",
+      failure_table(rows["(b) reward 5,5,5"]) if "records" in rows["(b) reward 5,5,5"] else "",
       "## Control: (b) with lowered scores",
       "",
       main_table(rows, controls),
@@ -173,6 +207,15 @@ def build(rows: dict, items, workdir: str, *, timings: dict, settings: dict) -> 
       md += ["", title] + _control_lines(result[key])
   if others:
     md += ["", "## Ablations and reward guidance", "", main_table(rows, main[-1:] + others)]
+  if smartedit:
+    md += ["", "## The SmartEdit-style editor", "", main_table(rows, smartedit)]
+    md += [category_table(rows, smartedit)]
+    cs = result["claim_smartedit"]
+    if cs:
+      gains = ", ".join(
+          f"{p} {_pct(v['yes_rate_gain'])} points" for p, v in cs["perspectives"].items()
+      )
+      md += [f"Claim for SmartEdit: **{'holds' if cs['holds'] else 'does not hold'}** ({gains})."]
   md += ["", f"Timings (s): {timings}", f"Settings: {settings}", ""]
   result["markdown"] = "\n".join(md)
   Image.fromarray(grid(items, [rows[r]["paths"] for r in main])).save(

@@ -8,6 +8,8 @@ the mean score, and take the 2.5th and 97.5th percentiles of the resampled value
 
 from __future__ import annotations
 
+import collections
+
 from typing import Sequence
 
 import numpy as np
@@ -65,3 +67,13 @@ def summarize_with_ci(records: Sequence[dict], **bootstrap) -> dict:
 def separated(better: dict, worse: dict, key: str = "yes_rate") -> bool:
   """True when `better`'s interval lies wholly above `worse`'s (non-overlapping, better higher)."""
   return better[f"{key}_ci"][0] > worse[f"{key}_ci"][1]
+
+
+def failures(records, top: int = 3) -> dict:
+  """{category: {perspective: [(failure text, count), ...]}} of the "no" verdicts."""
+  counts = collections.defaultdict(lambda: collections.defaultdict(collections.Counter))
+  for r in records:
+    for p in PERSPECTIVES:
+      if r.get("status", "ok") == "ok" and not r[p]["yes"]:
+        counts[r["category"]][p][r[p]["failure"]] += 1
+  return {c: {p: v.most_common(top) for p, v in ps.items()} for c, ps in counts.items()}

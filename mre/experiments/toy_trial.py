@@ -13,7 +13,6 @@ editor can learn in the budget, apart from what the flaws teach it. The numbers 
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 
@@ -23,16 +22,6 @@ from mre import train
 from mre.data.train_input import default_data_dir
 from mre.experiments import stats, toy_eval
 from mre.experiments.recipes import parse_overrides, stage1_config
-
-
-def failures(records, top: int = 3) -> dict:
-  """{category: {perspective: [(failure text, count), ...]}} of the "no" verdicts."""
-  counts = collections.defaultdict(lambda: collections.defaultdict(collections.Counter))
-  for r in records:
-    for p in stats.PERSPECTIVES:
-      if not r[p]["yes"]:
-        counts[r["category"]][p][r[p]["failure"]] += 1
-  return {c: {p: v.most_common(top) for p, v in ps.items()} for c, ps in counts.items()}
 
 
 def run_trial(
@@ -74,7 +63,7 @@ def run_trial(
       "overrides": overrides or {},
       "eval": settings,
       "summary": row["summary"],
-      "failures": failures(row["records"].values()),
+      "failures": stats.failures(row["records"].values()),
   }
   with open(os.path.join(workdir, f"trial_{tag}.json" if tag else "trial.json"), "w") as f:
     json.dump(result, f, indent=1)

@@ -3,7 +3,7 @@ replication's, run end to end in test_toy_replication.py."""
 
 import pytest
 
-from mre.experiments import recipes, toy_eval, toy_trial
+from mre.experiments import recipes, stats, toy_eval, toy_trial
 
 
 def test_overrides_parse_literals_and_bare_words():
@@ -37,7 +37,7 @@ def test_failures_count_the_no_verdicts_per_category_and_perspective():
       _record("local", None),
       _record("add", "no red square was added"),
   ]
-  got = toy_trial.failures(records, top=1)
+  got = stats.failures(records, top=1)
   assert got == {
       "local": {
           "following": [("the circle is still red", 2)],
