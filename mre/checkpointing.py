@@ -74,8 +74,11 @@ class Checkpointer:
 
 
 def abstract_like(tree):
-  """ShapeDtypeStructs (with shardings) of a concrete pytree: the restore target."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+  """ShapeDtypeStructs (with shardings) of a concrete pytree: the restore target. A host (numpy)
+  leaf, e.g. a weight loaded from a folder and not yet stepped, restores onto the default device."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
+  )
 
 
 class StopSignal:

@@ -152,7 +152,8 @@ class SmartEditor:
     if self.is_reward:
       extra["reward"] = reward if reward is not None else self.reward_inputs(b)
       if self.settings.reward_negative_scores is not None:  # guidance away from a low reward
-        away = self.reward_inputs(b, scores=self.settings.reward_negative_scores)
+        texts = self.settings.negative_texts(self.model.unet.reward_config.perfect_texts)
+        away = self.reward_inputs(b, scores=self.settings.reward_negative_scores, texts=texts)
         extra_uncond = {"conv_in_residual": residual, "reward": away}
       elif self.settings.reward_scale is not None:
         ids = tokenize(self.pipe.tokenizer, [NULL_TEXT])

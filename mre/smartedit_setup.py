@@ -15,6 +15,12 @@ from scratch in the toy world, in pixel space.
 - U-Net and CLIP text encoder: the toy InstructPix2Pix editor's (`model_setup.scratch_models`: the
   `model.scratch` sizes and options, source skip and pixel head included); the text encoder is
   random and frozen, its output for "" is the null context (the release's is pretrained CLIP's).
+  With `model.pretrained` (a trained toy InstructPix2Pix folder, e.g. the replication's stage 1)
+  the U-Net, text encoder and tokenizer are that editor's, as the release starts its U-Net from
+  InstructPix2Pix's; the LLM, ViT, Q-Former and BIM still start from random weights.
+- Multi-reward (`model.reward.enabled`, the SmartEdit row of the paper): the U-Net becomes a
+  `RewardUNet` (`reward_unet_from_stage1`: every U-Net weight kept, the reward modules new); the
+  failure texts are pooled by the frozen CLIP text encoder.
 
 The release-size recipe (7B/13B) is refused with a message: loading LLaVA, CLIP and SD 1.5 into a
 trainable SmartEdit and sharding its training are not built (`python -m mre.smartedit_dryrun` gives
@@ -37,6 +43,7 @@ from mre.model_io import smartedit_folder as sf
 from mre.model_io.word_tokenizer import llm_words, write_llm_word_tokenizer
 from mre.models.config import UNetConfig
 from mre.models.qformer import smartedit_config as qformer_config
+from mre.models.reward_unet import RewardUNet, reward_unet_from_stage1
 from mre.models.smartedit import SmartEdit, SmartEditConfig, tiny_config
 from mre.models.smartedit_prompt import IM_END, IM_START, IMG, TEMPLATE, conversation
 from mre.smartedit_dryrun import smartedit_config as dryrun_config
@@ -55,10 +62,22 @@ def refusal(config) -> str | None:
         "--config=configs/smartedit.py; the toy trains: --config=configs/smartedit.py:toy"
     )
   problems = []
-  if config.model.pretrained:
-    problems.append("model.pretrained (the toy trains from scratch)")
-  if config.model.reward.enabled:
-    problems.append("model.reward.enabled (multi-reward SmartEdit training is not built)")
+  r = config.model.reward
+  if r.enabled and (r.dropout_prob or r.text_dropout_prob):
+    problems.append(
+        "model.reward.dropout_prob / text_dropout_prob (reward dropout is built for the "
+        "InstructPix2Pix trainer only)"
+    )
+  ignored = {  # loss options of the InstructPix2Pix step the SmartEdit step does not have
+      "train.loss": (t.loss, "mse"),
+      "train.snr_gamma": (t.snr_gamma, 0.0),
+      "train.edit_dilation": (t.edit_dilation, 0),
+      "train.edit_smoothing": (t.edit_smoothing, 1),
+      "train.edit_region_share": (t.get("edit_region_share", 0.0), 0.0),
+      "train.edit_balance": (t.get("edit_balance", 0.0), 0.0),
+      "train.rollout_prob": (t.get("rollout_prob", 0.0), 0.0),
+  }
+  problems += [f"{k}={v!r}" for k, (v, default) in ignored.items() if v != default]
   if t.grad_accum != 1:
     problems.append(f"train.grad_accum={t.grad_accum} (the SmartEdit step has no accumulation)")
   if t.ema_decay:
@@ -116,9 +135,34 @@ class ToySmartEdit:
   clip_tokenizer_dir: str
 
 
+def _pretrained_ip2p(config, scratch_unet_config: dict):
+  """(the pipeline, its tokenizer folder) of the toy InstructPix2Pix editor in `model.pretrained`;
+  its U-Net must have the `model.scratch` config (the SmartEdit's sizes)."""
+  from mre.model_io.folders import load_any  # pylint: disable=import-outside-toplevel
+
+  folder = config.model.pretrained
+  pipe = load_any(folder)
+  if isinstance(pipe.unet, RewardUNet):
+    raise ValueError(f"{folder} holds a reward-conditioned U-Net; start from a stage-1 editor")
+  have = dataclasses.asdict(pipe.unet.config)
+  want = dataclasses.asdict(UNetConfig.from_dict(scratch_unet_config))
+  diff = sorted(k for k in want if have.get(k) != want[k])
+  if diff:
+    raise ValueError(
+        f"the U-Net in {folder} differs from model.scratch's in "
+        + ", ".join(f"{k} ({have.get(k)!r} there, {want[k]!r} here)" for k in diff)
+        + "; set model.scratch to the folder's sizes"
+    )
+  tokenizer_dir = os.path.join(folder, "tokenizer")
+  if not os.path.isdir(tokenizer_dir):
+    raise FileNotFoundError(f"{folder} has no tokenizer/ folder to copy into the export")
+  return pipe, tokenizer_dir
+
+
 def build_toy(config, vocab_words, workdir: str) -> ToySmartEdit:
-  """The toy SmartEdit with random weights (seeded by `config.seed`), its tokenizers written to
-  `workdir/llm_tokenizer` and `workdir/tokenizer`."""
+  """The toy SmartEdit with random weights (seeded by `config.seed`; with `model.pretrained`,
+  the U-Net, CLIP text encoder and tokenizer of that toy InstructPix2Pix editor), its tokenizers
+  written to `workdir/llm_tokenizer` and `workdir/tokenizer`."""
   from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
 
   if vocab_words is None:
@@ -130,17 +174,28 @@ def build_toy(config, vocab_words, workdir: str) -> ToySmartEdit:
   llm_tok = AutoTokenizer.from_pretrained(llm_dir, local_files_only=True)
   clip_dir = os.path.join(workdir, "tokenizer")
   scratch = model_setup.scratch_models(config, vocab_words, clip_dir)
-  clip_tok = scratch.pipe.tokenizer
+  clip_tok, scheduler = scratch.pipe.tokenizer, scratch.pipe.scheduler_config
+  if config.model.pretrained:
+    unet_config = model_setup.scratch_unet_config(config, 3, config.model.scratch.text_hidden)
+    ip2p, clip_dir = _pretrained_ip2p(config, unet_config)
+    unet, text_encoder, clip_tok = ip2p.unet, ip2p.text_encoder, ip2p.tokenizer
+    scheduler = model_setup.apply_scheduler_settings(
+        config, ip2p.scheduler_config, config.model.pretrained
+    )
+  else:
+    unet = scratch.makers["unet"]()
+    text_encoder = scratch.makers["text_encoder"]()
   cfg = toy_config(config, len(llm_tok), clip_tok.model_max_length)
-  unet = scratch.makers["unet"]()
-  text_encoder = scratch.makers["text_encoder"]()
+  reward = model_setup.reward_config(config)
+  if reward is not None:  # the stage-1 weights kept, the reward modules new (as stage 2's)
+    unet = reward_unet_from_stage1(unet, reward, seed=config.seed)
   model = SmartEdit(cfg, rngs=nnx.Rngs(config.seed + 2), parts={"unet": unet})
   pipe = SmartEditPipeline(
       model=model,
       vae=scratch.pipe.vae,
       null_context=sf.null_context(text_encoder, clip_tok),
       encode=lambda text: llm_tok(text, add_special_tokens=False).input_ids,
-      scheduler_config=scratch.pipe.scheduler_config,
+      scheduler_config=scheduler,
       text_encoder=text_encoder,
       tokenizer=clip_tok,
       template=TEMPLATE,

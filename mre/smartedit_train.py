@@ -9,6 +9,11 @@ diffusion loss, `mre/smartedit_train_step.py`); each example's conversation is t
 the instruction in it and the answer's 32 `<img_k>` tokens teacher-forced. At the end the model is
 exported as an editor folder (`mre.smartedit_setup.export_editor`) that `mre.edit` and `mre.eval`
 open. One device, as the toy needs (no mesh, no accumulation, no EMA: the release keeps none).
+
+With `model.reward.enabled` the U-Net is a `RewardUNet` and each example's three scores and
+failure texts condition it (the paper's SmartEdit row): the texts are tokenised for CLIP and pooled
+by the frozen CLIP text encoder before the step. The trainer runs its modules in eval mode, so
+dropout layers (LoRA's, the released reward form's attention) stay off.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
-from mre import checkpointing, smartedit_setup, validation
+from mre import checkpointing, model_setup, smartedit_setup, validation
 from mre.data import train_input
 from mre.diffusion.schedule import schedule_from_config
 from mre.model_io.smartedit_folder import EDITOR_JSON
+from mre.models.reward_config import RewardInputs
 from mre.models.smartedit import clip_pixels
 from mre.models.smartedit_prompt import prompt_batch
 from mre.smartedit_editor import SmartEditSettings
@@ -81,6 +87,19 @@ def step_batch(raw: dict, length: int, clip_size: int) -> dict:
       "target_latents": edited,
       "image_latents": original,
   }
+
+
+def pooled_reward_texts(text_encoder, reward_ids):
+  """The failure texts' ids [B, slots, L] -> CLIP's pooled features [B, slots, D]."""
+  b, slots, length = reward_ids.shape
+  _, pooled = text_encoder(reward_ids.reshape(b * slots, length))
+  return pooled.reshape(b, slots, -1)
+
+
+def batch_reward(model, batch) -> RewardInputs:
+  """The trainer's `reward_fn`: the batch's scores and pooled failure texts."""
+  del model
+  return RewardInputs(batch["reward_scores"].astype(jnp.float32), batch["reward_text"])
 
 
 def train_state(trainer: SmartEditTrainer, step: int) -> dict:
@@ -144,8 +163,16 @@ def train(config) -> dict:
   cfg = model.config
   length = s.max_prompt_tokens
   prompts = PromptIds(toy.llm_tokenizer, cfg.tokens, length, pipe.template)
+  reward_cfg = model_setup.reward_config(config)
   data = train_input.TrainIterator(
-      source, config, None, batch_size=t.batch_per_device, accum=1, reward=None, tokenize_fn=prompts
+      source,
+      config,
+      None,
+      batch_size=t.batch_per_device,
+      accum=1,
+      reward=reward_cfg,
+      tokenize_fn=prompts,
+      reward_tokenize_fn=train_input.TokenizeFn(pipe.tokenizer) if reward_cfg else None,
   )
   trainer = SmartEditTrainer(
       model,
@@ -153,7 +180,15 @@ def train(config) -> dict:
       make_optimizer(config),
       pipe.null_context,
       trained=tuple(s.trained),
-      loss_config=SmartEditLossConfig(s.lm_loss_weight, s.diffusion_loss_weight, t.cond_dropout),
+      loss_config=SmartEditLossConfig(
+          s.lm_loss_weight,
+          s.diffusion_loss_weight,
+          t.cond_dropout,
+          edit_weight=t.edit_weight,
+          edit_threshold=t.edit_threshold,
+          edit_minority=t.edit_weight_minority,
+      ),
+      reward_fn=batch_reward if reward_cfg else None,
   )
   n_trained = sum(x.size for x in jax.tree.leaves(trainer.params))
   n_all = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -181,7 +216,16 @@ def train(config) -> dict:
     summary = checkpointing.run_summary(workdir, start_step, start_step, [], [])
     return {**summary, **({"export": export_dir} if t.export else {})}
 
-  prepare = jax.jit(lambda raw: step_batch(raw, length, cfg.vision.image_size))
+  to_step = jax.jit(lambda raw: step_batch(raw, length, cfg.vision.image_size))
+  pool = nnx.jit(pooled_reward_texts)
+
+  def prepare(raw):
+    batch = to_step(raw)
+    if reward_cfg is not None:  # the frozen CLIP text encoder, outside the trained step
+      batch["reward_scores"] = raw["reward_scores"][0]
+      batch["reward_text"] = pool(pipe.text_encoder, raw["reward_ids"][0])
+    return batch
+
   rates = np.asarray(jax.vmap(lr_schedule(config))(jnp.arange(max(t.steps, 1))), np.float32)
   base_key = jax.random.key(config.seed)
   from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel

@@ -15,10 +15,11 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from configs import smartedit
+from configs import ip2p, smartedit
 from mre import smartedit_setup, train
 from mre.editor import EditSettings
-from mre.model_io.folders import load_for_editing
+from mre.model_io.folders import load_any, load_for_editing
+from mre.models.reward_unet import RewardUNet
 from mre.smartedit_editor import SmartEditPipeline, editor_for
 
 STEPS = 8
@@ -131,10 +132,78 @@ def test_export_loads_as_an_editor_folder_and_edits(reference_run):
   assert out.shape == image.shape and np.isfinite(out).all()
 
 
+def test_reward_smartedit_starts_from_an_ip2p_editor_and_trains(tmp_path, toy_data):
+  """The paper's SmartEdit row in the toy: the U-Net, CLIP text encoder and tokenizer of a
+  trained toy InstructPix2Pix editor, a RewardUNet on top, the batch's rewards in the step."""
+  stage1 = ip2p.get_config("toy")
+  scratch = {k: v for k, v in TINY.items() if k.startswith(("model.scratch", "data."))}
+  stage1.update_from_flattened_dict(
+      {
+          **scratch,
+          "workdir": str(tmp_path / "ip2p"),
+          "data.data_dir": toy_data,
+          "train.steps": 1,
+          "train.batch_per_device": 8,
+          "train.validate_every": 0,
+      }
+  )
+  ip2p_export = train.train(stage1)["export"]
+  start = load_any(ip2p_export)
+  c = tiny_config(
+      tmp_path / "se",
+      toy_data,
+      **{"model.pretrained": ip2p_export, "model.reward.enabled": True, "train.steps": 2},
+  )
+  toy = smartedit_setup.build_toy(c, _vocabulary(c), str(tmp_path / "built"))
+  unet = toy.pipe.model.unet
+  assert isinstance(unet, RewardUNet)
+  kept = flat(nnx.to_pure_dict(nnx.state(start.unet, nnx.Param)))
+  built = flat(nnx.to_pure_dict(nnx.state(unet, nnx.Param)))
+  for k, v in kept.items():  # every stage-1 weight, the reward modules new
+    np.testing.assert_array_equal(built[k], v, err_msg=str(k))
+  assert any(k[0] == "reward" for k in built)
+
+  summary = train.train(c)
+  assert summary["step"] == 2 and all(np.isfinite(h["loss"]) for h in summary["history"])
+  # A rerun resumes from the checkpoint (the loaded stage-1 weights are host arrays until the
+  # first step) and has nothing left to do.
+  again = train.train(c)
+  assert again["resumed_from"] == 2 and again["history"] == []
+  trained = flat(checkpoint(str(tmp_path / "se"), 2)["params"])
+  moved = [
+      k
+      for k in trained
+      if k[:2] == ("unet", "reward") and not np.array_equal(trained[k], built[k[1:]])
+  ]
+  assert moved  # the reward modules learn from the batch's rewards
+  pipe = load_for_editing(summary["export"])
+  assert isinstance(pipe.model.unet, RewardUNet)
+  settings = EditSettings(steps=2, sampler="ddim", text_scale=2.0, image_scale=1.0, resolution=16)
+  editor = editor_for(pipe, settings, temperature=0.0, max_new_tokens=64)
+  assert editor.is_reward
+  image = np.random.default_rng(0).uniform(-1, 1, (1, 16, 16, 3)).astype(np.float32)
+  out = editor.edit_arrays(image, ["make the red square blue"])
+  assert out.shape == image.shape and np.isfinite(out).all()
+
+
+def _vocabulary(config):
+  from mre.data import train_input
+
+  return train_input.open_dataset(config).vocabulary
+
+
 def test_what_the_trainer_does_not_take_is_named():
   assert smartedit_setup.refusal(smartedit.get_config("toy")) is None
   c = smartedit.get_config("toy")
-  c.update_from_flattened_dict({"model.reward.enabled": True, "train.grad_accum": 2})
+  c.update_from_flattened_dict(
+      {
+          "model.reward.enabled": True,
+          "model.reward.dropout_prob": 0.1,
+          "train.grad_accum": 2,
+          "train.loss": "pseudo_huber",
+      }
+  )
   why = smartedit_setup.refusal(c)
-  assert "model.reward.enabled" in why and "train.grad_accum=2" in why
+  assert "model.reward.dropout_prob" in why and "train.grad_accum=2" in why
+  assert "train.loss='pseudo_huber'" in why
   assert "release-size SmartEdit" in smartedit_setup.refusal(smartedit.get_config())

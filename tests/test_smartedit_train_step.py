@@ -13,8 +13,10 @@ from mre.diffusion import make_schedule
 from mre.models import smartedit as se
 from mre.models.smartedit_prompt import IGNORE, prompt_batch
 from mre.smartedit_train_step import (
+    SmartEditLossConfig,
     SmartEditTrainer,
     lm_cross_entropy,
+    smartedit_loss,
     splice_labels,
     trained_filter,
 )
@@ -62,6 +64,30 @@ def test_lm_cross_entropy_is_the_next_token_loss_on_the_labelled_positions():
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   terms = [-logp[0, 1, 3], -logp[0, 2, 4], -logp[0, 3, 1], -logp[1, 0, 6], -logp[1, 3, 2]]
   np.testing.assert_allclose(got, np.mean(terms), rtol=1e-5)
+
+
+def test_the_edit_region_weight_weighs_only_where_the_edit_changes_the_image():
+  model = rigged_model()
+  schedule = make_schedule(beta_schedule="squaredcos_cap_v2", prediction_type="sample")
+  cfg = model.config
+  null = jnp.zeros((1, cfg.qformer.num_query_tokens, cfg.unet.cross_attention_dim))
+  batch = _batch(cfg)
+
+  def diffusion(b, **weight):
+    config = SmartEditLossConfig(cond_dropout=0.0, **weight)
+    return float(
+        smartedit_loss(model, schedule, b, jax.random.key(0), null, config)[1]["diffusion"]
+    )
+
+  # An unchanged image has no edit region: the weight is 1 everywhere, the loss the plain MSE.
+  same = {**batch, "target_latents": batch["image_latents"]}
+  assert diffusion(same, edit_weight=4.0) == pytest.approx(diffusion(same), rel=1e-6)
+  # A local edit: its positions weigh 5 times the rest, so the loss moves towards their error.
+  local = np.asarray(batch["image_latents"]).copy()
+  local[:, 2:5, 2:5] = 0.9
+  edited = {**batch, "target_latents": jnp.asarray(local)}
+  plain, weighted = diffusion(edited), diffusion(edited, edit_weight=4.0)
+  assert weighted != pytest.approx(plain, rel=1e-3)
 
 
 def test_unknown_or_empty_trained_parts_are_refused():

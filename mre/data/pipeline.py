@@ -87,13 +87,21 @@ class PipelineConfig:
 class _PrepareExample:
   """Record key -> model inputs (picklable, so grain worker processes can run it)."""
 
-  def __init__(self, source, tokenizer: Tokenizer, config: PipelineConfig, epoch_length: int):
+  def __init__(
+      self,
+      source,
+      tokenizer: Tokenizer,
+      config: PipelineConfig,
+      epoch_length: int,
+      reward_tokenizer: Optional[Tokenizer] = None,
+  ):
     self.source, self.tokenizer, self.config, self.epoch_length = (
         source,
         tokenizer,
         config,
         epoch_length,
     )
+    self.reward_tokenizer = reward_tokenizer or tokenizer
 
   def __call__(self, index: int, key) -> dict:
     config, keys = self.config, self.config.keys
@@ -117,11 +125,13 @@ class _PrepareExample:
       texts = [_text(t) for t in record[keys.reward_texts]]
       if len(texts) != 3:
         raise ValueError(f"'{keys.reward_texts}' must hold 3 texts, got {len(texts)}")
-      example["reward_text_ids"] = self._tokens(config.reward.slot_texts(texts))
+      example["reward_text_ids"] = self._tokens(
+          config.reward.slot_texts(texts), self.reward_tokenizer
+      )
     return example
 
-  def _tokens(self, texts: list[str]) -> np.ndarray:
-    ids = np.asarray(self.tokenizer(texts))
+  def _tokens(self, texts: list[str], tokenizer=None) -> np.ndarray:
+    ids = np.asarray((tokenizer or self.tokenizer)(texts))
     if ids.ndim != 2 or ids.shape[0] != len(texts) or not np.issubdtype(ids.dtype, np.integer):
       raise ValueError(
           f"the tokenizer must return an int array [{len(texts)}, max_length], "
@@ -148,7 +158,9 @@ class EditPipeline:
       config: PipelineConfig,
       process_index: int = 0,
       process_count: int = 1,
+      reward_tokenizer: Optional[Tokenizer] = None,
   ):
+    """`reward_tokenizer` tokenises the failure texts (default: `tokenizer`, the instructions')."""
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
     self.config = config
@@ -166,7 +178,7 @@ class EditPipeline:
       keys = keys.shuffle(seed=config.seed)  # reshuffled every epoch by repeat()
     keys = keys.repeat(config.num_epochs)
     examples = keys.map_with_index(
-        _PrepareExample(source, tokenizer, config, self.records_per_process)
+        _PrepareExample(source, tokenizer, config, self.records_per_process, reward_tokenizer)
     )
     self._dataset = examples.batch(config.batch_size, drop_remainder=config.drop_remainder)
 

@@ -167,10 +167,12 @@ class TrainIterator:
       reward: Optional[RewardConfig],
       latents=None,
       tokenize_fn=None,
+      reward_tokenize_fn=None,
   ):
     """`reward`: None for a model without reward (stage 1); `latents`: a
     `latent_cache.LatentSource` to read precomputed VAE latents from; `tokenize_fn`: texts ->
-    int array [B, L] in place of `TokenizeFn(tokenizer)` (the SmartEdit trainer's prompts)."""
+    int array [B, L] in place of `TokenizeFn(tokenizer)` (the SmartEdit trainer's prompts);
+    `reward_tokenize_fn`: the same for the failure texts (default: the instructions' one)."""
     d = config.data
     target = d.get("target_key", "edited")
     if target != "edited" and latents is not None:
@@ -200,6 +202,7 @@ class TrainIterator:
         pc,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        reward_tokenizer=reward_tokenize_fn,
     )
     self.accum, self.batch_size = accum, batch_size
     self._it = iter(self.pipeline)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ast
 
-from configs import ip2p, reward
+from configs import common, ip2p, reward, smartedit
 
 # The paper's ablations (and our reward guidance), as overrides of run (b).
 ABLATIONS = {
@@ -75,3 +75,17 @@ def stage2_config(
   c.model.pretrained = stage1_export
   c.model.reward.enabled = rewards
   return _finish(c, workdir, steps, seed, data_dir, overrides or {}, extra)
+
+
+def smartedit_config(
+    workdir, stage1_export, *, rewards: bool, steps=None, seed=0, data_dir="", overrides=None
+):
+  """The SmartEdit-style toy editor (`configs/smartedit.py:toy`) with stage 1's U-Net, CLIP text
+  encoder and tokenizer (the release starts its U-Net from InstructPix2Pix's), trained on stage
+  2's schedule, with or without the reward condition; the LLM, ViT, Q-Former and BIM start from
+  random weights."""
+  c = smartedit.get_config("toy")
+  common.apply_toy_stage2(c)
+  c.model.pretrained = stage1_export
+  c.model.reward.enabled = rewards
+  return _finish(c, workdir, steps, seed, data_dir, overrides or {})

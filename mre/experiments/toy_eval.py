@@ -20,10 +20,15 @@ from tqdm import tqdm
 
 from data_prep.toy import judge as toy_judge
 from mre import evaluation
-from mre.editor import EditSettings, Editor
+from mre.editor import EditSettings
 from mre.experiments import stats
-from mre.model_io.folders import load_any
+from mre.model_io.folders import load_for_editing
+from mre.model_io.smartedit_folder import EDITOR_JSON, is_editor_folder
+from mre.smartedit_editor import editor_for
 
+# A SmartEdit editor's LLM answers greedily, as the toy trainer's validation does: sampled, an
+# answer that misses an <img_k> token makes the editor refuse its whole batch.
+SMARTEDIT_TEMPERATURE = 0.0
 # Edit settings of every row: DDIM, 20 steps, s_T 2, s_I 1 (what the toy editors are measured at).
 EVAL_SETTINGS = dict(steps=20, sampler="ddim", text_scale=2.0, image_scale=1.0, seed=42)
 SETTING_FLAGS = ("sampler", "steps", "text_scale", "image_scale")  # what commands may change
@@ -107,6 +112,7 @@ def evaluate_row(
     reward: Optional[tuple] = None,
     reward_scale: Optional[float] = None,
     reward_negative: Optional[tuple] = None,
+    reward_negative_texts: Optional[tuple] = None,
     reward_texts: Optional[tuple] = None,
     batch_size: int = 70,
     settings: Optional[dict] = None,
@@ -117,13 +123,19 @@ def evaluate_row(
   `reward` is the score condition of a reward model (texts: `reward_texts`, by default the ones
   that say nothing is wrong); `reward_scale`
   adds reward guidance (a model trained with reward dropout), or, with `reward_negative` (scores),
-  guidance away from that reward (any reward model); `settings` replaces EVAL_SETTINGS.
+  guidance away from that reward (any reward model; its texts `reward_negative_texts`, None
+  entries keeping the perfect ones); `settings` replaces EVAL_SETTINGS.
   """
   os.makedirs(out_dir, exist_ok=True)
+  smartedit = is_editor_folder(export)
+  marker = EDITOR_JSON if smartedit else "mre_model.json"
   settings = EditSettings(
       resolution=resolution,
       reward_scale=reward_scale,
       reward_negative_scores=tuple(reward_negative) if reward_negative is not None else None,
+      reward_negative_texts=(
+          tuple(reward_negative_texts) if reward_negative_texts is not None else None
+      ),
       **(settings or EVAL_SETTINGS),
   )
   evaluation.check_provenance(
@@ -131,12 +143,13 @@ def evaluate_row(
       {
           "model": os.path.abspath(export),
           # a retrained model is another model
-          "model_time": os.path.getmtime(os.path.join(export, "mre_model.json")),
+          "model_time": os.path.getmtime(os.path.join(export, marker)),
+          **({"llm_temperature": SMARTEDIT_TEMPERATURE} if smartedit else {}),
           # (a field that is unset is left out, so caches made before it existed stay valid)
           "settings": {
               k: v
               for k, v in dataclasses.asdict(settings).items()
-              if not (k == "reward_negative_scores" and v is None)
+              if not (k in ("reward_negative_scores", "reward_negative_texts") and v is None)
           },
           "reward": reward,
           **({"reward_texts": list(reward_texts)} if reward_texts is not None else {}),
@@ -148,7 +161,7 @@ def evaluate_row(
       it.id: os.path.join(out_dir, "images", evaluation.safe_name(it.id) + ".png") for it in items
   }
   if not all(os.path.exists(p) for p in paths.values()):
-    editor = Editor(load_any(export), settings)
+    editor = editor_for(load_for_editing(export), settings, temperature=SMARTEDIT_TEMPERATURE)
     make_reward = None
     if reward is not None and editor.is_reward:
       make_reward = lambda n: editor.reward_inputs(  # noqa: E731

@@ -30,7 +30,13 @@ from absl import app, flags
 from mre import train
 from mre.data.train_input import default_data_dir
 from mre.experiments import report, toy_eval
-from mre.experiments.recipes import ABLATIONS, parse_overrides, stage1_config, stage2_config
+from mre.experiments.recipes import (
+    ABLATIONS,
+    parse_overrides,
+    smartedit_config,
+    stage1_config,
+    stage2_config,
+)
 from mre.models.reward_config import RewardConfig, parse_scores
 
 CONTROL = ((1, 5, 5), (5, 1, 5), (5, 5, 1), (1, 1, 1))
@@ -59,6 +65,10 @@ def replicate(
     control_texts: str = "perfect",
     negative_guidance=(),
     negative_reward=(1, 1, 1),
+    negative_texts=None,
+    smartedit: bool = False,
+    smartedit_steps=None,
+    smartedit_overrides=None,
     overrides=None,
     settings=None,
 ) -> dict:
@@ -68,7 +78,11 @@ def replicate(
   `control=False` evaluates only the main rows (a second seed's check of the claim).
   `control_texts="empty"` gives the control rows' lowered perspective the empty failure text
   (the others keep "nothing wrong"); "perfect" keeps all three texts at "nothing wrong".
-  `negative_guidance` (scales s_R) adds rows of (b) at 5,5,5 guided away from `negative_reward`.
+  `negative_guidance` (scales s_R) adds rows of (b) at 5,5,5 guided away from `negative_reward`
+  (with `negative_texts`: three failure texts, None keeping the "nothing wrong" one).
+  `smartedit` also trains the SmartEdit-style toy editor from stage 1's U-Net without and with
+  the reward (`smartedit_steps` each, default stage 2's; `smartedit_overrides` on top of
+  `overrides` for these two runs only) and evaluates both at 5,5,5.
   `settings` (from `toy_eval.eval_settings`) evaluates at other edit settings: the same trained
   runs, edits and reports in `workdir/eval_<tag>/` (the default settings' are in `workdir`).
   """
@@ -97,6 +111,17 @@ def replicate(
           steps=stage2_steps,
           extra=fields,
           **common,
+      )
+  if smartedit:
+    for name, rewards in (("smartedit_baseline", False), ("smartedit_reward", True)):
+      runs[name] = smartedit_config(
+          os.path.join(workdir, name),
+          stage1,
+          rewards=rewards,
+          steps=smartedit_steps,
+          seed=seed,
+          data_dir=data_dir,
+          overrides={**(overrides or {}), **(smartedit_overrides or {})},
       )
   exports = {name: _train(cfg, timings, name) for name, cfg in runs.items()}
   exports["stage1"] = stage1
@@ -133,12 +158,14 @@ def replicate(
       )
   for scale in negative_guidance:
     away = ",".join(map(str, negative_reward))
-    rows[f"(b) reward 5,5,5, away from {away} at {scale:g}"] = evaluate(
-        f"reward_away_{away.replace(',', '-')}_{scale:g}",
+    said = [t for t in negative_texts or () if t is not None]
+    rows[f"(b) reward 5,5,5, away from {away}{report.texts_label(said)} at {scale:g}"] = evaluate(
+        f"reward_away_{away.replace(',', '-')}{report.texts_tag(said)}_{scale:g}",
         "reward",
         reward=(5, 5, 5),
         reward_scale=scale,
         reward_negative=tuple(negative_reward),
+        reward_negative_texts=tuple(negative_texts) if negative_texts else None,
     )
   if ablations:
     for name in ABLATIONS:
@@ -157,6 +184,11 @@ def replicate(
           rows[f"(b) scores only, {tag}"] = evaluate(
               f"{name}_{tag.replace(',', '-')}", name, reward=scores
           )
+  if smartedit:
+    rows["SmartEdit (a) baseline"] = evaluate("smartedit_baseline", "smartedit_baseline")
+    rows["SmartEdit (b) reward 5,5,5"] = evaluate(
+        "smartedit_reward_5-5-5", "smartedit_reward", reward=(5, 5, 5)
+    )
   timings["evaluate"] = round(time.time() - t0, 1)
   timings["total"] = round(time.time() - start, 1)
 
@@ -174,6 +206,8 @@ def replicate(
           "control_texts": control_texts,
           "negative_guidance": list(negative_guidance),
           "negative_reward": list(negative_reward),
+          **({"negative_texts": list(negative_texts)} if negative_texts else {}),
+          **({"smartedit_steps": runs["smartedit_reward"].train.steps} if smartedit else {}),
           "overrides": overrides or {},
           "eval": settings,
           "batch": s1.train.batch_per_device,
@@ -195,6 +229,15 @@ def _scores(values) -> tuple:
   except ValueError as e:
     raise app.UsageError(f"--negative_reward: {e}") from e
   return tuple(int(v) if v.is_integer() else v for v in scores)
+
+
+def _texts(values):
+  """--negative_text's three texts ('*' -> None), or None when not given."""
+  if not values:
+    return None
+  if len(values) != 3:
+    raise app.UsageError("--negative_text is given three times (one per perspective)")
+  return tuple(None if v == "*" else v for v in values)
 
 
 def define_flags():
@@ -239,6 +282,22 @@ def define_flags():
   flags.DEFINE_list(
       "negative_reward", ["1", "1", "1"], "The scores --negative_guidance guides away from."
   )
+  flags.DEFINE_multi_string(
+      "negative_text",
+      [],
+      "Failure texts of --negative_reward, three times ('*' keeps 'nothing wrong'), e.g. "
+      "--negative_text='*' --negative_text='*' --negative_text='the image is blurry'.",
+  )
+  flags.DEFINE_bool(
+      "smartedit",
+      False,
+      "Also train the SmartEdit-style toy editor from stage 1's U-Net, without and with the "
+      "reward, and evaluate both (the paper's second editor).",
+  )
+  flags.DEFINE_integer("smartedit_steps", None, "Steps of each SmartEdit run (default: stage 2's).")
+  flags.DEFINE_multi_string(
+      "smartedit_set", [], "Config override KEY=VALUE for the two SmartEdit runs only."
+  )
   toy_eval.define_eval_flags()
 
 
@@ -259,6 +318,10 @@ def main(argv):
       control_texts=f.control_texts,
       negative_guidance=[float(v) for v in f.negative_guidance],
       negative_reward=_scores(f.negative_reward),
+      negative_texts=_texts(f.negative_text),
+      smartedit=f.smartedit,
+      smartedit_steps=f.smartedit_steps,
+      smartedit_overrides=parse_overrides(f.smartedit_set),
       overrides=parse_overrides(f.set),
       settings=toy_eval.settings_from_flags(),
   )

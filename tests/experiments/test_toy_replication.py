@@ -43,10 +43,11 @@ def test_summary_and_separation():
 
 
 def test_replication_runs_end_to_end_and_resumes(tmp_path, toy_data):
-  overrides = {k: v for k, v in TINY.items()}
+  # Stage 2 and the SmartEdit runs start from stage 1's export (the recipes set model.pretrained),
+  # with the paper's reward form.
+  overrides = {k: v for k, v in TINY.items() if k not in ("model.pretrained", "model.reward.form")}
   overrides.update(
       {
-          "model.pretrained": "",
           "train.warmup_steps": 1,
           "train.grad_accum": 1,
           "train.validate_every": 3,
@@ -115,18 +116,42 @@ def test_replication_runs_end_to_end_and_resumes(tmp_path, toy_data):
   # Other edit settings: the same trained runs, their own edits and reports in eval_<tag>/.
   report = open(os.path.join(workdir, "replication.md")).read()
   settings = toy_eval.eval_settings(sampler="euler_ancestral", text_scale=3.0)
-  other = run(control=False, eval_items=5, settings=settings, negative_guidance=(1.0,))
+  other = run(
+      control=False,
+      eval_items=5,
+      settings=settings,
+      negative_guidance=(1.0,),
+      negative_texts=(None, None, "the image is blurry"),
+  )
   tagged = os.path.join(workdir, "eval_euler_ancestral-20-sT3-sI1")
   assert other["report_dir"] == tagged and other["settings"]["eval"] == settings
   assert other["rows"]["(a) baseline"]["all"]["n"] == 5
-  # Guidance away from a low reward: one more row of (b), its own edits.
-  assert other["rows"]["(b) reward 5,5,5, away from 1,1,1 at 1"]["all"]["n"] == 5
-  away = os.path.join(tagged, "eval", "reward_away_1-1-1_1", "images")
+  # Guidance away from a low reward (its quality text named): one more row of (b), its own edits.
+  row = '(b) reward 5,5,5, away from 1,1,1 saying "the image is blurry" at 1'
+  assert other["rows"][row]["all"]["n"] == 5
+  away = os.path.join(tagged, "eval", "reward_away_1-1-1_the-image-is-blurry_1", "images")
   assert len(os.listdir(away)) == 5
   assert len(os.listdir(os.path.join(tagged, "eval", "reward_5-5-5", "images"))) == 5
   assert json.load(open(os.path.join(tagged, "replication.json")))["settings"]["eval"] == settings
   assert open(os.path.join(workdir, "replication.md")).read() == report
   assert os.path.getmtime(export) == export_stamp
+  # The SmartEdit-style editor from stage 1's U-Net, without and with the reward: two more runs and
+  # rows, and the claim checked for them too (a learning rate at which the LLM learns its
+  # constant answer in a few steps, so the editor can edit).
+  se = run(
+      control=False,
+      eval_items=5,
+      smartedit=True,
+      smartedit_steps=8,
+      smartedit_overrides={"train.lr": 1e-2, "train.lr_schedule": "constant"},
+  )
+  assert se["rows"]["SmartEdit (b) reward 5,5,5"]["all"]["n"] == 5
+  assert se["rows"]["SmartEdit (a) baseline"]["all"]["n"] == 5
+  assert set(se["claim_smartedit"]["perspectives"]) == set(stats.PERSPECTIVES)
+  assert "## The SmartEdit-style editor" in se["markdown"]
+  assert se["settings"]["smartedit_steps"] == 8
+  for name in ("smartedit_baseline", "smartedit_reward"):
+    assert json.load(open(os.path.join(workdir, name, "train_summary.json")))["step"] == 8
 
 
 def test_control_finds_the_perspective_each_lowered_score_moves_most():
@@ -145,3 +170,27 @@ def test_control_finds_the_perspective_each_lowered_score_moves_most():
   assert out["following"]["own_drop_largest"] and not out["preserving"]["own_drop_largest"]
   assert out["following"]["drops"]["following"] == pytest.approx(0.3)
   assert report.control(rows) == {}  # no (b) reward rows
+
+
+def test_failure_table_counts_the_commonest_no_verdicts_per_category():
+  from mre.experiments import report
+
+  def rec(category, quality_yes, text):
+    ok = {"yes": True, "failure": "no negative aspects"}
+    return {
+        "category": category,
+        "status": "ok",
+        "following": ok,
+        "preserving": ok,
+        "quality": {"yes": quality_yes, "failure": text},
+    }
+
+  records = [rec("local", False, "the image is blurry")] * 3 + [
+      rec("local", False, "colour banding"),
+      rec("local", True, "no noticeable issues"),
+      rec("add", False, "blocky artifacts"),
+  ]
+  table = report.failure_table({"records": dict(enumerate(records))})
+  assert "| local | - | - | the image is blurry (3); colour banding (1) |" in table
+  assert "| add | - | - | blocky artifacts (1) |" in table
+  assert "| global | - | - | - |" in table
