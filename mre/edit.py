@@ -27,7 +27,7 @@ from tqdm import tqdm
 from mre import cli_flags
 from mre.editor import EditSettings, load_image
 from mre.model_io.folders import load_for_editing
-from mre.models.reward_config import parse_scores
+from mre.models.reward_config import parse_scores, parse_texts
 from mre.smartedit_editor import editor_for
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -129,13 +129,12 @@ def parse_reward(scores: str, texts):
 
 def parse_away_texts(texts, away):
   """--reward-guidance-away-text's three texts ('*' -> None: keep that perspective's), or None."""
-  if not texts:
-    return None
-  if away is None:
+  if texts and away is None:
     raise app.UsageError("--reward-guidance-away-text needs --reward-guidance-away (the scores)")
-  if len(texts) != 3:
-    raise app.UsageError("--reward-guidance-away-text is given three times (one per perspective)")
-  return tuple(None if t == "*" else t for t in texts)
+  try:
+    return parse_texts(texts)
+  except ValueError as e:
+    raise app.UsageError(f"--reward-guidance-away-text: {e}") from e
 
 
 def collect_jobs(image: str, instruction, output: str):

@@ -37,7 +37,7 @@ from mre.experiments.recipes import (
     stage1_config,
     stage2_config,
 )
-from mre.models.reward_config import RewardConfig, parse_scores
+from mre.models.reward_config import RewardConfig, parse_scores, parse_texts
 
 CONTROL = ((1, 5, 5), (5, 1, 5), (5, 5, 1), (1, 1, 1))
 
@@ -233,11 +233,10 @@ def _scores(values) -> tuple:
 
 def _texts(values):
   """--negative_text's three texts ('*' -> None), or None when not given."""
-  if not values:
-    return None
-  if len(values) != 3:
-    raise app.UsageError("--negative_text is given three times (one per perspective)")
-  return tuple(None if v == "*" else v for v in values)
+  try:
+    return parse_texts(values)
+  except ValueError as e:
+    raise app.UsageError(f"--negative_text: {e}") from e
 
 
 def define_flags():

@@ -100,3 +100,13 @@ def parse_scores(text: str) -> tuple:
   if len(values) != 3 or not all(0.0 <= v <= 5.0 for v in values):
     raise ValueError(f"a reward is three scores in [0, 5] like 5,5,5; got {text!r}")
   return values
+
+
+def parse_texts(values) -> tuple | None:
+  """Three failure texts as given on a command line (one per perspective; "*" keeps that
+  perspective's text: None), or None when none are given."""
+  if not values:
+    return None
+  if len(values) != 3:
+    raise ValueError(f"given three times, one text per perspective; got {len(values)}")
+  return tuple(None if v == "*" else v for v in values)
