@@ -62,12 +62,6 @@ def refusal(config) -> str | None:
         "--config=configs/smartedit.py; the toy trains: --config=configs/smartedit.py:toy"
     )
   problems = []
-  r = config.model.reward
-  if r.enabled and (r.dropout_prob or r.text_dropout_prob):
-    problems.append(
-        "model.reward.dropout_prob / text_dropout_prob (reward dropout is built for the "
-        "InstructPix2Pix trainer only)"
-    )
   ignored = {  # loss options of the InstructPix2Pix step the SmartEdit step does not have
       "train.loss": (t.loss, "mse"),
       "train.snr_gamma": (t.snr_gamma, 0.0),

@@ -29,11 +29,13 @@ from tqdm import tqdm
 
 from mre import checkpointing, model_setup, smartedit_setup, validation
 from mre.data import train_input
+from mre.diffusion.condition_dropout import drop_reward_texts, drop_rewards
 from mre.diffusion.schedule import schedule_from_config
 from mre.model_io.smartedit_folder import EDITOR_JSON
 from mre.models.reward_config import RewardInputs
 from mre.models.smartedit import clip_pixels
 from mre.models.smartedit_prompt import prompt_batch
+from mre.pipeline import tokenize
 from mre.smartedit_editor import SmartEditSettings
 from mre.smartedit_train_step import SmartEditLossConfig, SmartEditTrainer
 from mre.train_step import NonFiniteError, StepTimer, log_metrics, lr_schedule, make_optimizer
@@ -94,6 +96,28 @@ def pooled_reward_texts(text_encoder, reward_ids):
   b, slots, length = reward_ids.shape
   _, pooled = text_encoder(reward_ids.reshape(b * slots, length))
   return pooled.reshape(b, slots, -1)
+
+
+_REWARD_KEY = 0x5EED  # folded into a step's key for its reward dropout
+
+
+def reward_dropout(config, pipe):
+  """`(key, reward) -> reward` with `model.reward.dropout_prob` (whole rewards become the null
+  reward: reward guidance at inference) and `text_dropout_prob` (single failure texts become the
+  empty text) applied, as the InstructPix2Pix step does; None when both are 0. The empty text is
+  pooled by the frozen CLIP text encoder once."""
+  r = config.model.reward
+  if not (r.dropout_prob or r.text_dropout_prob):
+    return None
+  _, empty_pooled = pipe.text_encoder(jnp.asarray(tokenize(pipe.tokenizer, [""])))
+  null = model_setup.reward_config(config).null_reward(empty_pooled)
+
+  @jax.jit
+  def apply(key, reward):
+    reward = drop_rewards(key, reward, null, r.dropout_prob)
+    return drop_reward_texts(jax.random.fold_in(key, 1), reward, empty_pooled, r.text_dropout_prob)
+
+  return apply
 
 
 def batch_reward(model, batch) -> RewardInputs:
@@ -218,16 +242,21 @@ def train(config) -> dict:
 
   to_step = jax.jit(lambda raw: step_batch(raw, length, cfg.vision.image_size))
   pool = nnx.jit(pooled_reward_texts)
+  base_key = jax.random.key(config.seed)
+  dropout = reward_dropout(config, pipe) if reward_cfg is not None else None
 
-  def prepare(raw):
+  def prepare(raw, step):
     batch = to_step(raw)
     if reward_cfg is not None:  # the frozen CLIP text encoder, outside the trained step
-      batch["reward_scores"] = raw["reward_scores"][0]
-      batch["reward_text"] = pool(pipe.text_encoder, raw["reward_ids"][0])
+      reward = RewardInputs(raw["reward_scores"][0], pool(pipe.text_encoder, raw["reward_ids"][0]))
+      if dropout is not None:  # keyed by the step number alone, so a resume draws the same
+        reward = dropout(
+            jax.random.fold_in(jax.random.fold_in(base_key, step), _REWARD_KEY), reward
+        )
+      batch["reward_scores"], batch["reward_text"] = reward.scores, reward.text
     return batch
 
   rates = np.asarray(jax.vmap(lr_schedule(config))(jnp.arange(max(t.steps, 1))), np.float32)
-  base_key = jax.random.key(config.seed)
   from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
 
   writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -240,7 +269,7 @@ def train(config) -> dict:
         tqdm(total=t.steps, initial=start_step, desc="train", unit="step") as bar,
     ):
       while step < t.steps:
-        batch = prepare(data.next())
+        batch = prepare(data.next(), step)
         # The step's key from the step number alone: a resumed run draws what the first would.
         metrics = trainer.step(batch, jax.random.fold_in(base_key, step))
         step += 1

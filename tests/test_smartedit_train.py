@@ -16,10 +16,12 @@ import pytest
 from flax import nnx
 
 from configs import ip2p, smartedit
-from mre import smartedit_setup, train
+from mre import model_setup, smartedit_setup, smartedit_train, train
 from mre.editor import EditSettings
 from mre.model_io.folders import load_any, load_for_editing
+from mre.models.reward_config import NULL_SCORE, RewardInputs
 from mre.models.reward_unet import RewardUNet
+from mre.pipeline import tokenize
 from mre.smartedit_editor import SmartEditPipeline, editor_for
 
 STEPS = 8
@@ -162,7 +164,10 @@ def test_reward_smartedit_starts_from_an_ip2p_editor_and_trains(tmp_path, toy_da
   for k, v in kept.items():  # every stage-1 weight, the reward modules new
     np.testing.assert_array_equal(built[k], v, err_msg=str(k))
   assert any(k[0] == "reward" for k in built)
+  _check_reward_dropout(c, toy.pipe)
 
+  c.model.reward.dropout_prob = 0.5  # the run below trains with reward dropout
+  c.model.reward.text_dropout_prob = 0.5
   summary = train.train(c)
   assert summary["step"] == 2 and all(np.isfinite(h["loss"]) for h in summary["history"])
   # A rerun resumes from the checkpoint (the loaded stage-1 weights are host arrays until the
@@ -186,6 +191,35 @@ def test_reward_smartedit_starts_from_an_ip2p_editor_and_trains(tmp_path, toy_da
   assert out.shape == image.shape and np.isfinite(out).all()
 
 
+def _check_reward_dropout(config, pipe):
+  """Reward dropout as the InstructPix2Pix step does it: whole rewards -> the null reward (for
+  reward guidance), single failure texts -> the empty text (their scores kept)."""
+  assert smartedit_train.reward_dropout(config, pipe) is None  # both probabilities 0
+  _, empty = pipe.text_encoder(jax.numpy.asarray(tokenize(pipe.tokenizer, [""])))
+  empty = np.asarray(empty).reshape(-1)
+  slots = model_setup.reward_config(config).text_slots
+  reward = RewardInputs(
+      jax.numpy.full((16, 3), 5.0), jax.numpy.ones((16, slots, empty.shape[0]), jax.numpy.float32)
+  )
+  key = jax.random.key(0)
+  c = config.copy_and_resolve_references()
+  c.model.reward.dropout_prob = 0.5
+  whole = smartedit_train.reward_dropout(c, pipe)(key, reward)
+  null = np.all(np.asarray(whole.scores) == NULL_SCORE, axis=1)
+  assert 0 < null.sum() < 16  # some samples null, the others untouched, nothing in between
+  np.testing.assert_array_equal(np.asarray(whole.scores)[~null], 5.0)
+  np.testing.assert_array_equal(np.asarray(whole.text)[~null], 1.0)
+  np.testing.assert_allclose(
+      np.asarray(whole.text)[null], np.broadcast_to(empty, whole.text[null].shape), atol=1e-6
+  )
+  c.model.reward.dropout_prob, c.model.reward.text_dropout_prob = 0.0, 0.5
+  texts = smartedit_train.reward_dropout(c, pipe)(key, reward)
+  np.testing.assert_array_equal(texts.scores, 5.0)  # the scores stay
+  dropped = np.all(np.isclose(np.asarray(texts.text), empty, atol=1e-6), axis=-1)
+  kept = np.all(np.asarray(texts.text) == 1.0, axis=-1)
+  assert np.all(dropped | kept) and 0 < dropped.sum() < dropped.size  # per sample and slot
+
+
 def _vocabulary(config):
   from mre.data import train_input
 
@@ -198,12 +232,12 @@ def test_what_the_trainer_does_not_take_is_named():
   c.update_from_flattened_dict(
       {
           "model.reward.enabled": True,
-          "model.reward.dropout_prob": 0.1,
+          "model.reward.dropout_prob": 0.1,  # taken (reward guidance needs it)
           "train.grad_accum": 2,
           "train.loss": "pseudo_huber",
       }
   )
   why = smartedit_setup.refusal(c)
-  assert "model.reward.dropout_prob" in why and "train.grad_accum=2" in why
+  assert "model.reward.dropout_prob" not in why and "train.grad_accum=2" in why
   assert "train.loss='pseudo_huber'" in why
   assert "release-size SmartEdit" in smartedit_setup.refusal(smartedit.get_config())
