@@ -4,7 +4,8 @@ PyTorch's step, in one process (load changes on a shared machine then hit all al
   python -m mre.bench.levers                       # every lever
   python -m mre.bench.levers --levers=baseline,bf16 --rounds=20
 
-A lever is a variant of `jax_side.unet_train` (XLA compiler options for the one computation, no
+A lever is a variant of `jax_side.unet_train` (XLA compiler options for the one computation: which
+ops go to the YNNPACK library, oneDNN, vector width, fast math; no
 buffer donation, the state as a flat list of arrays, bfloat16 compute, a larger batch). Times are
 per 32 images, so a batch lever compares with the others.
 """
@@ -21,7 +22,12 @@ from mre.bench import jax_side, presets, torch_side
 from mre.bench.inputs import Inputs
 from mre.bench.timing import time_interleaved
 
-YNN_DOTS_ONLY = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+YNN = "LIBRARY_FUSION_TYPE_"
+YNN_DOTS_ONLY = YNN + "INDIVIDUAL_DOT"
+YNN_CONVS_AND_DOTS = f"{YNN}INDIVIDUAL_DOT,{YNN}INDIVIDUAL_CONVOLUTION"
+# This jaxlib's XLA:CPU has no oneDNN: `xla_cpu_use_onednn` compiles the same program (the lever
+# shows it), so oneDNN's weight-gradient kernels, PyTorch's edge, are out of reach.
+ONEDNN = {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_custom_call": True}
 LEVERS = {
     "baseline": {},
     "xla_fast_math": {"compiler_options": {"xla_cpu_enable_fast_math": True}},
@@ -29,6 +35,15 @@ LEVERS = {
     "xla_eigen_convs": {
         "compiler_options": {"xla_cpu_experimental_ynn_fusion_type": YNN_DOTS_ONLY}
     },
+    "ynn_convs_and_dots": {
+        "compiler_options": {"xla_cpu_experimental_ynn_fusion_type": YNN_CONVS_AND_DOTS}
+    },
+    "ynn_plus_elementwise": {
+        "compiler_options": {
+            "xla_cpu_experimental_ynn_fusion_type": f"{YNN_CONVS_AND_DOTS},{YNN}ELTWISE"
+        }
+    },
+    "onednn": {"compiler_options": ONEDNN},
     "no_donation": {"donate": False},
     "flat_state": {"flat_state": True},
     "bf16": {"dtype": "bfloat16"},
