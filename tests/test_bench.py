@@ -8,6 +8,8 @@ Functional only: no timing is asserted. One or two repetitions, networks of a fe
 import dataclasses
 import json
 
+import jax
+import numpy as np
 import pytest
 
 from configs import ip2p
@@ -138,3 +140,21 @@ def test_levers_are_timed_in_turns_with_pytorch(tmp_path):
   assert [r["lever"] for r in rows] == ["flat_state", "torch"]
   assert all(r["ms_per_32"] > 0 and r["vs_baseline"] is None for r in rows)
   assert "flat_state" in levers.table(rows)
+
+
+def test_conv_kernel_gradient_variants_agree_with_xla():
+  """The hand-made kernel gradients of `mre.bench.conv_grad` are XLA's, so its timings compare
+  like with like."""
+  from mre.bench import conv_grad
+
+  ms, error = conv_grad.run(batch=2, size=5, cin=3, cout=4, rounds=1)
+  assert set(ms) == set(error) == set(conv_grad.VARIANTS) and all(v > 0 for v in ms.values())
+  assert max(error.values()) < 1e-4
+  x = jax.random.normal(jax.random.key(1), (2, 5, 5, 3))
+  g = jax.random.normal(jax.random.key(2), (2, 5, 5, 4))
+  w = jax.random.normal(jax.random.key(3), (3, 3, 3, 4))
+  _, pull = jax.vjp(conv_grad.xla_conv, x, w)
+  dx, dw = pull(g)
+  for kernel_grad in (conv_grad.im2col_kernel_grad, conv_grad.per_tap_kernel_grad):
+    np.testing.assert_allclose(kernel_grad(x, g), dw, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(conv_grad._input_grad(g, w), dx, rtol=1e-5, atol=1e-5)
