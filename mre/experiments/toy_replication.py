@@ -81,7 +81,7 @@ def replicate(
   `negative_guidance` (scales s_R) adds rows of (b) at 5,5,5 guided away from `negative_reward`
   (with `negative_texts`: three failure texts, None keeping the "nothing wrong" one).
   `smartedit` also trains the SmartEdit-style toy editor from stage 1's U-Net without and with
-  the reward (`smartedit_steps` each, default stage 2's; `smartedit_overrides` on top of
+  the reward (`smartedit_steps` each, default 1,500; `smartedit_overrides` on top of
   `overrides` for these two runs only) and evaluates both at 5,5,5.
   `settings` (from `toy_eval.eval_settings`) evaluates at other edit settings: the same trained
   runs, edits and reports in `workdir/eval_<tag>/` (the default settings' are in `workdir`).
@@ -293,7 +293,7 @@ def define_flags():
       "Also train the SmartEdit-style toy editor from stage 1's U-Net, without and with the "
       "reward, and evaluate both (the paper's second editor).",
   )
-  flags.DEFINE_integer("smartedit_steps", None, "Steps of each SmartEdit run (default: stage 2's).")
+  flags.DEFINE_integer("smartedit_steps", None, "Steps of each SmartEdit run (default: 1,500).")
   flags.DEFINE_multi_string(
       "smartedit_set", [], "Config override KEY=VALUE for the two SmartEdit runs only."
   )
