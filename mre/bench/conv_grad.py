@@ -88,19 +88,22 @@ def run(batch, size, cin, cout, rounds=20):
   return {n: t.median * 1e3 for n, t in timings.items()}, error
 
 
-_BATCH = flags.DEFINE_integer("batch", 32, "Batch.")
-_SIZE = flags.DEFINE_integer("size", 24, "Height and width.")
-_CIN = flags.DEFINE_integer("cin", 16, "Input channels.")
-_COUT = flags.DEFINE_integer("cout", 16, "Output channels.")
-_ROUNDS = flags.DEFINE_integer("rounds", 20, "Timed rounds (every variant once per round).")
+def define_flags():
+  """The command's flags (defined only when run as a command: other modules have a --size)."""
+  flags.DEFINE_integer("batch", 32, "Batch.")
+  flags.DEFINE_integer("size", 24, "Height and width.")
+  flags.DEFINE_integer("cin", 16, "Input channels.")
+  flags.DEFINE_integer("cout", 16, "Output channels.")
+  flags.DEFINE_integer("rounds", 20, "Timed rounds (every variant once per round).")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  ms, error = run(_BATCH.value, _SIZE.value, _CIN.value, _COUT.value, _ROUNDS.value)
+  f = flags.FLAGS
+  ms, error = run(f.batch, f.size, f.cin, f.cout, f.rounds)
   print(
-      f"3x3 conv {_CIN.value}->{_COUT.value}, {_BATCH.value} x {_SIZE.value} x {_SIZE.value}: "
+      f"3x3 conv {f.cin}->{f.cout}, {f.batch} x {f.size} x {f.size}: "
       "forward + input and kernel gradients"
   )
   for name in VARIANTS:
@@ -111,4 +114,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
