@@ -8,7 +8,9 @@ per-mode weight from `FlawMix`, and a severity in (0, 1] that scales how visible
               change lands on another object, or an added object has the wrong shape), no_change.
   preserving: background_shift (the untouched background is tinted by 20-80 RGB units, keeping its
               colour name), object_moved (another object moves by 2-4 px), object_recoloured
-              (another object changes colour).
+              (another object changes colour), also_edited (the instructed recolouring or removal
+              lands on another object as well as on the target: an edit that leaks, the commonest
+              way a toy editor failed to preserve; only where the target is edited right).
   quality:    noise (Gaussian, sigma 10-40), blur (Gaussian, sigma 0.4-1.2 px), blockiness
               (brightness offsets of 3-20 on an aligned grid of image_size / 8 blocks), banding
               (the brightness falls into 4 stripes, +-6 to +-20).
@@ -33,7 +35,7 @@ from data_prep.toy.scenes import Scene
 PERSPECTIVES = ("following", "preserving", "quality")
 MODES = {
     "following": ("wrong_colour", "partial_edit", "wrong_object", "no_change"),
-    "preserving": ("background_shift", "object_moved", "object_recoloured"),
+    "preserving": ("background_shift", "object_moved", "object_recoloured", "also_edited"),
     "quality": ("noise", "blur", "blockiness", "banding"),
 }
 
@@ -97,7 +99,13 @@ class FlawedTarget:
   flaws: dict  # perspective -> Flaw or None
 
 
-DISCRETE_MODES = ("wrong_colour", "wrong_object", "no_change", "object_recoloured")  # severity 1
+DISCRETE_MODES = (  # severity 1
+    "wrong_colour",
+    "wrong_object",
+    "no_change",
+    "object_recoloured",
+    "also_edited",
+)
 
 
 def make_flawed_target(
@@ -143,6 +151,14 @@ def make_flawed_target(
       # A background or global edit changes the background itself: no untouched one to shift.
       if sample.edit.category not in ("background", "global"):
         flaws["preserving"] = Flaw("preserving", mode, severity(mode))
+        break
+      continue
+    if mode == "also_edited":
+      # The target must be edited right, or the judge reads the other object's change as the
+      # edit landing there instead of on the target (a following matter).
+      also = None if flaws["following"] else _also_edit_another(rng, after, sample.edit)
+      if also is not None:
+        after, flaws["preserving"] = also, Flaw("preserving", mode, severity(mode))
         break
       continue
     disturbed = _disturb_other_object(rng, before, after, sample.edit, mode, severity(mode))
@@ -311,6 +327,27 @@ def _disturb_other_object(rng, before: Scene, after: Scene, edit: Edit, mode: st
     else:
       raise ValueError(f"unknown preserving flaw {mode!r}")
   return None
+
+
+def _also_edit_another(rng, after: Scene, edit: Edit) -> Optional[Scene]:
+  """`after` with the instructed recolouring or removal applied to an untouched object as well
+  (None: not a local or remove edit, or no object it can land on)."""
+  if edit.category not in ("local", "remove"):
+    return None
+  candidates = _untouched_objects(edit, after)
+  if edit.category == "local":
+    taken = {(o.colour, o.shape) for o in after.objects}
+    candidates = [
+        o
+        for o in candidates
+        if o.colour != edit.new_colour and (edit.new_colour, o.shape) not in taken
+    ]
+  if not candidates:
+    return None
+  victim = candidates[int(rng.integers(len(candidates)))]
+  if edit.category == "local":
+    return _recolour(after, victim, edit.new_colour)
+  return dataclasses.replace(after, objects=tuple(o for o in after.objects if o is not victim))
 
 
 def _part_to_undo(rng, edited: np.ndarray, unedited: np.ndarray, fraction: float) -> np.ndarray:

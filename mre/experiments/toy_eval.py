@@ -14,7 +14,7 @@ import os
 from typing import Optional
 
 import numpy as np
-from absl import flags
+from absl import flags, logging
 from PIL import Image
 from tqdm import tqdm
 
@@ -83,6 +83,7 @@ def judge_record(item: evaluation.BenchItem, edited_path: str) -> dict:
       "category": item.category,
       "instruction": item.instruction,
       "status": "ok",
+      "judge_version": toy_judge.JUDGE_VERSION,
   }
   for name, v in zip(stats.PERSPECTIVES, verdict.verdicts):
     record[name] = {"yes": bool(v.yes), "score": float(v.score), "failure": v.failure}
@@ -90,9 +91,18 @@ def judge_record(item: evaluation.BenchItem, edited_path: str) -> dict:
 
 
 def judge_items(items, paths: dict, results_path: str) -> dict:
-  """Judges the items not in `results_path` yet (one appended line each); returns all records."""
+  """Judges the items not in `results_path` yet, or judged there by another version of the toy
+  judge (one appended line each; the latest line of an id counts); returns all records."""
   done = evaluation.read_results(results_path)
-  todo = [it for it in items if it.id not in done]
+  todo = [
+      it
+      for it in items
+      if it.id not in done or done[it.id].get("judge_version") != toy_judge.JUDGE_VERSION
+  ]
+  if todo and len(todo) < len(items):
+    logging.info(
+        "%s: judging %d edits (new, or judged by another judge version)", results_path, len(todo)
+    )
   if todo:
     with open(results_path, "a") as out:
       for item in tqdm(todo, desc="judging", unit="item", leave=False):

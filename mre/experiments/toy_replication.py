@@ -28,7 +28,7 @@ import time
 from absl import app, flags
 
 from mre import train
-from mre.data.train_input import default_data_dir
+from mre.data.train_input import default_data_dir, open_dataset
 from mre.experiments import report, toy_eval
 from mre.experiments.recipes import (
     ABLATIONS,
@@ -127,6 +127,7 @@ def replicate(
   exports["stage1"] = stage1
 
   t0 = time.time()
+  open_dataset(s1)  # built if missing: all runs may be trained already, on an older version
   items = toy_eval.load_items(s1, data_dir, eval_items)
   rows = {}
   report_dir = os.path.join(workdir, f"eval_{tag}") if tag else workdir

@@ -90,3 +90,35 @@ def test_background_shift_keeps_the_background_name():
       nearest = names[np.linalg.norm(pixels[:, None] - palette[None], axis=-1).argmin(1)]
       assert (nearest == name).all()
       assert np.linalg.norm(pixels.mean(0) - scenes.COLOURS[name]) > 10
+
+
+def test_also_edited_lands_the_instructed_change_on_another_object_too():
+  from data_prep.toy import judge
+
+  seen = 0
+  for rng, scene, sample in _samples(80, seed=6):
+    target = flaws.make_flawed_target(
+        rng, scene, sample, flaws.NO_FLAWS, forced={"preserving": "also_edited"}
+    )
+    edit = sample.edit
+    if edit.category not in ("local", "remove") or target.flaws["preserving"] is None:
+      assert np.array_equal(target.image, scenes.render(sample.edited_scene))
+      continue
+    seen += 1
+    ideal = scenes.render(sample.edited_scene)
+    assert not np.array_equal(target.image, ideal)
+    verdict = judge.judge(sample.instruction, scenes.render(scene), target.image)
+    assert verdict.following.score == 5.0 and not verdict.preserving.yes, verdict
+    word = "turned " + edit.new_colour if edit.category == "local" else "disappeared"
+    assert verdict.preserving.failure.endswith(word), verdict
+  assert seen >= 10
+  # With a following flaw the target is not edited right: the mode does not apply.
+  for rng, scene, sample in _samples(40, seed=7):
+    target = flaws.make_flawed_target(
+        rng,
+        scene,
+        sample,
+        flaws.NO_FLAWS,
+        forced={"following": "no_change", "preserving": "also_edited"},
+    )
+    assert target.flaws["preserving"] is None

@@ -1,4 +1,8 @@
+import dataclasses
 import io
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -38,7 +42,8 @@ def test_each_failure_mode_hits_its_own_perspective_only():
   assert rows[0].mode == "perfect edit" and min(rows[0].mean_scores) >= 4.95
   for row in rows[1:]:
     own = PERSPECTIVES.index(row.perspective)
-    assert row.count >= 15, row
+    # also_edited applies to local and remove edits with another object only
+    assert row.count >= (8 if row.mode == "also_edited" else 15), row
     assert row.mean_scores[own] <= 2.5, row
     assert row.yes_rates[own] <= 0.2, row
     others = [s for k, s in enumerate(row.mean_scores) if k != own]
@@ -112,6 +117,39 @@ def test_specific_failure_texts():
   assert judge.judge_quality(noisy).failure == "visible noise"
   blurry = np.round(ndimage.gaussian_filter(original.astype(float), (1.0, 1.0, 0))).astype(np.uint8)
   assert judge.judge_quality(blurry).failure == "the image is blurry"
+
+
+def test_an_edit_that_also_hits_another_object_fails_preserving():
+  """The change landing on another object *instead of* the target fails following; landing there
+  *as well* fails preserving (it passed both perspectives before: half of a toy editor's removals
+  took a second object and were judged perfect)."""
+  red, green = scenes.SceneObject("circle", "red", 2, 2, 10), scenes.SceneObject(
+      "square", "green", 18, 18, 10
+  )
+  scene = scenes.Scene(32, scenes.Background(("white",)), (red, green))
+  original = scenes.render(scene)
+  render = lambda *objects: scenes.render(dataclasses.replace(scene, objects=objects))  # noqa: E731
+
+  both_removed = judge.judge("remove the red circle", original, render())
+  assert both_removed.following.score == 5.0 and both_removed.following.yes
+  assert not both_removed.preserving.yes
+  assert both_removed.preserving.failure == "the green square disappeared"
+  instead = judge.judge("remove the red circle", original, render(red))
+  assert not instead.following.yes and "the green square was removed instead" in (
+      instead.following.failure
+  )
+  assert instead.preserving.yes
+
+  blue = dataclasses.replace(red, colour="blue")
+  both_blue = judge.judge(
+      "turn the red circle blue", original, render(blue, dataclasses.replace(green, colour="blue"))
+  )
+  assert both_blue.following.yes and not both_blue.preserving.yes
+  assert both_blue.preserving.failure == "the green square turned blue"
+  instead = judge.judge(
+      "turn the red circle blue", original, render(red, dataclasses.replace(green, colour="blue"))
+  )
+  assert not instead.following.yes and instead.preserving.yes
 
 
 def test_every_judge_text_is_in_the_vocabulary():
@@ -214,3 +252,34 @@ def test_threads_judging_at_once_finish_and_agree_with_one_thread():
     thread.join(timeout=120)
   assert not any(t.is_alive() for t in threads), "judging threads still running after 120 s"
   assert results == serial
+
+
+def test_judgements_do_not_depend_on_the_process_string_hashing():
+  """Ties between colour or tone names went to whichever the process' string hashing put first:
+  the same triple got other texts (and through the tone seen, other preserving scores) in another
+  process, so a rebuilt dataset's annotations differed from the stored ones."""
+  from data_prep.toy.judge.measure import majority
+
+  assert majority(["blue", "red", "red", "blue"]) == "blue"
+  assert majority(["red", "blue", "blue", "red"]) == "red"
+  assert majority([]) is None
+  script = (
+      "import numpy as np\n"
+      "from data_prep.toy import flaws, instructions, judge, scenes\n"
+      "out = []\n"
+      "for i in range(60):\n"
+      "  rng = np.random.default_rng([13, i])\n"
+      "  scene = scenes.random_scene(rng, size=24)\n"
+      "  sample = instructions.sample_edit(rng, scene)\n"
+      "  target = flaws.make_flawed_target(rng, scene, sample, flaws.FlawMix(0.7, 0.7, 0.7))\n"
+      "  out.append(judge.judge(sample.instruction, scenes.render(scene), target.image))\n"
+      "print(repr(out))\n"
+  )
+  outputs = set()
+  for seed in ("1", "2", "3"):
+    env = dict(os.environ, PYTHONHASHSEED=seed)
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True
+    )
+    outputs.add(run.stdout)
+  assert len(outputs) == 1

@@ -17,8 +17,9 @@ How it measures, so that each failure shows up on its own perspective only:
   * Preserving is read outside that region: every untouched object must still be where it was
     (centroid shift < 1 px) in its colour, the untouched background must keep its colour (mean
     colour error, averaged so zero-mean noise, blocks and bands cancel) and no extra shape may
-    appear. An untouched object that got the instructed change instead of the target is a
-    following failure ("the blue square turned red instead"), not a preserving one.
+    appear. An untouched object that got the instructed change instead of the target (the
+    target not done) is a following failure ("the blue square turned red instead"), not a
+    preserving one; got as well as the target, it is a preserving failure.
   * Quality is read from the edited image alone: the residual between it and its nearest
     palette-exact rendering, split into pixel noise (image minus its median), blur (residual left
     at colour edges), blockiness (residual constant on the aligned block grid) and banding
@@ -37,6 +38,7 @@ from data_prep.toy.judge.preserving import preserving_verdict
 from data_prep.toy.judge.quality import judge_quality, quality_levels
 from data_prep.toy.judge.verdicts import (
     FAILURES,
+    JUDGE_VERSION,
     NOTHING_WRONG,
     PERSPECTIVES,
     YES_THRESHOLD,
@@ -47,6 +49,7 @@ from data_prep.toy.judge.view import EditView
 
 __all__ = [
     "FAILURES",
+    "JUDGE_VERSION",
     "NOTHING_WRONG",
     "PERSPECTIVES",
     "YES_THRESHOLD",

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 
 from data_prep.toy import instructions, scenes
-from data_prep.toy.judge.measure import Palette, erode, majority
+from data_prep.toy.judge.measure import Palette, majority
 from data_prep.toy.judge.verdicts import DONE_COVERAGE, Verdict, coverage_score, failure_text, make_verdict
 from data_prep.toy.judge.view import EditView, ObjectSeen
 
@@ -13,39 +12,17 @@ from data_prep.toy.judge.view import EditView, ObjectSeen
 def following_verdict(view: EditView) -> Verdict:
   if view.edit.category == "add":
     return _following_add(view)
-  # Read well inside the changed region: a blurry border is a quality matter.
-  inner = erode(view.region)
-  deeper = erode(inner)
-  if deeper.sum() >= 4:
-    inner = deeper
-  if view.edit.category == "global":
-    done = view.pixel_tones(inner) == view.edit.tone
-  else:
-    done = _nearer_ideal(view, inner)
-  coverage = float(done.mean()) if done.size else 1.0
+  coverage = view.target_coverage
   score = coverage_score(coverage)
-  problems = [] if coverage >= DONE_COVERAGE else [_following_problem(view, inner)]
+  problems = [] if coverage >= DONE_COVERAGE else [_following_problem(view)]
   if problems:
     problems += [_misdirection_text(view, seen) for seen in view.misdirected]
   return make_verdict("following", score, problems)
 
 
-def _nearer_ideal(view: EditView, mask: np.ndarray) -> np.ndarray:
-  """Per masked pixel: is the edited colour nearer the ideal than the original / any name?"""
-  pixels, ideal = view.smooth[mask], view.ideal[mask]
-  to_ideal = np.linalg.norm(pixels - ideal, axis=-1)
-  others = [view.original[mask].astype(np.float32)]
-  others += [np.broadcast_to(np.float32(rgb), pixels.shape) for rgb in scenes.COLOURS.values()]
-  to_other = np.full(to_ideal.shape, np.inf, np.float32)
-  for other in others:
-    same_as_ideal = np.all(np.abs(other - ideal) < 1, axis=-1)
-    distance = np.linalg.norm(pixels - other, axis=-1)
-    to_other = np.minimum(to_other, np.where(same_as_ideal, np.inf, distance))
-  return to_ideal < to_other
-
-
-def _following_problem(view: EditView, inner: np.ndarray) -> str:
+def _following_problem(view: EditView) -> str:
   edit = view.edit
+  inner = view.inner_region
   seen = majority(Palette.of(scenes.COLOURS, ("none",)).classify(view.smooth[inner]).tolist())
   if edit.category == "local":
     if seen == edit.new_colour:
@@ -55,8 +32,7 @@ def _following_problem(view: EditView, inner: np.ndarray) -> str:
     return failure_text("wrong_colour", shape=edit.shape, observed=seen, new_colour=edit.new_colour)
   if edit.category == "remove":
     if seen == edit.colour:
-      kept = float(np.mean(_nearer_ideal(view, inner)))
-      key = "part_removed" if kept >= 0.25 else "still_there"
+      key = "part_removed" if view.target_coverage >= 0.25 else "still_there"
       return failure_text(key, colour=edit.colour, shape=edit.shape)
     if seen in scenes.OBJECT_COLOURS:
       return failure_text(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 from typing import Optional
@@ -110,8 +111,11 @@ def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
 
 
 def majority(values) -> Optional[str]:
-  values = list(values)
-  return max(set(values), key=values.count) if values else None
+  """The commonest value; a tie goes to the one seen first. (`max(set(values), ...)` broke ties
+  by the set's order, which string hashing changes from process to process: the same image got
+  other failure texts, and through the tone seen other preserving scores, in another process.)"""
+  counts = collections.Counter(values)
+  return counts.most_common(1)[0][0] if counts else None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,6 +51,11 @@ FAILURES = {
     "banding": "colour banding",
 }
 
+# Raised whenever a change of the judge can change a verdict; cached judgements of another version
+# are judged again (mre/experiments/toy_eval.py). 2: an edit that also hits another object fails
+# preserving; ties between names no longer depend on the process' string hashing.
+JUDGE_VERSION = 2
+
 DONE_COVERAGE = 0.95  # following counts as complete from this fraction of the edited region on
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 from scipy import ndimage
 
 from data_prep.toy import instructions, scenes
+from data_prep.toy.judge.verdicts import DONE_COVERAGE
 from data_prep.toy.judge.measure import (
     TONED_PALETTES,
     Palette,
@@ -138,9 +139,47 @@ class EditView:
     )
 
   @cached_per_view
+  def inner_region(self) -> np.ndarray:
+    """The changed region a pixel or two in from its border (a blurry border is a quality matter)."""
+    inner = erode(self.region)
+    deeper = erode(inner)
+    return deeper if deeper.sum() >= 4 else inner
+
+  @cached_per_view
+  def target_coverage(self) -> float:
+    """The share of the inner changed region that shows the instructed change (not for an add:
+    its following reads the added shape)."""
+    if self.edit.category == "add":
+      raise ValueError("an add has no fixed region; its following reads the added shape")
+    inner = self.inner_region
+    if self.edit.category == "global":
+      done = self.pixel_tones(inner) == self.edit.tone
+    else:
+      done = self.nearer_ideal(inner)
+    return float(done.mean()) if done.size else 1.0
+
+  def nearer_ideal(self, mask: np.ndarray) -> np.ndarray:
+    """Per masked pixel: is the edited colour nearer the ideal than the original / any name?"""
+    pixels, ideal = self.smooth[mask], self.ideal[mask]
+    to_ideal = np.linalg.norm(pixels - ideal, axis=-1)
+    others = [self.original[mask].astype(np.float32)]
+    others += [np.broadcast_to(np.float32(rgb), pixels.shape) for rgb in scenes.COLOURS.values()]
+    to_other = np.full(to_ideal.shape, np.inf, np.float32)
+    for other in others:
+      same_as_ideal = np.all(np.abs(other - ideal) < 1, axis=-1)
+      distance = np.linalg.norm(pixels - other, axis=-1)
+      to_other = np.minimum(to_other, np.where(same_as_ideal, np.inf, distance))
+    return to_ideal < to_other
+
+  @cached_per_view
   def misdirected(self) -> list[ObjectSeen]:
-    """Untouched objects that received the instructed change instead of the target."""
+    """Untouched objects that received the instructed change *instead of* the target: only while
+    the target itself is not done. Where it is done, another object recoloured or removed too is
+    an unintended change (a preserving failure): counting it here let an editor that removed
+    every object of a scene pass both perspectives."""
     edit = self.edit
+    if edit.category in ("local", "remove") and self.target_coverage >= DONE_COVERAGE:
+      return []
     if edit.category == "local":
       return [
           s for s in self.objects_seen if s.status == "recoloured" and s.observed == edit.new_colour
