@@ -124,7 +124,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {
       "1.0.0": "Initial release.",
-      # the training triples and their annotations change (README, "The toy editing world")
+      # triples and annotations change (README, "The paper's claim in the toy world")
       "1.1.0": "A preserving flaw, also_edited (the instructed recolouring or removal lands on "
       "another object as well); annotations by toy judge version 2 (deterministic ties between "
       "names; an edit that also hits another object fails preserving).",
