@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from data_prep.toy import instructions, scenes
 from data_prep.toy.judge.measure import Palette, majority
-from data_prep.toy.judge.verdicts import DONE_COVERAGE, Verdict, coverage_score, failure_text, make_verdict
+from data_prep.toy.judge.verdicts import (
+    DONE_COVERAGE,
+    Verdict,
+    coverage_score,
+    failure_text,
+    make_verdict,
+)
 from data_prep.toy.judge.view import EditView, ObjectSeen
 
 

@@ -140,7 +140,8 @@ class EditView:
 
   @cached_per_view
   def inner_region(self) -> np.ndarray:
-    """The changed region a pixel or two in from its border (a blurry border is a quality matter)."""
+    """The changed region a pixel or two in from its border (a blurry border is a quality
+    matter)."""
     inner = erode(self.region)
     deeper = erode(inner)
     return deeper if deeper.sum() >= 4 else inner
