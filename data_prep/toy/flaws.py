@@ -241,9 +241,7 @@ def _mis_edit(rng, original: Scene, sample: instructions.EditSample, mode: str) 
       victim = others[int(rng.integers(len(others)))]
       if edit.category == "local":
         return _recolour(original, victim, edit.new_colour)
-      return dataclasses.replace(
-          original, objects=tuple(o for o in original.objects if o is not victim)
-      )
+      return _remove(original, victim)
     if edit.category == "add":
       added = sample.edited_scene.objects[-1]
       shapes = [s for s in scenes.SHAPES if s != edit.shape and (edit.colour, s) not in taken]
@@ -267,6 +265,10 @@ def _recolour(scene: Scene, obj, colour: str) -> Scene:
           dataclasses.replace(o, colour=colour) if o is obj else o for o in scene.objects
       ),
   )
+
+
+def _remove(scene: Scene, obj) -> Scene:
+  return dataclasses.replace(scene, objects=tuple(o for o in scene.objects if o is not obj))
 
 
 def _replace_last(scene: Scene, obj) -> Scene:
@@ -347,7 +349,7 @@ def _also_edit_another(rng, after: Scene, edit: Edit) -> Optional[Scene]:
   victim = candidates[int(rng.integers(len(candidates)))]
   if edit.category == "local":
     return _recolour(after, victim, edit.new_colour)
-  return dataclasses.replace(after, objects=tuple(o for o in after.objects if o is not victim))
+  return _remove(after, victim)
 
 
 def _part_to_undo(rng, edited: np.ndarray, unedited: np.ndarray, fraction: float) -> np.ndarray:

@@ -82,8 +82,8 @@ def smartedit_config(
 ):
   """The SmartEdit-style toy editor (`configs/smartedit.py:toy`) with stage 1's U-Net, CLIP text
   encoder and tokenizer (the release starts its U-Net from InstructPix2Pix's), trained on stage
-  2's schedule (1,500 steps), with or without the reward condition; the LLM, ViT, Q-Former and BIM start from
-  random weights."""
+  2's schedule (but 1,500 steps), with or without the reward condition; the LLM, ViT, Q-Former and
+  BIM start from random weights."""
   c = smartedit.get_config("toy")
   common.apply_toy_stage2(c)
   # 1,500 steps (its rows in README were measured so): at 1.4-1.6 s per step on the CPU it is

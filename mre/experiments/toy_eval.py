@@ -99,11 +99,11 @@ def judge_items(items, paths: dict, results_path: str) -> dict:
       for it in items
       if it.id not in done or done[it.id].get("judge_version") != toy_judge.JUDGE_VERSION
   ]
-  if todo and len(todo) < len(items):
-    logging.info(
-        "%s: judging %d edits (new, or judged by another judge version)", results_path, len(todo)
-    )
   if todo:
+    if len(todo) < len(items):
+      logging.info(
+          "%s: judging %d edits (new, or judged by another judge version)", results_path, len(todo)
+      )
     with open(results_path, "a") as out:
       for item in tqdm(todo, desc="judging", unit="item", leave=False):
         record = judge_record(item, paths[item.id])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from data_prep.toy import instructions, scenes
 from data_prep.toy.judge.measure import Palette, majority
 from data_prep.toy.judge.verdicts import (

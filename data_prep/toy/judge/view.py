@@ -12,7 +12,6 @@ from PIL import Image
 from scipy import ndimage
 
 from data_prep.toy import instructions, scenes
-from data_prep.toy.judge.verdicts import DONE_COVERAGE
 from data_prep.toy.judge.measure import (
     TONED_PALETTES,
     Palette,
@@ -25,6 +24,7 @@ from data_prep.toy.judge.measure import (
     nearest,
     to_rgb_array,
 )
+from data_prep.toy.judge.verdicts import DONE_COVERAGE
 
 
 class cached_per_view:  # pylint: disable=invalid-name
