@@ -138,6 +138,9 @@ def base_config():
   c.train.edit_smoothing = 1  # odd window the difference is averaged over first (1: per position)
   c.train.edit_dilation = 0  # positions the region is widened by on every side (its surroundings)
   c.train.edit_weight_minority = False  # the weight on the smaller of changed / unchanged regions
+  # ... and also where the model's own x0 estimate changes the source (a trained model's: from
+  # scratch its estimate changes everything), so a change it makes costs as much as one it misses
+  c.train.edit_weight_estimate = False
   # > 0 (instead of edit_weight): the changed region's share of each sample's loss, the rest of the
   # image keeping 1 - share (mre/train_step.py: edit_region_share_weight)
   c.train.edit_region_share = 0.0
@@ -255,4 +258,9 @@ def apply_toy_stage2(c):
   c.train.lr_schedule = "cosine"
   c.train.warmup_steps = 50
   c.train.validate_every = 500
+  # The edit-region weight also where the editor's own estimate changes the source: with the
+  # weight on the target's changes alone, an object the editor is unsure of is best predicted as
+  # mostly changed, and the stage-1 editors recoloured or removed other objects with the named
+  # one (README, "The paper's claim in the toy world").
+  c.train.edit_weight_estimate = True
   return c

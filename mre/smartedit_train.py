@@ -211,6 +211,7 @@ def train(config) -> dict:
           edit_weight=t.edit_weight,
           edit_threshold=t.edit_threshold,
           edit_minority=t.edit_weight_minority,
+          edit_estimate=t.edit_weight_estimate,
       ),
       reward_fn=batch_reward if reward_cfg else None,
   )

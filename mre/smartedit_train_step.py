@@ -31,6 +31,7 @@ import optax
 from flax import nnx
 
 from mre.diffusion.schedule import NoiseSchedule, add_noise, training_target
+from mre.diffusion.self_condition import predicted_x0
 from mre.diffusion.source_skip import denoiser
 from mre.models.lora import LoRAParam
 from mre.models.smartedit import ConditionedUNet, SmartEdit, release_condition_dropout
@@ -102,6 +103,7 @@ class SmartEditLossConfig:
   edit_weight: float = 0.0
   edit_threshold: float = 0.25
   edit_minority: bool = False
+  edit_estimate: bool = False  # the weight also where the model's own estimate changes the source
 
 
 def smartedit_loss(
@@ -147,8 +149,16 @@ def smartedit_loss(
   out = denoiser(unet, schedule)(sample, t, context, conv_in_residual=residual, reward=reward)
   error = (out.astype(jnp.float32) - training_target(schedule, target, noise, t)) ** 2
   if config.edit_weight > 0:
+    estimate = None
+    if config.edit_estimate:
+      estimate = jax.lax.stop_gradient(predicted_x0(schedule, noisy, out.astype(jnp.float32), t))
     weight = edit_region_weight(
-        target, source, config.edit_weight, config.edit_threshold, minority=config.edit_minority
+        target,
+        source,
+        config.edit_weight,
+        config.edit_threshold,
+        minority=config.edit_minority,
+        estimate=estimate,
     )
     axes = tuple(range(1, error.ndim))  # each sample normalised by its weights, as the IP2P step
     diffusion = jnp.mean(jnp.mean(weight * error, axis=axes) / jnp.mean(weight, axis=axes))

@@ -88,6 +88,11 @@ def test_the_edit_region_weight_weighs_only_where_the_edit_changes_the_image():
   edited = {**batch, "target_latents": jnp.asarray(local)}
   plain, weighted = diffusion(edited), diffusion(edited, edit_weight=4.0)
   assert weighted != pytest.approx(plain, rel=1e-3)
+  # With the estimate's changes weighted too (edit_estimate) and a threshold below every change
+  # the untrained model's estimate makes, every position is weighted: the plain MSE again.
+  tiny = dict(edit_weight=4.0, edit_threshold=1e-6)
+  assert diffusion(edited, **tiny) != pytest.approx(plain, rel=1e-3)
+  assert diffusion(edited, edit_estimate=True, **tiny) == pytest.approx(plain, rel=1e-5)
 
 
 def test_unknown_or_empty_trained_parts_are_refused():

@@ -56,6 +56,9 @@ TINY = {
     "model.scratch.pixel_head_input_scale": 1.0,
     "model.scratch.pixel_head_fourier": 0,
     "model.scratch.pixel_head_gate": False,
+    # The edit region of the target alone: an untrained model's estimate changes every position,
+    # which would make the stage-2 recipe's weight uniform here.
+    "train.edit_weight_estimate": False,
 }
 WORDS = ["make", "the", "square", "circle", "red", "blue", "green", "bigger", "move", "left"]
 
@@ -422,6 +425,51 @@ def test_edit_weight_weights_the_squared_error_inside_the_edited_region(released
   np.testing.assert_allclose(solved[0], solved[1], rtol=1e-4)
   assert 0.0 < solved[0] < total
   assert abs(solved[0] / inside - total / elements) > 1e-3 * total / elements
+
+
+def test_estimate_edit_weight_also_weights_the_changes_the_model_makes():
+  """edit_weight_estimate: the weight also falls where the model's estimate is on the weighted
+  side. An object edit (position 0 changed) whose estimate also changes position 3 weighs 3 as it
+  weighs 0; a background edit (positions 0-7 changed, minority weight on 8 and 9) whose estimate
+  leaves position 2 unchanged weighs 2 too, and the estimate's correct changes weigh nothing
+  extra. With the estimate's changes weighted, an object the model changes costs 1 + w whether
+  or not it was the one to change, so the weight no longer pulls unsure estimates towards a
+  change."""
+  source = jnp.zeros((2, 1, 10, 3))
+  target = source.at[0, 0, 0].set(0.8).at[1, 0, :8].set(-0.6)
+  estimate = target.at[0, 0, 3].set(0.7).at[1, 0, 2].set(0.0)
+  weight = np.asarray(
+      edit_region_weight(target, source, 4.0, 0.25, minority=True, estimate=estimate)
+  )[:, 0, :, 0]
+  want = np.ones((2, 10))
+  want[0, [0, 3]] = 5.0
+  want[1, [2, 8, 9]] = 5.0
+  np.testing.assert_array_equal(weight, want)
+  # Without the minority rule the estimate's changes join the target's changed region.
+  plain = np.asarray(edit_region_weight(target, source, 4.0, 0.25, estimate=estimate))[:, 0, :, 0]
+  np.testing.assert_array_equal(plain[0], want[0])
+  np.testing.assert_array_equal(plain[1], [5.0] * 8 + [1.0] * 2)
+
+
+def test_estimate_edit_weight_reaches_the_step_loss(released):
+  """With a threshold below every difference the untrained model's estimate makes, the estimate's
+  region is the whole image: the weight is uniform and the loss is the plain one, where the
+  target's region alone (a 2 x 3 block) weights the loss unevenly."""
+  batch = _batch(released, 2)
+  batch["edited"] = batch["original"].at[:, :2, :3].add(0.5)
+  key = jax.random.key(3)
+
+  def loss(**train):
+    overrides = {"model.reward.form": "released", "train.cond_dropout": 0.0}
+    cfg = _config(**overrides, **{f"train.{k}": v for k, v in train.items()})
+    ctx, params = _context(cfg, released)
+    return float(micro_loss(ctx, params, batch, key))
+
+  plain = loss(edit_weight=0.0)
+  target_only = loss(edit_weight=4.0, edit_threshold=1e-4)
+  with_estimate = loss(edit_weight=4.0, edit_threshold=1e-4, edit_weight_estimate=True)
+  assert abs(target_only - plain) > 1e-3 * plain
+  np.testing.assert_allclose(with_estimate, plain, rtol=1e-5)
 
 
 def test_pseudo_huber_is_quadratic_for_small_errors_and_linear_for_large_ones():
