@@ -209,18 +209,15 @@ def edit_region_weight(
   background edit that is the objects that must stay (which the plain form leaves ~2% of the loss,
   and the toy editors tinted), in an object edit the edit itself, as before.
 
-  `estimate` (the model's x0 estimate, gradient stopped): where the weight is on the changed
-  region, it also falls where the estimate changes the source. A weight that only the target
-  decides biases the estimate wherever the model is unsure: an object it gives probability p of
-  being the named one is best predicted, under the weighted squared error, as changed by
-  5 p / (1 + 4 p) of the way at strength 4 (0.68 at p = 0.3) instead of p, so a weak guess becomes
-  a recoloured or removed second object. With the estimate's changes weighted too, a change the
-  model makes costs as much as one it misses. Where the minority rule puts the weight on the
-  unchanged region (background and global edits) the estimate is not used: weighting the
-  positions it leaves unchanged there made a change that falls short of the threshold cost more
-  than one that overshoots, and the toy editors over-darkened their global edits (README, "The
-  paper's claim in the toy world"). The estimate must be a trained model's: from scratch it
-  changes everything and the weight becomes uniform.
+  `estimate` (the model's x0 estimate, gradient stopped): the weight also falls where the
+  estimate puts a position on the weighted side (changed, or unchanged where the minority flips
+  the weight). A weight that only the target decides biases the estimate wherever the model is
+  unsure: an object it gives probability p of being the named one is best predicted, under the
+  weighted squared error, as changed by 5 p / (1 + 4 p) of the way at strength 4 (0.68 at p = 0.3)
+  instead of p, so a weak guess becomes a recoloured or removed second object. With the
+  estimate's changes weighted too, a change the model makes costs as much as one it misses and
+  the best estimate is the plain conditional mean again. The estimate must be a trained model's:
+  from scratch it changes everything and the weight becomes uniform.
   """
   changed = edit_region(target, source, threshold, smoothing)
   larger = None
@@ -230,7 +227,7 @@ def edit_region_weight(
   if estimate is not None:
     guessed = edit_region(estimate, source, threshold, smoothing)
     if larger is not None:
-      guessed = jnp.where(larger, 0.0, guessed)
+      guessed = jnp.where(larger, 1.0 - guessed, guessed)
     changed = jnp.maximum(changed, guessed)
   if dilation > 0:
     window = (1, 2 * dilation + 1, 2 * dilation + 1, 1)

@@ -428,13 +428,13 @@ def test_edit_weight_weights_the_squared_error_inside_the_edited_region(released
 
 
 def test_estimate_edit_weight_also_weights_the_changes_the_model_makes():
-  """edit_weight_estimate: where the weight is on the changed region, it also falls where the
-  model's estimate changes the source. An object edit (position 0 changed) whose estimate also
-  changes position 3 weighs 3 as it weighs 0: an object the model changes costs 1 + w whether or
-  not it was the one to change, so the weight no longer pulls unsure estimates towards a change.
-  A background edit (positions 0-7 changed, minority weight on 8 and 9) keeps its weight whatever
-  its estimate does (here it leaves position 2 unchanged): weighting the estimate's misses there
-  would make an edit that falls short cost more than one that overshoots."""
+  """edit_weight_estimate: the weight also falls where the model's estimate is on the weighted
+  side. An object edit (position 0 changed) whose estimate also changes position 3 weighs 3 as it
+  weighs 0; a background edit (positions 0-7 changed, minority weight on 8 and 9) whose estimate
+  leaves position 2 unchanged weighs 2 too, and the estimate's correct changes weigh nothing
+  extra. With the estimate's changes weighted, an object the model changes costs 1 + w whether
+  or not it was the one to change, so the weight no longer pulls unsure estimates towards a
+  change."""
   source = jnp.zeros((2, 1, 10, 3))
   target = source.at[0, 0, 0].set(0.8).at[1, 0, :8].set(-0.6)
   estimate = target.at[0, 0, 3].set(0.7).at[1, 0, 2].set(0.0)
@@ -443,7 +443,7 @@ def test_estimate_edit_weight_also_weights_the_changes_the_model_makes():
   )[:, 0, :, 0]
   want = np.ones((2, 10))
   want[0, [0, 3]] = 5.0
-  want[1, [8, 9]] = 5.0
+  want[1, [2, 8, 9]] = 5.0
   np.testing.assert_array_equal(weight, want)
   # Without the minority rule the estimate's changes join the target's changed region.
   plain = np.asarray(edit_region_weight(target, source, 4.0, 0.25, estimate=estimate))[:, 0, :, 0]
