@@ -215,9 +215,12 @@ def edit_region_weight(
   unsure: an object it gives probability p of being the named one is best predicted, under the
   weighted squared error, as changed by 5 p / (1 + 4 p) of the way at strength 4 (0.68 at p = 0.3)
   instead of p, so a weak guess becomes a recoloured or removed second object. With the
-  estimate's changes weighted too, a change the model makes costs as much as one it misses and
-  the best estimate is the plain conditional mean again. The estimate must be a trained model's:
-  from scratch it changes everything and the weight becomes uniform.
+  estimate's changes weighted too, a change the model makes costs as much as one it misses, and
+  an estimate on the weighted side is the plain conditional mean again. (Where the minority rule
+  flips the weight, an estimate short of the threshold is weighted and one past it is not, which
+  favours overshooting; leaving the estimate out there was measured and lost the toy claim:
+  README, "The paper's claim in the toy world".) The estimate must be a trained model's: from
+  scratch it changes everything and the weight becomes uniform.
   """
   changed = edit_region(target, source, threshold, smoothing)
   larger = None
