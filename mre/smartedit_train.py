@@ -42,12 +42,14 @@ from mre.train_step import NonFiniteError, StepTimer, log_metrics, lr_schedule, 
 
 
 class PromptIds:
-  """Instruction texts -> the teacher-forced conversations as one int array [B, 3 L]: the ids,
-  the attention mask and the LM labels side by side (`split_prompt` takes them apart), so the
-  input pipeline carries them where it carries CLIP ids. Rows are remembered per instruction."""
+  """Instruction texts -> the teacher-forced conversations as one int array [B, 3 L (+ C)]: the
+  ids, the attention mask and the LM labels side by side (`split_prompt` takes them apart), and
+  with `clip_tokenize` the instruction's CLIP ids [B, C] after them (for the alignment stage), so
+  the input pipeline carries them where it carries CLIP ids. Rows are remembered per instruction."""
 
-  def __init__(self, tokenizer, tokens, length: int, template):
+  def __init__(self, tokenizer, tokens, length: int, template, clip_tokenize=None):
     self.tokenizer, self.tokens, self.length, self.template = tokenizer, tokens, length, template
+    self.clip_tokenize = clip_tokenize
     self._cache = {}
 
   def encode(self, text):
@@ -65,18 +67,25 @@ class PromptIds:
           template=self.template,
           length=self.length,
       )
-      rows = np.concatenate([b.input_ids, b.attention_mask.astype(np.int32), b.labels], axis=1)
+      parts = [b.input_ids, b.attention_mask.astype(np.int32), b.labels]
+      if self.clip_tokenize is not None:
+        parts.append(np.asarray(self.clip_tokenize(missing), np.int32))
+      rows = np.concatenate(parts, axis=1)
       self._cache.update(zip(missing, rows))
     return np.stack([self._cache[t] for t in texts])
 
 
 def split_prompt(packed, length: int) -> dict:
-  """`PromptIds`' rows [B, 3 L] -> input_ids, attention_mask, labels [B, L]."""
-  return {
+  """`PromptIds`' rows [B, 3 L (+ C)] -> input_ids, attention_mask, labels [B, L] (and
+  clip_ids [B, C] when the rows carry them)."""
+  out = {
       "input_ids": packed[:, :length],
       "attention_mask": packed[:, length : 2 * length].astype(bool),
-      "labels": packed[:, 2 * length :],
+      "labels": packed[:, 2 * length : 3 * length],
   }
+  if packed.shape[1] > 3 * length:
+    out["clip_ids"] = packed[:, 3 * length :]
+  return out
 
 
 def step_batch(raw: dict, length: int, clip_size: int) -> dict:
@@ -165,11 +174,21 @@ def _finite(metrics, step: int, checkpoints: str) -> dict:
   m = {k: float(v) for k, v in jax.device_get(metrics).items()}
   if not np.isfinite(m["loss"]):
     raise NonFiniteError(
-        f"step {step}: loss={m['loss']} (lm {m['lm']}, diffusion {m['diffusion']}) is not "
+        f"step {step}: loss={m['loss']} ({', '.join(f'{k} {v}' for k, v in m.items())}) is not "
         f"finite; training stopped. Checkpoints in {checkpoints} hold the last saved state. "
         "Lower train.lr or check the data."
     )
   return m
+
+
+def stage_configs(config):
+  """(alignment, SmartEdit) copies of `config`, each with its own learning-rate schedule over
+  its own steps: the first `model.smartedit.align_steps` of `train.steps`, and the rest."""
+  align_steps = min(int(config.model.smartedit.align_steps), int(config.train.steps))
+  align, smartedit = config.copy_and_resolve_references(), config.copy_and_resolve_references()
+  align.train.steps = align_steps
+  smartedit.train.steps = config.train.steps - align_steps
+  return align, smartedit
 
 
 def train(config) -> dict:
@@ -186,7 +205,16 @@ def train(config) -> dict:
   pipe, model = toy.pipe, toy.pipe.model
   cfg = model.config
   length = s.max_prompt_tokens
-  prompts = PromptIds(toy.llm_tokenizer, cfg.tokens, length, pipe.template)
+  align_steps = int(s.align_steps)
+  if align_steps < 0:
+    raise ValueError(f"model.smartedit.align_steps={align_steps}: must be >= 0")
+  prompts = PromptIds(
+      toy.llm_tokenizer,
+      cfg.tokens,
+      length,
+      pipe.template,
+      clip_tokenize=train_input.TokenizeFn(pipe.tokenizer) if align_steps else None,
+  )
   reward_cfg = model_setup.reward_config(config)
   data = train_input.TrainIterator(
       source,
@@ -198,10 +226,11 @@ def train(config) -> dict:
       tokenize_fn=prompts,
       reward_tokenize_fn=train_input.TokenizeFn(pipe.tokenizer) if reward_cfg else None,
   )
+  align_config, smartedit_config = stage_configs(config)
   trainer = SmartEditTrainer(
       model,
       schedule_from_config(pipe.scheduler_config),
-      make_optimizer(config),
+      make_optimizer(smartedit_config),
       pipe.null_context,
       trained=tuple(s.trained),
       loss_config=SmartEditLossConfig(
@@ -212,8 +241,10 @@ def train(config) -> dict:
           edit_threshold=t.edit_threshold,
           edit_minority=t.edit_weight_minority,
           edit_estimate=t.edit_weight_estimate,
+          align_weight=s.align_loss_weight,
       ),
       reward_fn=batch_reward if reward_cfg else None,
+      align_tx=make_optimizer(align_config) if align_steps else None,
   )
   n_trained = sum(x.size for x in jax.tree.leaves(trainer.params))
   n_all = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -243,11 +274,16 @@ def train(config) -> dict:
 
   to_step = jax.jit(lambda raw: step_batch(raw, length, cfg.vision.image_size))
   pool = nnx.jit(pooled_reward_texts)
+  clip_context = nnx.jit(lambda encoder, ids: encoder(ids)[0])
   base_key = jax.random.key(config.seed)
   dropout = reward_dropout(config, pipe) if reward_cfg is not None else None
 
   def prepare(raw, step):
     batch = to_step(raw)
+    clip_ids = batch.pop("clip_ids", None)
+    if step < align_steps:  # the alignment stage: the instruction's context from frozen CLIP
+      batch["align_context"] = clip_context(pipe.text_encoder, clip_ids)
+      return batch
     if reward_cfg is not None:  # the frozen CLIP text encoder, outside the trained step
       reward = RewardInputs(raw["reward_scores"][0], pool(pipe.text_encoder, raw["reward_ids"][0]))
       if dropout is not None:  # keyed by the step number alone, so a resume draws the same
@@ -257,7 +293,14 @@ def train(config) -> dict:
       batch["reward_scores"], batch["reward_text"] = reward.scores, reward.text
     return batch
 
-  rates = np.asarray(jax.vmap(lr_schedule(config))(jnp.arange(max(t.steps, 1))), np.float32)
+  rates = np.concatenate(
+      [
+          np.asarray(jax.vmap(lr_schedule(c))(jnp.arange(c.train.steps)), np.float32)
+          for c in (align_config, smartedit_config)
+          if c.train.steps > 0
+      ]
+      or [np.zeros(1, np.float32)]
+  )
   from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
 
   writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -270,17 +313,22 @@ def train(config) -> dict:
         tqdm(total=t.steps, initial=start_step, desc="train", unit="step") as bar,
     ):
       while step < t.steps:
+        align = step < align_steps
+        if step == align_steps and align_steps:
+          trainer.start_smartedit()
+          tqdm.write(f"step {step}: alignment stage done, SmartEdit training from here")
         batch = prepare(data.next(), step)
         # The step's key from the step number alone: a resumed run draws what the first would.
-        metrics = trainer.step(batch, jax.random.fold_in(base_key, step))
+        metrics = trainer.step(batch, jax.random.fold_in(base_key, step), align=align)
         step += 1
         bar.update(1)
         m = _finite(metrics, step, ckpt.directory)
         if step % t.log_every == 0 or step == t.steps:
           dt = timer.per_step(step)
           m.update(lr=float(rates[step - 1]), step_time=dt, images_per_s=t.batch_per_device / dt)
-          log_metrics(history, writer, step, m, ("loss", "lm", "diffusion", "grad_norm", "lr"))
-          bar.set_postfix(lm=f"{m['lm']:.3f}", diffusion=f"{m['diffusion']:.4f}")
+          second = "align" if align else "diffusion"
+          log_metrics(history, writer, step, m, ("loss", "lm", second, "grad_norm", "lr"))
+          bar.set_postfix({"lm": f"{m['lm']:.3f}", second: f"{m[second]:.4f}"})
         stopped = ckpt.stop_reason(stop, step)
         if step % t.checkpoint_every == 0 or step == t.steps or stopped:
           ckpt.save(step, train_state(trainer, step), data.get_state(), force=True)
@@ -302,8 +350,6 @@ def train(config) -> dict:
   checkpointing.write_summary(workdir, summary)
   if history:
     h = history[-1]
-    print(
-        f"trained {step} steps; last loss {h['loss']:.4f} (lm {h['lm']:.4f}, diffusion "
-        f"{h['diffusion']:.4f})"
-    )
+    parts = ", ".join(f"{k} {h[k]:.4f}" for k in ("lm", "align", "diffusion") if k in h)
+    print(f"trained {step} steps; last loss {h['loss']:.4f} ({parts})")
   return summary

@@ -23,6 +23,7 @@ trained as the samplers call it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional, Sequence
 
 import jax
@@ -49,6 +50,15 @@ def _embedding_matrix(path, value) -> bool:
   return names[:1] == ("llm",) and (
       names[-2:] == ("embed_tokens", "embedding") or names[-2:] == ("lm_head", "kernel")
   )
+
+
+# What the alignment stage does not train (the rest of `TRAINABLE + SCRATCH_TRAINABLE` it does).
+NOT_ALIGNED = ("unet", "bim")
+
+
+def _part(path) -> str:
+  """The top-level part (`unet`, `llm`, ...) of a parameter's pytree path."""
+  return str(getattr(path[0], "key", path[0]))
 
 
 def trained_filter(trained: Sequence[str]):
@@ -104,6 +114,10 @@ class SmartEditLossConfig:
   edit_threshold: float = 0.25
   edit_minority: bool = False
   edit_estimate: bool = False  # the weight also where the model's own estimate changes the source
+  # The release's stage 1 (textual alignment, `train/TrainStage1.py`): the weight of the MSE
+  # between the Q-Former's output and the frozen CLIP text encoder's last hidden state of the
+  # same text, beside the LM cross-entropy (`smartedit_align_loss`).
+  align_weight: float = 1.0
 
 
 def smartedit_loss(
@@ -168,6 +182,37 @@ def smartedit_loss(
   return loss, {"lm": lm, "diffusion": diffusion}
 
 
+def smartedit_align_loss(
+    model: SmartEdit, batch: dict, config: SmartEditLossConfig = SmartEditLossConfig()
+):
+  """(loss, {"lm": CE, "align": MSE}) of one batch of the alignment stage.
+
+  The release trains its Q-Former in a stage of its own before SmartEdit training: the LM
+  cross-entropy on the answer plus the MSE between the Q-Former's output and the frozen CLIP text
+  encoder's last hidden state of the same text, so that the U-Net, trained on CLIP's context,
+  reads the Q-Former's from the first SmartEdit step. Here the Q-Former reads the states at the
+  `<img_k>` tokens of the editing conversation (the path SmartEdit training and editing use; the
+  release's stage 1 reads a caption prompt's states) and the CLIP text is the instruction.
+  batch: as `smartedit_loss`'s, plus `align_context` [B, L, D], the CLIP context of the
+  instruction (computed outside the step: the text encoder is frozen). No U-Net, no BIM.
+  """
+  patches = jax.lax.stop_gradient(model.image_features(batch["clip_pixels"]))
+  states, logits, _, _ = model.teacher_forced(patches, batch["input_ids"], batch["attention_mask"])
+  labels = splice_labels(
+      batch["input_ids"], batch["labels"], patches.shape[1], model.config.tokens.first_img
+  )
+  lm = lm_cross_entropy(logits, labels)
+  query = model.sd_qformer(states).astype(jnp.float32)
+  target = jax.lax.stop_gradient(batch["align_context"].astype(jnp.float32))
+  if query.shape != target.shape:
+    raise ValueError(
+        f"the Q-Former's output {query.shape} and the CLIP text context {target.shape} differ: "
+        "alignment needs as many queries as CLIP text tokens, of the same width"
+    )
+  align = jnp.mean((query - target) ** 2)
+  return config.lm_weight * lm + config.align_weight * align, {"lm": lm, "align": align}
+
+
 def restore_original_rows(params: nnx.State, original: nnx.State, num_original: int) -> nnx.State:
   """The embedding and lm_head matrices with their first `num_original` vocabulary rows (the
   base LLM's) taken from `original`: only the added tokens' rows keep their update."""
@@ -200,6 +245,9 @@ class SmartEditTrainer:
   trained: Sequence[str] = TRAINABLE
   loss_config: SmartEditLossConfig = SmartEditLossConfig()
   reward_fn: Optional[callable] = None  # (model, batch) -> RewardInputs, for a RewardUNet
+  # The alignment stage's optimizer (its own schedule over its own steps; None: `tx`). Its state
+  # has `tx`'s structure; `start_smartedit` starts `tx` afresh, as the release's stage 2 starts.
+  align_tx: Optional[optax.GradientTransformation] = None
 
   def __post_init__(self):
     self.filter = trained_filter(self.trained)
@@ -207,26 +255,44 @@ class SmartEditTrainer:
     self.keep_original_rows = "llm" not in self.trained
     self.graphdef, self.params, self.rest = nnx.split(self.model, self.filter, ...)
     self.original_rows = jax.tree.map(jnp.copy, nnx.state(self.model, _embedding_matrix))
-    self.opt_state = self.tx.init(self.params)
-    self._step = jax.jit(self._update, donate_argnums=(0, 1))
+    self.opt_state = (self.align_tx or self.tx).init(self.params)
+    self._step = jax.jit(functools.partial(self._update, False), donate_argnums=(0, 1))
+    self._align_step = jax.jit(functools.partial(self._update, True), donate_argnums=(0, 1))
 
-  def _update(self, params, opt_state, rest, original_rows, batch, key):
+  def _update(self, align, params, opt_state, rest, original_rows, batch, key):
     def loss_fn(p):
       model = nnx.merge(self.graphdef, p, rest)
+      if align:
+        return smartedit_align_loss(model, batch, self.loss_config)
       reward = None if self.reward_fn is None else self.reward_fn(model, batch)
       return smartedit_loss(
           model, self.schedule, batch, key, self.null_context, self.loss_config, reward
       )
 
+    # In the alignment stage the U-Net and the BIM get zero gradients (the same optimizer and
+    # state as the SmartEdit stage, so one checkpoint layout serves both).
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = self.tx.update(grads, opt_state, params)
+    tx = (self.align_tx or self.tx) if align else self.tx
+    updates, opt_state = tx.update(grads, opt_state, params)
+    if align:  # no weight decay either: the alignment stage leaves the U-Net and BIM as they are
+      updates = jax.tree_util.tree_map_with_path(
+          lambda path, u: jnp.zeros_like(u) if _part(path) in NOT_ALIGNED else u, updates
+      )
     params = optax.apply_updates(params, updates)
     if self.keep_original_rows:
       params = restore_original_rows(params, original_rows, self.model.config.tokens.img)
     return params, opt_state, {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads)}
 
-  def step(self, batch, key) -> dict:
-    self.params, self.opt_state, metrics = self._step(
+  def start_smartedit(self):
+    """The optimizer state of the SmartEdit stage, fresh (its schedule from its first step; Adam's
+    moments of the U-Net and BIM, which got no gradient in alignment, without a stale count)."""
+    self.opt_state = self.tx.init(self.params)
+
+  def step(self, batch, key, *, align: bool = False) -> dict:
+    """One update; `align`: of the alignment stage (`smartedit_align_loss`, needs the batch's
+    `align_context`) instead of SmartEdit's."""
+    fn = self._align_step if align else self._step
+    self.params, self.opt_state, metrics = fn(
         self.params, self.opt_state, self.rest, self.original_rows, batch, key
     )
     nnx.update(self.model, self.params)
@@ -240,6 +306,7 @@ __all__ = [
     "TRAINABLE",
     "lm_cross_entropy",
     "restore_original_rows",
+    "smartedit_align_loss",
     "smartedit_loss",
     "splice_labels",
     "trained_filter",

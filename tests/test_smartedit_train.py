@@ -44,6 +44,7 @@ TINY = {
     "model.scratch.text_hidden": 32,
     "model.scratch.text_layers": 1,
     "model.scratch.text_heads": 2,
+    "model.smartedit.align_steps": 0,
 }
 
 
@@ -92,9 +93,11 @@ def test_train_runs_and_both_losses_are_logged(reference_run):
   # Trained parameters move between the two checkpoints, in every trained part.
   mid, end = flat(checkpoint(workdir, 4)["params"]), flat(checkpoint(workdir)["params"])
   assert mid.keys() == end.keys()
-  for part in ("unet", "llm", "vision_tower", "mm_projector", "sd_qformer", "bim"):
+  for part in ("unet", "llm", "mm_projector", "sd_qformer", "bim"):
     keys = [k for k in mid if k[0] == part]
     assert keys and any(not np.array_equal(mid[k], end[k]) for k in keys), part
+  # The CLIP ViT is not trained (its patches' gradient is stopped, as in the release).
+  assert not any(k[0] == "vision_tower" for k in mid)
   # Validation at the last step (the LLM answers all 32 <img_k> tokens by then, greedily): the
   # grid and the toy judge's numbers.
   (record,) = summary["validation"]
@@ -116,6 +119,41 @@ def test_resumed_run_continues_exactly(tmp_path, toy_data, reference_run):
   # Re-running the finished command does nothing.
   again = train.train(tiny_config(workdir, toy_data, **{"train.export": False}))
   assert again["resumed_from"] == STEPS and again["history"] == []
+
+
+def test_the_alignment_stage_comes_first_and_a_resume_at_its_end_is_exact(tmp_path, toy_data):
+  """Two alignment steps (LM + Q-Former MSE to the CLIP context; no U-Net), then two SmartEdit
+  steps with a fresh optimizer state; stopped at the end of the alignment and rerun, bitwise the
+  same."""
+  align = {"model.smartedit.align_steps": 2, "train.checkpoint_every": 2, "train.export": False}
+  config = tiny_config(tmp_path / "whole", toy_data, **{**align, "train.steps": 4})
+  summary = train.train(config)
+  history = summary["history"]
+  assert [set(h) >= {"lm", "align"} for h in history] == [True, True, False, False]
+  assert [set(h) >= {"lm", "diffusion"} for h in history] == [False, False, True, True]
+  for h in history:
+    second = h.get("align", h.get("diffusion"))
+    np.testing.assert_allclose(h["loss"], h["lm"] + second, rtol=1e-5)
+  assert history[1]["align"] < history[0]["align"]
+  # The alignment stage leaves the U-Net and BIM exactly as built (no gradient, no weight
+  # decay) and trains the LLM and Q-Former; the SmartEdit stage trains the U-Net.
+  built = smartedit_setup.build_toy(config, _vocabulary(config), str(tmp_path / "built"))
+  start = flat(nnx.to_pure_dict(nnx.state(built.pipe.model, nnx.Param)))
+  mid = flat(checkpoint(str(tmp_path / "whole"), 2)["params"])
+  end = flat(checkpoint(str(tmp_path / "whole"), 4)["params"])
+  for k in (k for k in mid if k[0] in ("unet", "bim")):
+    np.testing.assert_array_equal(mid[k], start[k], err_msg=str(k))
+  for part in ("llm", "sd_qformer"):
+    assert any(not np.array_equal(mid[k], start[k]) for k in mid if k[0] == part), part
+  assert any(not np.array_equal(mid[k], end[k]) for k in mid if k[0] == "unet")
+  # Stopped after the alignment stage, the rerun starts the SmartEdit stage as the whole run did.
+  resumed = tmp_path / "resumed"
+  train.train(tiny_config(resumed, toy_data, **{**align, "train.steps": 2}))
+  second = train.train(tiny_config(resumed, toy_data, **{**align, "train.steps": 4}))
+  assert second["resumed_from"] == 2
+  got = flat(checkpoint(str(resumed), 4))
+  for k, v in flat(checkpoint(str(tmp_path / "whole"), 4)).items():
+    np.testing.assert_array_equal(got[k], v, err_msg=str(k))
 
 
 def test_export_loads_as_an_editor_folder_and_edits(reference_run):

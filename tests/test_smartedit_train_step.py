@@ -16,6 +16,7 @@ from mre.smartedit_train_step import (
     SmartEditLossConfig,
     SmartEditTrainer,
     lm_cross_entropy,
+    smartedit_align_loss,
     smartedit_loss,
     splice_labels,
     trained_filter,
@@ -102,15 +103,20 @@ def test_unknown_or_empty_trained_parts_are_refused():
     trained_filter([])
 
 
-@pytest.fixture(scope="module")
-def trained():
-  """A tiny model, its weights before, and the metrics of 6 steps on one batch (lr 1e-3)."""
+def _model_and_trainer(lr):
+  """A tiny model, its weights before training, and an Adam trainer of it."""
   model = rigged_model()
   before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   schedule = make_schedule(beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
   cfg = model.config
   null = jnp.zeros((1, cfg.qformer.num_query_tokens, cfg.unet.cross_attention_dim))
-  trainer = SmartEditTrainer(model, schedule, optax.adam(1e-3), null)
+  return model, before, SmartEditTrainer(model, schedule, optax.adam(lr), null)
+
+
+@pytest.fixture(scope="module")
+def trained():
+  """A tiny model, its weights before, and the metrics of 6 steps on one batch (lr 1e-3)."""
+  model, before, trainer = _model_and_trainer(1e-3)
   batch = _batch(model.config)
   metrics = [jax.tree.map(float, trainer.step(batch, jax.random.key(i))) for i in range(6)]
   after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
@@ -140,6 +146,49 @@ def test_frozen_parts_stay_and_trained_parts_move(trained):
   head_b, head_a = (_at(t, ("llm", "lm_head", "kernel")) for t in (before, after))
   np.testing.assert_array_equal(head_a[:, :img], head_b[:, :img])
   assert not np.array_equal(head_a[:, img:], head_b[:, img:])
+
+
+def _align_batch(model, seed=0):
+  cfg = model.config
+  rng = np.random.default_rng(seed)
+  shape = (2, cfg.qformer.num_query_tokens, cfg.qformer.hidden_size)
+  return {
+      **_batch(cfg, seed),
+      "align_context": jnp.asarray(rng.standard_normal(shape), jnp.float32),
+  }
+
+
+def test_the_alignment_loss_is_the_lm_loss_plus_the_qformer_mse_to_the_clip_context():
+  model = rigged_model()
+  batch = _align_batch(model)
+  loss, parts = smartedit_align_loss(model, batch, SmartEditLossConfig(align_weight=0.5))
+  patches = model.image_features(batch["clip_pixels"])
+  states = model.teacher_forced(patches, batch["input_ids"], batch["attention_mask"])[0]
+  query = np.asarray(model.sd_qformer(states))
+  want = np.mean((query - np.asarray(batch["align_context"])) ** 2)
+  np.testing.assert_allclose(float(parts["align"]), want, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), float(parts["lm"]) + 0.5 * want, rtol=1e-5)
+  wrong = {**batch, "align_context": batch["align_context"][:, :3]}
+  with pytest.raises(ValueError, match="as many queries as CLIP text tokens"):
+    smartedit_align_loss(model, wrong)
+
+
+def test_alignment_steps_fit_the_qformer_to_the_context_and_leave_the_unet_and_bim():
+  model, before, trainer = _model_and_trainer(1e-2)
+  batch = _align_batch(model)
+  metrics = [
+      jax.tree.map(float, trainer.step(batch, jax.random.key(i), align=True)) for i in range(8)
+  ]
+  assert set(metrics[0]) == {"loss", "lm", "align", "grad_norm"}
+  assert metrics[-1]["align"] < 0.8 * metrics[0]["align"]
+  after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  moved = lambda *keys: not np.array_equal(_at(before, keys), _at(after, keys))  # noqa: E731
+  assert moved("sd_qformer") and moved("llm", "lm_head")
+  assert not moved("unet") and not moved("bim")  # no gradient: Adam moves nothing
+  # the SmartEdit step afterwards trains them, from the same optimizer state
+  trainer.step(_batch(model.config), jax.random.key(9))
+  later = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  assert not np.array_equal(_at(after, ("unet",)), _at(later, ("unet",)))
 
 
 def _at(tree, keys):

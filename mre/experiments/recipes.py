@@ -82,12 +82,14 @@ def smartedit_config(
 ):
   """The SmartEdit-style toy editor (`configs/smartedit.py:toy`) with stage 1's U-Net, CLIP text
   encoder and tokenizer (the release starts its U-Net from InstructPix2Pix's), trained on stage
-  2's schedule (but 1,500 steps), with or without the reward condition; the LLM, ViT, Q-Former and
-  BIM start from random weights."""
+  2's schedule (but 1,500 steps, the first 1,000 of them the alignment stage), with or without the
+  reward condition; the LLM, ViT, Q-Former and BIM start from random weights."""
   c = smartedit.get_config("toy")
   common.apply_toy_stage2(c)
-  # 1,500 steps (its rows in README were measured so): at 1.4-1.6 s per step on the CPU it is
-  # four times the InstructPix2Pix step's cost, and it learned no edit in 1,500 (--smartedit_steps).
+  # 1,500 steps: the first 1,000 the alignment stage (`model.smartedit.align_steps` of the toy
+  # config; about 0.4 s per step, no U-Net), then 500 SmartEdit steps (1.4-1.6 s per step on the
+  # CPU, four times the InstructPix2Pix step's cost). Without the alignment it learned no edit in
+  # 1,500 SmartEdit steps.
   c.train.steps = 1500
   c.model.pretrained = stage1_export
   c.model.reward.enabled = rewards

@@ -142,16 +142,22 @@ def test_replication_runs_end_to_end_and_resumes(tmp_path, toy_data):
       control=False,
       eval_items=5,
       smartedit=True,
-      smartedit_steps=8,
-      smartedit_overrides={"train.lr": 1e-2, "train.lr_schedule": "constant"},
+      smartedit_steps=12,
+      smartedit_overrides={
+          "train.lr": 1e-2,
+          "train.lr_schedule": "constant",
+          # the alignment stage, then 8 SmartEdit steps (their fresh optimizer state learns
+          # the LLM's answer again in as many steps as from scratch)
+          "model.smartedit.align_steps": 4,
+      },
   )
   assert se["rows"]["SmartEdit (b) reward 5,5,5"]["all"]["n"] == 5
   assert se["rows"]["SmartEdit (a) baseline"]["all"]["n"] == 5
   assert set(se["claim_smartedit"]["perspectives"]) == set(stats.PERSPECTIVES)
   assert "## The SmartEdit-style editor" in se["markdown"]
-  assert se["settings"]["smartedit_steps"] == 8
+  assert se["settings"]["smartedit_steps"] == 12
   for name in ("smartedit_baseline", "smartedit_reward"):
-    assert json.load(open(os.path.join(workdir, name, "train_summary.json")))["step"] == 8
+    assert json.load(open(os.path.join(workdir, name, "train_summary.json")))["step"] == 12
 
 
 def test_control_finds_the_perspective_each_lowered_score_moves_most():
