@@ -102,6 +102,18 @@ def lm_cross_entropy(logits, labels):
   return jnp.sum(jnp.where(valid, per_token, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
+def _language_pass(model: SmartEdit, batch: dict):
+  """(CLIP patches, the `<img_k>` states, LM cross-entropy) of the teacher-forced conversation:
+  what both stages' losses start from. The patches' gradient is stopped (the release's tower is
+  frozen)."""
+  patches = jax.lax.stop_gradient(model.image_features(batch["clip_pixels"]))
+  states, logits, _, _ = model.teacher_forced(patches, batch["input_ids"], batch["attention_mask"])
+  labels = splice_labels(
+      batch["input_ids"], batch["labels"], patches.shape[1], model.config.tokens.first_img
+  )
+  return patches, states, lm_cross_entropy(logits, labels)
+
+
 @dataclasses.dataclass(frozen=True)
 class SmartEditLossConfig:
   lm_weight: float = 1.0
@@ -138,12 +150,7 @@ def smartedit_loss(
   context [1, 77, D]. reward: `RewardInputs` for a RewardUNet.
   """
   k_noise, k_t, k_drop = jax.random.split(key, 3)
-  patches = jax.lax.stop_gradient(model.image_features(batch["clip_pixels"]))
-  states, logits, _, _ = model.teacher_forced(patches, batch["input_ids"], batch["attention_mask"])
-  labels = splice_labels(
-      batch["input_ids"], batch["labels"], patches.shape[1], model.config.tokens.first_img
-  )
-  lm = lm_cross_entropy(logits, labels)
+  patches, states, lm = _language_pass(model, batch)
 
   target = batch["target_latents"]
   image = source = batch["image_latents"]  # source: before the dropout, for the edit region
@@ -196,12 +203,7 @@ def smartedit_align_loss(
   batch: as `smartedit_loss`'s, plus `align_context` [B, L, D], the CLIP context of the
   instruction (computed outside the step: the text encoder is frozen). No U-Net, no BIM.
   """
-  patches = jax.lax.stop_gradient(model.image_features(batch["clip_pixels"]))
-  states, logits, _, _ = model.teacher_forced(patches, batch["input_ids"], batch["attention_mask"])
-  labels = splice_labels(
-      batch["input_ids"], batch["labels"], patches.shape[1], model.config.tokens.first_img
-  )
-  lm = lm_cross_entropy(logits, labels)
+  _, states, lm = _language_pass(model, batch)
   query = model.sd_qformer(states).astype(jnp.float32)
   target = jax.lax.stop_gradient(batch["align_context"].astype(jnp.float32))
   if query.shape != target.shape:
@@ -269,8 +271,8 @@ class SmartEditTrainer:
           model, self.schedule, batch, key, self.null_context, self.loss_config, reward
       )
 
-    # In the alignment stage the U-Net and the BIM get zero gradients (the same optimizer and
-    # state as the SmartEdit stage, so one checkpoint layout serves both).
+    # In the alignment stage the U-Net and the BIM get zero gradients; its optimizer's state has
+    # the SmartEdit stage's structure, so one checkpoint layout serves both stages.
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     tx = (self.align_tx or self.tx) if align else self.tx
     updates, opt_state = tx.update(grads, opt_state, params)
