@@ -66,6 +66,8 @@ def get_config(arg=None):
           # frozen CLIP text context of the instruction), no U-Net; SmartEdit training after.
           align_steps=0,
           align_loss_weight=1.0,
+          # Ours: that MSE kept in the SmartEdit stage at this weight (0: the release's stage 2).
+          edit_align_loss_weight=0.0,
       )
   )
   c.model.dtype = "bfloat16"

@@ -208,12 +208,15 @@ def train(config) -> dict:
   align_steps = int(s.align_steps)
   if align_steps < 0:
     raise ValueError(f"model.smartedit.align_steps={align_steps}: must be >= 0")
+  edit_align = float(s.get("edit_align_loss_weight", 0.0))
+  if edit_align < 0:
+    raise ValueError(f"model.smartedit.edit_align_loss_weight={edit_align}: must be >= 0")
   prompts = PromptIds(
       toy.llm_tokenizer,
       cfg.tokens,
       length,
       pipe.template,
-      clip_tokenize=train_input.TokenizeFn(pipe.tokenizer) if align_steps else None,
+      clip_tokenize=train_input.TokenizeFn(pipe.tokenizer) if align_steps or edit_align else None,
   )
   reward_cfg = model_setup.reward_config(config)
   data = train_input.TrainIterator(
@@ -242,6 +245,7 @@ def train(config) -> dict:
           edit_minority=t.edit_weight_minority,
           edit_estimate=t.edit_weight_estimate,
           align_weight=s.align_loss_weight,
+          edit_align_weight=edit_align,
       ),
       reward_fn=batch_reward if reward_cfg else None,
       align_tx=make_optimizer(align_config) if align_steps else None,
@@ -281,8 +285,9 @@ def train(config) -> dict:
   def prepare(raw, step):
     batch = to_step(raw)
     clip_ids = batch.pop("clip_ids", None)
-    if step < align_steps:  # the alignment stage: the instruction's context from frozen CLIP
+    if step < align_steps or edit_align:  # the instruction's context from frozen CLIP
       batch["align_context"] = clip_context(pipe.text_encoder, clip_ids)
+    if step < align_steps:  # the alignment stage
       return batch
     if reward_cfg is not None:  # the frozen CLIP text encoder, outside the trained step
       reward = RewardInputs(raw["reward_scores"][0], pool(pipe.text_encoder, raw["reward_ids"][0]))
@@ -327,7 +332,8 @@ def train(config) -> dict:
           dt = timer.per_step(step)
           m.update(lr=float(rates[step - 1]), step_time=dt, images_per_s=t.batch_per_device / dt)
           second = "align" if align else "diffusion"
-          log_metrics(history, writer, step, m, ("loss", "lm", second, "grad_norm", "lr"))
+          kept = ("align",) if not align and "align" in m else ()  # edit_align_loss_weight
+          log_metrics(history, writer, step, m, ("loss", "lm", second, *kept, "grad_norm", "lr"))
           bar.set_postfix({"lm": f"{m['lm']:.3f}", second: f"{m[second]:.4f}"})
         stopped = ckpt.stop_reason(stop, step)
         if step % t.checkpoint_every == 0 or step == t.steps or stopped:

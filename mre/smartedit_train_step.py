@@ -130,6 +130,21 @@ class SmartEditLossConfig:
   # between the Q-Former's output and the frozen CLIP text encoder's last hidden state of the
   # same text, beside the LM cross-entropy (`smartedit_align_loss`).
   align_weight: float = 1.0
+  # Ours: the same MSE kept in the SmartEdit stage at this weight (0: the release's plain stage 2),
+  # so that the diffusion loss cannot pull the Q-Former away from the context the U-Net learned
+  # to read; the batch then carries `align_context` in that stage too.
+  edit_align_weight: float = 0.0
+
+
+def _align_mse(query, batch) -> jax.Array:
+  """MSE between the Q-Former's output and the batch's frozen CLIP context of the instruction."""
+  target = jax.lax.stop_gradient(batch["align_context"].astype(jnp.float32))
+  if query.shape != target.shape:
+    raise ValueError(
+        f"the Q-Former's output {query.shape} and the CLIP text context {target.shape} differ: "
+        "alignment needs as many queries as CLIP text tokens, of the same width"
+    )
+  return jnp.mean((query.astype(jnp.float32) - target) ** 2)
 
 
 def smartedit_loss(
@@ -141,7 +156,8 @@ def smartedit_loss(
     config: SmartEditLossConfig = SmartEditLossConfig(),
     reward=None,
 ):
-  """(loss, {"lm": CE, "diffusion": MSE}) of one batch.
+  """(loss, {"lm": CE, "diffusion": MSE}, and "align" with `config.edit_align_weight`) of one
+  batch.
 
   batch: `clip_pixels` [B, S, S, 3] (CLIP-normalised), `input_ids`, `attention_mask`, `labels`
   [B, T] (right-padded, `prompt_batch(answer=True)`), `target_latents` (the edited image's,
@@ -154,7 +170,8 @@ def smartedit_loss(
 
   target = batch["target_latents"]
   image = source = batch["image_latents"]  # source: before the dropout, for the edit region
-  context, residual = model.condition(states, patches, target.shape[1:3])
+  query = model.sd_qformer(states)
+  context, residual = model.bim(query, patches, target.shape[1:3])  # = model.condition(...)
   noise = batch.get("noise")
   if noise is None:
     noise = jax.random.normal(k_noise, target.shape, jnp.float32)
@@ -186,7 +203,11 @@ def smartedit_loss(
   else:
     diffusion = jnp.mean(error)
   loss = config.lm_weight * lm + config.diffusion_weight * diffusion
-  return loss, {"lm": lm, "diffusion": diffusion}
+  parts = {"lm": lm, "diffusion": diffusion}
+  if config.edit_align_weight > 0:
+    parts["align"] = _align_mse(query, batch)
+    loss = loss + config.edit_align_weight * parts["align"]
+  return loss, parts
 
 
 def smartedit_align_loss(
@@ -204,14 +225,7 @@ def smartedit_align_loss(
   instruction (computed outside the step: the text encoder is frozen). No U-Net, no BIM.
   """
   _, states, lm = _language_pass(model, batch)
-  query = model.sd_qformer(states).astype(jnp.float32)
-  target = jax.lax.stop_gradient(batch["align_context"].astype(jnp.float32))
-  if query.shape != target.shape:
-    raise ValueError(
-        f"the Q-Former's output {query.shape} and the CLIP text context {target.shape} differ: "
-        "alignment needs as many queries as CLIP text tokens, of the same width"
-    )
-  align = jnp.mean((query - target) ** 2)
+  align = _align_mse(model.sd_qformer(states), batch)
   return config.lm_weight * lm + config.align_weight * align, {"lm": lm, "align": align}
 
 

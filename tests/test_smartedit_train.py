@@ -156,6 +156,29 @@ def test_the_alignment_stage_comes_first_and_a_resume_at_its_end_is_exact(tmp_pa
     np.testing.assert_array_equal(got[k], v, err_msg=str(k))
 
 
+def test_the_alignment_term_can_be_kept_in_the_smartedit_stage(tmp_path, toy_data):
+  """With `edit_align_loss_weight` the SmartEdit steps get the instruction's CLIP context too and
+  log the Q-Former's MSE to it beside the diffusion loss, which the loss includes at that weight."""
+  config = tiny_config(
+      tmp_path,
+      toy_data,
+      **{
+          "model.smartedit.align_steps": 1,
+          "model.smartedit.edit_align_loss_weight": 0.5,
+          "train.steps": 2,
+          "train.export": False,
+      },
+  )
+  history = train.train(config)["history"]
+  assert set(history[0]) >= {"lm", "align"} and "diffusion" not in history[0]
+  assert set(history[1]) >= {"lm", "align", "diffusion"}
+  h = history[1]
+  np.testing.assert_allclose(h["loss"], h["lm"] + h["diffusion"] + 0.5 * h["align"], rtol=1e-5)
+  bad = tiny_config(tmp_path / "bad", toy_data, **{"model.smartedit.edit_align_loss_weight": -1.0})
+  with pytest.raises(ValueError, match="edit_align_loss_weight"):
+    train.train(bad)
+
+
 def test_export_loads_as_an_editor_folder_and_edits(reference_run):
   workdir, summary = reference_run
   pipe = load_for_editing(summary["export"])

@@ -173,6 +173,26 @@ def test_the_alignment_loss_is_the_lm_loss_plus_the_qformer_mse_to_the_clip_cont
     smartedit_align_loss(model, wrong)
 
 
+def test_the_alignment_term_kept_in_the_smartedit_stage_adds_its_weighted_mse():
+  model = rigged_model()
+  batch = _align_batch(model)
+  schedule = make_schedule(beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+  cfg = model.config
+  null = jnp.zeros((1, cfg.qformer.num_query_tokens, cfg.unet.cross_attention_dim))
+  key = jax.random.key(3)
+  plain, plain_parts = smartedit_loss(model, schedule, batch, key, null, SmartEditLossConfig())
+  kept, parts = smartedit_loss(
+      model, schedule, batch, key, null, SmartEditLossConfig(edit_align_weight=0.25)
+  )
+  assert "align" not in plain_parts
+  _, align_parts = smartedit_align_loss(model, batch)
+  np.testing.assert_allclose(float(parts["align"]), float(align_parts["align"]), rtol=1e-6)
+  np.testing.assert_allclose(float(parts["diffusion"]), float(plain_parts["diffusion"]), rtol=1e-6)
+  np.testing.assert_allclose(
+      float(kept), float(plain) + 0.25 * float(align_parts["align"]), rtol=1e-5
+  )
+
+
 def test_alignment_steps_fit_the_qformer_to_the_context_and_leave_the_unet_and_bim():
   model, before, trainer = _model_and_trainer(1e-2)
   batch = _align_batch(model)
