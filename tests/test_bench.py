@@ -9,6 +9,7 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -136,8 +137,8 @@ def test_levers_are_timed_in_turns_with_pytorch(tmp_path):
 
   p = _tiny_sd15(tmp_path, ())
   with torch_side.threads(1):
-    rows = levers.run(p, ["flat_state", "torch"], rounds=1, log=lambda _: None)
-  assert [r["lever"] for r in rows] == ["flat_state", "torch"]
+    rows = levers.run(p, ["flat_state", "flat_kernel_grad", "torch"], rounds=1, log=lambda _: None)
+  assert [r["lever"] for r in rows] == ["flat_state", "flat_kernel_grad", "torch"]
   assert all(r["ms_per_32"] > 0 and r["vs_baseline"] is None for r in rows)
   assert "flat_state" in levers.table(rows)
 
@@ -155,6 +156,18 @@ def test_conv_kernel_gradient_variants_agree_with_xla():
   w = jax.random.normal(jax.random.key(3), (3, 3, 3, 4))
   _, pull = jax.vjp(conv_grad.xla_conv, x, w)
   dx, dw = pull(g)
-  for kernel_grad in (conv_grad.im2col_kernel_grad, conv_grad.per_tap_kernel_grad):
+  for kernel_grad in (
+      conv_grad.im2col_kernel_grad,
+      conv_grad.per_tap_kernel_grad,
+      conv_grad.flat_shift_kernel_grad,
+  ):
     np.testing.assert_allclose(kernel_grad(x, g), dw, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(conv_grad._input_grad(g, w), dx, rtol=1e-5, atol=1e-5)
+  # flat_shift copies the side with fewer channels: here the output gradient (4 -> 3 channels),
+  # on a non-square image and a batch of 3, whose shifts must not leak from image to image
+  x = jax.random.normal(jax.random.key(4), (3, 4, 6, 4))
+  g = jax.random.normal(jax.random.key(5), (3, 4, 6, 3))
+  _, pull = jax.vjp(conv_grad.xla_conv, x, jnp.zeros((3, 3, 4, 3)))
+  np.testing.assert_allclose(
+      conv_grad.flat_shift_kernel_grad(x, g), pull(g)[1], rtol=1e-5, atol=1e-5
+  )

@@ -4,8 +4,10 @@
   python -m mre.bench.conv_grad --size=12 --cin=32 --cout=32
 
 XLA's own (a convolution with a 24 x 24 window over activations transposed to put the batch
-last: the toy step's costliest part on a CPU), one matmul of the nine shifted inputs (im2col), and
-nine matmuls, one per tap. Each is a `jax.custom_vjp` convolution whose forward and input gradient
+last: the toy step's costliest part on a CPU), one matmul of the nine shifted inputs (im2col),
+nine matmuls, one per tap, and one matmul over the flattened padded grid (`flat_shift`: no
+transpose, nine shifted copies of one side; `mre.bench.levers`' `flat_kernel_grad` puts it into
+the whole U-Net). Each is a `jax.custom_vjp` convolution whose forward and input gradient
 are XLA's; the figure is forward + both gradients, median ms of `--rounds` rounds in turns.
 """
 
@@ -47,6 +49,31 @@ def per_tap_kernel_grad(x, g):
   return jnp.stack(taps).reshape(3, 3, c, co)
 
 
+def _flat_shift(a, s: int):
+  """a [N, C] moved s rows later (s > 0, zeros in front) or -s rows earlier (zeros behind)."""
+  if s >= 0:
+    return jnp.pad(a[: a.shape[0] - s], ((s, 0), (0, 0)))
+  return jnp.pad(a[-s:], ((0, -s), (0, 0)))
+
+
+def flat_shift_kernel_grad(x, g):
+  """In the zero-padded image flattened row by row, kernel tap (i, j) is a shift of the flat index
+  by s = i (W + 2) + j, so with g placed on the same grid, dW[i, j] = sum_n x_pad[n + s] g_pad[n]:
+  one matmul of x_pad and nine shifted copies of g_pad (or of g_pad and nine copies of x_pad,
+  whichever side has fewer channels). A shift never carries a nonzero gradient into the next
+  image: the last rows and columns of every image's grid are padding."""
+  _, _, wd, c = x.shape
+  co = g.shape[-1]
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(-1, c)
+  gp = jnp.pad(g, ((0, 0), (0, 2), (0, 2), (0, 0))).reshape(-1, co)
+  shifts = [i * (wd + 2) + j for i in range(3) for j in range(3)]
+  if co <= c:
+    g9 = jnp.concatenate([_flat_shift(gp, s) for s in shifts], axis=1)  # [N, 9 O]
+    return (xp.T @ g9).reshape(c, 3, 3, co).transpose(1, 2, 0, 3)
+  x9 = jnp.concatenate([_flat_shift(xp, -s) for s in shifts], axis=1)  # [N, 9 C]
+  return (x9.T @ gp).reshape(3, 3, c, co)
+
+
 def conv_with_kernel_grad(kernel_grad):
   """A convolution whose kernel gradient is `kernel_grad(x, g)`; the rest is XLA's."""
 
@@ -65,7 +92,26 @@ VARIANTS = {
     "xla": xla_conv,
     "im2col_matmul": conv_with_kernel_grad(im2col_kernel_grad),
     "per_tap_matmuls": conv_with_kernel_grad(per_tap_kernel_grad),
+    "flat_shift": conv_with_kernel_grad(flat_shift_kernel_grad),
 }
+
+
+def flat_shift_conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs):
+  """`jax.lax.conv_general_dilated` as `nnx.Conv` calls it, with `flat_shift`'s kernel gradient for
+  the stride-1, 'same'-padded 3 x 3 NHWC convolutions (the `flat_kernel_grad` lever)."""
+  same = tuple(tuple(p) for p in padding) == ((1, 1), (1, 1)) if len(padding) == 2 else False
+  plain = (
+      rhs.shape[:2] == (3, 3)
+      and tuple(window_strides) == (1, 1)
+      and same
+      and kwargs.get("feature_group_count", 1) == 1
+      and all(d == 1 for d in kwargs.get("lhs_dilation") or (1, 1))
+      and all(d == 1 for d in kwargs.get("rhs_dilation") or (1, 1))
+      and tuple(kwargs.get("dimension_numbers") or ()) == _DIMS
+  )
+  if plain:
+    return VARIANTS["flat_shift"](lhs, rhs)
+  return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
 
 
 def fwd_bwd(conv, g):

@@ -86,15 +86,33 @@ def _compile(fn, *args, compiler_options=None):
 
 
 def unet_train(
-    preset: Preset, inputs: Inputs, *, compiler_options=None, donate=True, flat_state=False
+    preset: Preset,
+    inputs: Inputs,
+    *,
+    compiler_options=None,
+    donate=True,
+    flat_state=False,
+    conv_fn=None,
 ) -> Runner:
   """The U-Net alone: forward, MSE to a target, backward, the recipe's optimizer (clip + AdamW).
 
   The options are levers (`mre.bench.levers`): XLA compiler options for this computation, no
-  buffer donation, and the state passed as a flat list of arrays instead of NNX pytrees.
+  buffer donation, the state passed as a flat list of arrays instead of NNX pytrees, and the
+  function every convolution of the U-Net calls (`conv_fn`, in place of
+  `jax.lax.conv_general_dilated`).
   """
   mesh = one_device_mesh()
-  unet, params = train.materialize(None, mesh, REPLICATED, makers(preset)["unet"])
+  make = makers(preset)["unet"]
+  if conv_fn is not None:
+
+    def make(plain=make):  # pylint: disable=function-redefined
+      unet = plain()
+      for _, module in nnx.iter_modules(unet):
+        if isinstance(module, nnx.Conv):
+          module.conv_general_dilated = conv_fn
+      return unet
+
+  unet, params = train.materialize(None, mesh, REPLICATED, make)
   tx = make_optimizer(preset.config)
   state = (params, tx.init(params))
   batch = jax.device_put(inputs.unet_batch(preset.batch))

@@ -6,7 +6,8 @@ PyTorch's step, in one process (load changes on a shared machine then hit all al
 
 A lever is a variant of `jax_side.unet_train` (XLA compiler options for the one computation: which
 ops go to the YNNPACK library, oneDNN, vector width, fast math; no
-buffer donation, the state as a flat list of arrays, bfloat16 compute, a larger batch). Times are
+buffer donation, the state as a flat list of arrays, bfloat16 compute, a larger batch, the 3 x 3
+kernel gradient as one matmul over the flattened grid, `mre.bench.conv_grad`'s `flat_shift`). Times are
 per 32 images, so a batch lever compares with the others.
 """
 
@@ -18,7 +19,7 @@ import tempfile
 
 from absl import app, flags
 
-from mre.bench import jax_side, presets, torch_side
+from mre.bench import conv_grad, jax_side, presets, torch_side
 from mre.bench.inputs import Inputs
 from mre.bench.timing import time_interleaved
 
@@ -44,6 +45,7 @@ LEVERS = {
         }
     },
     "onednn": {"compiler_options": ONEDNN},
+    "flat_kernel_grad": {"conv_fn": conv_grad.flat_shift_conv_general_dilated},
     "no_donation": {"donate": False},
     "flat_state": {"flat_state": True},
     "bf16": {"dtype": "bfloat16"},
