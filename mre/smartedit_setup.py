@@ -72,6 +72,8 @@ def refusal(config) -> str | None:
       "train.rollout_prob": (t.get("rollout_prob", 0.0), 0.0),
   }
   problems += [f"{k}={v!r}" for k, (v, default) in ignored.items() if v != default]
+  if s.edit_align_loss_weight < 0:
+    problems.append(f"model.smartedit.edit_align_loss_weight={s.edit_align_loss_weight} (< 0)")
   if t.grad_accum != 1:
     problems.append(f"train.grad_accum={t.grad_accum} (the SmartEdit step has no accumulation)")
   if t.ema_decay:

@@ -208,9 +208,7 @@ def train(config) -> dict:
   align_steps = int(s.align_steps)
   if align_steps < 0:
     raise ValueError(f"model.smartedit.align_steps={align_steps}: must be >= 0")
-  edit_align = float(s.get("edit_align_loss_weight", 0.0))
-  if edit_align < 0:
-    raise ValueError(f"model.smartedit.edit_align_loss_weight={edit_align}: must be >= 0")
+  edit_align = float(s.edit_align_loss_weight)  # >= 0: `refusal` checked it
   prompts = PromptIds(
       toy.llm_tokenizer,
       cfg.tokens,
