@@ -3,7 +3,7 @@
   python -m mre.smartedit_dryrun --config=configs/smartedit.py      # sizes and memory, no weights
   python -m mre.smartedit_dryrun --config=configs/smartedit.py:toy   # tiny_config's sizes
   python -m mre.train --config=configs/smartedit.py:toy              # trains the toy on the CPU
-  python -m mre.train --config=configs/smartedit.py                  # refused: 7B training not built
+  python -m mre.train --config=configs/smartedit.py --config.model.pretrained=<SmartEdit folder>
 
 The release's stage-2 recipe: 15k steps, AdamW lr 1e-5 (cosine, no warmup), weight decay 0, batch
 128 (8 GPUs x 2 x accumulation 8), bf16, 256 px; loss = LM cross-entropy + diffusion MSE (epsilon),
@@ -12,7 +12,7 @@ embeddings and lm_head (only the 35 new rows change: the release puts the old ro
 step), the Q-Former, the BIM. Frozen: vision tower, projector, VAE, the LLaMA base weights.
 Conditioning dropout: one draw r per sample, text -> the empty prompt's CLIP context if r < 0.1,
 source latents zeroed if 0.05 <= r < 0.15, the BIM map never dropped. Multi-reward on top:
---config.model.reward.enabled=True (the U-Net becomes a RewardUNet; training it is not built yet).
+--config.model.reward.enabled=True (the U-Net becomes a RewardUNet with new reward modules).
 
 `:toy` (mre/smartedit_train.py, mre/smartedit_setup.py): the toy world at 24 px, every network from
 random weights and trained but the CLIP ViT (LLaMA and projector too: there is nothing pretrained
@@ -41,11 +41,15 @@ def get_config(arg=None):
   c.stage = "smartedit"
   c.workdir = "runs/smartedit" if variant == "full" else "runs/smartedit_toy"
   c.model.family = "smartedit"
-  c.model.pretrained = ""  # a SmartEdit release folder (LLM-*, embeddings_qformer, ...) or ""
+  # A SmartEdit release or editor folder (LLM-*, embeddings_qformer, ...): the release sizes
+  # train from it (mre/smartedit_release.py); "" for the toy (from scratch)
+  c.model.pretrained = ""
   c.model.smartedit = ml_collections.ConfigDict(
       dict(
           size="7b",  # "7b" | "13b" (the release's) | "toy" (tiny, for the CPU)
+          # The folders a SmartEdit folder needs beside it (override its smartedit.json):
           clip="",  # Hugging Face CLIP folder (openai/clip-vit-large-patch14)
+          ip2p="",  # InstructPix2Pix / SD 1.5 diffusers folder: VAE, CLIP text, scheduler
           base_llm="",  # LLaVA-7B-v1 / Vicuna folder: the original vocabulary rows
           llm_tokenizer="",  # LLaMA tokenizer folder
           lora_r=8,

@@ -80,14 +80,24 @@ class PartSize:
   device_bytes: float = 0.0
 
 
-def estimate(config, fsdp: int, tensor: int = 1) -> dict[str, PartSize]:
-  """Parameter counts and per-device bytes per part on an (fsdp, tensor) mesh."""
+def model_parts(model, vae=None) -> dict:
+  """{part: nnx.State of its parameters} of a built SmartEdit (and its VAE, if any): what
+  `estimate` counts for a model loaded from a folder, whose sizes are the folder's."""
+  parts = {name: nnx.state(getattr(model, name), nnx.Param) for name in PARTS[:-1]}
+  if vae is not None:
+    parts["vae"] = nnx.state(vae, nnx.Param)
+  return parts
+
+
+def estimate(config, fsdp: int, tensor: int = 1, parts=None) -> dict[str, PartSize]:
+  """Parameter counts and per-device bytes per part on an (fsdp, tensor) mesh; `parts`
+  (`model_parts`) instead of the sizes `config` names."""
   axis_size = {"fsdp": fsdp, "tensor": tensor}
   trained = set(config.model.smartedit.trained)
   min_size = config.mesh.fsdp_min_size
   ema = config.train.ema_decay > 0
   out = {}
-  for part, state in abstract_parts(config).items():
+  for part, state in (parts if parts is not None else abstract_parts(config)).items():
     size = PartSize()
     for path, var in nnx.to_flat_state(state):
       shape, dtype = var.get_value().shape, var.get_value().dtype
@@ -105,11 +115,13 @@ def estimate(config, fsdp: int, tensor: int = 1) -> dict[str, PartSize]:
   return out
 
 
-def report(config, fsdp: int = 8, tensor: int = 1) -> str:
-  sizes = estimate(config, fsdp, tensor)
+def report(config, fsdp: int = 8, tensor: int = 1, parts=None, name=None) -> str:
+  """The table of `estimate`; `name` heads it (default: the configured size)."""
+  sizes = estimate(config, fsdp, tensor, parts)
   mesh = f"({fsdp},) fsdp" if tensor == 1 else f"({fsdp}, {tensor}) fsdp x tensor"
+  name = name or config.model.smartedit.size
   lines = [
-      f"SmartEdit {config.model.smartedit.size}: parameters and per-device memory on an {mesh} "
+      f"SmartEdit {name}: parameters and per-device memory on an {mesh} "
       f"mesh (params {config.model.param_dtype}, AdamW moments float32, no activations)",
       f"{'part':<14}{'params':>16}{'trained':>16}{'GiB/device':>12}",
   ]

@@ -22,9 +22,9 @@ from scratch in the toy world, in pixel space.
   `RewardUNet` (`reward_unet_from_stage1`: every U-Net weight kept, the reward modules new); the
   failure texts are pooled by the frozen CLIP text encoder.
 
-The release-size recipe (7B/13B) is refused with a message: loading LLaVA, CLIP and SD 1.5 into a
-trainable SmartEdit and sharding its training are not built (`python -m mre.smartedit_dryrun` gives
-its sizes).
+The release sizes (7B/13B) train from a SmartEdit folder (`model.pretrained`; loading and export:
+mre/smartedit_release.py); without one they are refused with a message (the release's own start,
+LLaVA + an InstructDiffusion U-Net, is not built; `python -m mre.smartedit_dryrun` gives the sizes).
 """
 
 from __future__ import annotations
@@ -54,12 +54,19 @@ def refusal(config) -> str | None:
   """Why `config` cannot be trained (None when it can): the release sizes and the options the
   SmartEdit trainer does not implement."""
   s, t = config.model.smartedit, config.train
-  if s.size != "toy":
+  if s.size != "toy" and not config.model.pretrained:
     return (
-        f"training the release-size SmartEdit (model.smartedit.size={s.size!r}) is not built: "
-        "loading LLaVA, CLIP and SD 1.5 into a trainable SmartEdit and sharding its step are "
-        "missing. For its sizes and memory: python -m mre.smartedit_dryrun "
-        "--config=configs/smartedit.py; the toy trains: --config=configs/smartedit.py:toy"
+        f"the release-size SmartEdit (model.smartedit.size={s.size!r}) trains from a SmartEdit "
+        "folder: set model.pretrained to a release or editor folder (and model.smartedit.clip, "
+        "ip2p, llm_tokenizer where it has no smartedit.json naming them). Starting from LLaVA "
+        "and an InstructDiffusion U-Net, as the release does, is not built. Sizes and memory: "
+        "python -m mre.smartedit_dryrun --config=configs/smartedit.py; the toy trains from "
+        "scratch: --config=configs/smartedit.py:toy"
+    )
+  if s.size != "toy" and s.align_steps:
+    return (
+        f"model.smartedit.align_steps={s.align_steps}: the alignment stage is the toy's (a "
+        "SmartEdit folder's Q-Former is aligned already); set it to 0"
     )
   problems = []
   ignored = {  # loss options of the InstructPix2Pix step the SmartEdit step does not have
@@ -74,8 +81,8 @@ def refusal(config) -> str | None:
   problems += [f"{k}={v!r}" for k, (v, default) in ignored.items() if v != default]
   if s.edit_align_loss_weight < 0:
     problems.append(f"model.smartedit.edit_align_loss_weight={s.edit_align_loss_weight} (< 0)")
-  if t.grad_accum != 1:
-    problems.append(f"train.grad_accum={t.grad_accum} (the SmartEdit step has no accumulation)")
+  if t.grad_accum < 1:
+    problems.append(f"train.grad_accum={t.grad_accum} (< 1)")
   if t.ema_decay:
     problems.append(f"train.ema_decay={t.ema_decay} (no EMA, as the release)")
   if config.data.precompute_latents:

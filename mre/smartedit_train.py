@@ -8,7 +8,14 @@ resumes exactly), the validation grid and the toy judge every `train.validate_ev
 diffusion loss, `mre/smartedit_train_step.py`); each example's conversation is the release's with
 the instruction in it and the answer's 32 `<img_k>` tokens teacher-forced. At the end the model is
 exported as an editor folder (`mre.smartedit_setup.export_editor`) that `mre.edit` and `mre.eval`
-open. One device, as the toy needs (no mesh, no accumulation, no EMA: the release keeps none).
+open. The toy runs on one device.
+
+The release sizes (`model.smartedit.size` '7b'/'13b') train from a SmartEdit folder
+(`model.pretrained`, mre/smartedit_release.py) in latent space (the folder's VAE encodes the
+images in the input step), over the ("data", "fsdp", "tensor") mesh of `config.mesh`: every weight
+sharded by `mre.sharding`'s rules, the batch over data x fsdp, `train.grad_accum` micro-batches
+per update, the per-device memory estimate of `mre.smartedit_dryrun` printed first. No EMA (the
+release keeps none).
 
 With `model.reward.enabled` the U-Net is a `RewardUNet` and each example's three scores and
 failure texts condition it (the paper's SmartEdit row): the texts are tokenised for CLIP and pooled
@@ -27,12 +34,14 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
-from mre import checkpointing, model_setup, smartedit_setup, validation
+from mre import checkpointing, model_setup, sharding, smartedit_dryrun, smartedit_release
+from mre import smartedit_setup, validation
 from mre.data import train_input
 from mre.diffusion.condition_dropout import drop_reward_texts, drop_rewards
 from mre.diffusion.schedule import schedule_from_config
 from mre.model_io.smartedit_folder import EDITOR_JSON
 from mre.models.reward_config import RewardInputs
+from mre.models.pixel import PixelSpace
 from mre.models.smartedit import clip_pixels
 from mre.models.smartedit_prompt import prompt_batch
 from mre.pipeline import tokenize
@@ -59,14 +68,19 @@ class PromptIds:
     texts = list(texts)
     missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
     if missing:
-      b = prompt_batch(
-          missing,
-          self.encode,
-          answer=True,
-          ids=self.tokens,
-          template=self.template,
-          length=self.length,
-      )
+      try:
+        b = prompt_batch(
+            missing,
+            self.encode,
+            answer=True,
+            ids=self.tokens,
+            template=self.template,
+            length=self.length,
+        )
+      except ValueError as e:
+        if "more than length" not in str(e):
+          raise
+        raise ValueError(f"{e}: raise model.smartedit.max_prompt_tokens") from None
       parts = [b.input_ids, b.attention_mask.astype(np.int32), b.labels]
       if self.clip_tokenize is not None:
         parts.append(np.asarray(self.clip_tokenize(missing), np.int32))
@@ -79,35 +93,54 @@ def split_prompt(packed, length: int) -> dict:
   """`PromptIds`' rows [B, 3 L (+ C)] -> input_ids, attention_mask, labels [B, L] (and
   clip_ids [B, C] when the rows carry them)."""
   out = {
-      "input_ids": packed[:, :length],
-      "attention_mask": packed[:, length : 2 * length].astype(bool),
-      "labels": packed[:, 2 * length : 3 * length],
+      "input_ids": packed[..., :length],
+      "attention_mask": packed[..., length : 2 * length].astype(bool),
+      "labels": packed[..., 2 * length : 3 * length],
   }
-  if packed.shape[1] > 3 * length:
-    out["clip_ids"] = packed[:, 3 * length :]
+  if packed.shape[-1] > 3 * length:
+    out["clip_ids"] = packed[..., 3 * length :]
   return out
 
 
-def step_batch(raw: dict, length: int, clip_size: int) -> dict:
-  """A pipeline batch (accumulation axis of 1) -> `smartedit_loss`'s batch; pixel space, so the
-  images are the latents."""
-  original, edited = raw["original"][0], raw["edited"][0]
+def _images(fn, x):
+  """`fn` over images [..., H, W, C] with any leading axes (the accumulation axis too)."""
+  y = fn(x.reshape(-1, *x.shape[-3:]))
+  return y.reshape(*x.shape[:-3], *y.shape[1:])
+
+
+def step_batch(raw: dict, length: int, clip_size: int, accum: int = 1) -> dict:
+  """A pipeline batch [accum, B, ...] -> `smartedit_loss`'s batch ([B, ...] when `accum` is 1,
+  else [accum, B, ...] for `SmartEditTrainer(accum=...)`); the images still pixels (in pixel
+  space they are the latents; `encode_latents` makes the VAE's)."""
+  pick = (lambda x: x[0]) if accum == 1 else (lambda x: x)  # noqa: E731
+  original, edited = pick(raw["original"]), pick(raw["edited"])
   return {
-      "clip_pixels": clip_pixels(original, clip_size),
-      **split_prompt(raw["instruction_ids"][0], length),
+      "clip_pixels": _images(lambda x: clip_pixels(x, clip_size), original),
+      **split_prompt(pick(raw["instruction_ids"]), length),
       "target_latents": edited,
       "image_latents": original,
   }
 
 
+def encode_latents(vae, batch: dict, key) -> dict:
+  """The batch's images as the VAE's latents, as the InstructPix2Pix step takes them: the edited
+  image's sampled and scaled, the source's mode unscaled (the VAE is frozen: no gradient)."""
+  sample = lambda x: vae.scale_latents(vae.encode(x).sample(key))  # noqa: E731
+  target = _images(sample, batch["target_latents"])
+  source = _images(lambda x: vae.encode(x).mode(), batch["image_latents"])
+  stop = jax.lax.stop_gradient
+  return {**batch, "target_latents": stop(target), "image_latents": stop(source)}
+
+
 def pooled_reward_texts(text_encoder, reward_ids):
-  """The failure texts' ids [B, slots, L] -> CLIP's pooled features [B, slots, D]."""
-  b, slots, length = reward_ids.shape
-  _, pooled = text_encoder(reward_ids.reshape(b * slots, length))
-  return pooled.reshape(b, slots, -1)
+  """The failure texts' ids [..., slots, L] -> CLIP's pooled features [..., slots, D]."""
+  lead, length = reward_ids.shape[:-1], reward_ids.shape[-1]
+  _, pooled = text_encoder(reward_ids.reshape(-1, length))
+  return pooled.reshape(*lead, -1)
 
 
 _REWARD_KEY = 0x5EED  # folded into a step's key for its reward dropout
+_LATENT_KEY = 0x1A7E  # ... and for the edited image's latent sample
 
 
 def reward_dropout(config, pipe):
@@ -191,6 +224,39 @@ def stage_configs(config):
   return align, smartedit
 
 
+def _mesh(config):
+  """The release sizes' mesh (`config.mesh`); None for the toy."""
+  if config.model.smartedit.size == "toy":
+    return None
+  sharding.maybe_initialize_distributed(config.distributed)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.get("tensor", 1))
+  logging.info("mesh %s over %d devices", dict(mesh.shape), jax.device_count())
+  return mesh
+
+
+def _print_estimate(config, mesh, pipe):
+  """The per-device memory of the loaded model's parameters and optimizer state on `mesh`
+  (`mre.smartedit_dryrun`'s estimate, with the folder's sizes), before anything is placed."""
+  if jax.process_index() == 0:
+    width = pipe.model.config.llm.hidden_size
+    name = {4096: "7B", 5120: "13B"}.get(
+        width, f"LLM width {width}"
+    ) + f" from {config.model.pretrained}"
+    parts = smartedit_dryrun.model_parts(pipe.model, pipe.vae)
+    print(smartedit_dryrun.report(config, mesh.shape["fsdp"], mesh.shape["tensor"], parts, name))
+
+
+def _micro_dropout(dropout, key, reward, accum: int):
+  """Reward dropout per sample of each micro-batch (`accum` > 1: leaves [accum, B, ...])."""
+  if accum == 1:
+    return dropout(key, reward)
+  parts = [
+      dropout(jax.random.fold_in(key, i), jax.tree.map(lambda x, i=i: x[i], reward))
+      for i in range(accum)
+  ]
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *parts)
+
+
 def train(config) -> dict:
   """Runs (or resumes) the SmartEdit training run `config` describes; returns a summary dict."""
   why = smartedit_setup.refusal(config)
@@ -199,9 +265,22 @@ def train(config) -> dict:
   t, s = config.train, config.model.smartedit
   workdir = os.path.abspath(config.workdir)
   os.makedirs(workdir, exist_ok=True)
+  mesh = _mesh(config)
 
   source = train_input.open_dataset(config)
-  toy = smartedit_setup.build_toy(config, source.vocabulary, workdir)
+  if mesh is None:
+    toy = smartedit_setup.build_toy(config, source.vocabulary, workdir)
+    export = lambda folder, step: smartedit_setup.export_editor(toy, folder, step)  # noqa: E731
+    per_host = t.batch_per_device
+  else:
+    toy = smartedit_release.build_release(config)
+    _print_estimate(config, mesh, toy.pipe)
+    for frozen in (toy.pipe.vae, toy.pipe.text_encoder):  # read on the host: onto the mesh
+      nnx.update(frozen, jax.device_put(nnx.state(frozen), sharding.replicated(mesh)))
+    export = lambda folder, step: smartedit_release.export_release(toy, folder, step)  # noqa: E731
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]  # "tensor" shares each example
+    per_host = t.batch_per_device * batch_devices // jax.process_count()
+  accum = int(t.grad_accum)
   pipe, model = toy.pipe, toy.pipe.model
   cfg = model.config
   length = s.max_prompt_tokens
@@ -221,8 +300,8 @@ def train(config) -> dict:
       source,
       config,
       None,
-      batch_size=t.batch_per_device,
-      accum=1,
+      batch_size=per_host,
+      accum=accum,
       reward=reward_cfg,
       tokenize_fn=prompts,
       reward_tokenize_fn=train_input.TokenizeFn(pipe.tokenizer) if reward_cfg else None,
@@ -247,10 +326,13 @@ def train(config) -> dict:
       ),
       reward_fn=batch_reward if reward_cfg else None,
       align_tx=make_optimizer(align_config) if align_steps else None,
+      accum=accum,
+      mesh=mesh,
+      min_size=config.mesh.fsdp_min_size,
   )
   n_trained = sum(x.size for x in jax.tree.leaves(trainer.params))
   n_all = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  logging.info("SmartEdit toy: %d parameters, %d trained (%s)", n_all, n_trained, s.trained)
+  logging.info("SmartEdit %s: %d parameters, %d trained (%s)", s.size, n_all, n_trained, s.trained)
 
   ckpt = checkpointing.Checkpointer(
       os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints, async_save=t.async_checkpoints
@@ -274,26 +356,34 @@ def train(config) -> dict:
     summary = checkpointing.run_summary(workdir, start_step, start_step, [], [])
     return {**summary, **({"export": export_dir} if t.export else {})}
 
-  to_step = jax.jit(lambda raw: step_batch(raw, length, cfg.vision.image_size))
+  to_step = jax.jit(lambda raw: step_batch(raw, length, cfg.vision.image_size, accum))
   pool = nnx.jit(pooled_reward_texts)
-  clip_context = nnx.jit(lambda encoder, ids: encoder(ids)[0])
+  clip_context = nnx.jit(lambda encoder, ids: encoder(ids.reshape(-1, ids.shape[-1]))[0])
+  latents = None if isinstance(pipe.vae, PixelSpace) else nnx.jit(encode_latents)
   base_key = jax.random.key(config.seed)
   dropout = reward_dropout(config, pipe) if reward_cfg is not None else None
+  pick = (lambda x: x[0]) if accum == 1 else (lambda x: x)  # noqa: E731
 
   def prepare(raw, step):
     batch = to_step(raw)
+    key = jax.random.fold_in(base_key, step)  # the step number alone: a resume draws the same
+    if latents is not None:  # the frozen VAE, outside the trained step
+      batch = latents(pipe.vae, batch, jax.random.fold_in(key, _LATENT_KEY))
     clip_ids = batch.pop("clip_ids", None)
     if step < align_steps or edit_align:  # the instruction's context from frozen CLIP
-      batch["align_context"] = clip_context(pipe.text_encoder, clip_ids)
+      context = clip_context(pipe.text_encoder, clip_ids)
+      batch["align_context"] = context.reshape(*clip_ids.shape, -1)
     if step < align_steps:  # the alignment stage
       return batch
     if reward_cfg is not None:  # the frozen CLIP text encoder, outside the trained step
-      reward = RewardInputs(raw["reward_scores"][0], pool(pipe.text_encoder, raw["reward_ids"][0]))
-      if dropout is not None:  # keyed by the step number alone, so a resume draws the same
-        reward = dropout(
-            jax.random.fold_in(jax.random.fold_in(base_key, step), _REWARD_KEY), reward
-        )
+      reward = RewardInputs(
+          pick(raw["reward_scores"]), pool(pipe.text_encoder, pick(raw["reward_ids"]))
+      )
+      if dropout is not None:
+        reward = _micro_dropout(dropout, jax.random.fold_in(key, _REWARD_KEY), reward, accum)
       batch["reward_scores"], batch["reward_text"] = reward.scores, reward.text
+    if mesh is not None:  # each host's examples -> global arrays over ("data", "fsdp")
+      batch = sharding.global_batch(mesh, jax.device_get(batch), leading_unsharded=int(accum > 1))
     return batch
 
   rates = np.concatenate(
@@ -328,7 +418,8 @@ def train(config) -> dict:
         m = _finite(metrics, step, ckpt.directory)
         if step % t.log_every == 0 or step == t.steps:
           dt = timer.per_step(step)
-          m.update(lr=float(rates[step - 1]), step_time=dt, images_per_s=t.batch_per_device / dt)
+          images = per_host * jax.process_count() * accum
+          m.update(lr=float(rates[step - 1]), step_time=dt, images_per_s=images / dt)
           second = "align" if align else "diffusion"
           kept = ("align",) if not align and "align" in m else ()  # edit_align_loss_weight
           log_metrics(history, writer, step, m, ("loss", "lm", second, *kept, "grad_norm", "lr"))
@@ -349,7 +440,7 @@ def train(config) -> dict:
   if grid is not None and t.steps % t.validate_every:
     validations.append(_validate(grid, judged, trainer, step, workdir, writer))
   if t.export:
-    summary["export"] = smartedit_setup.export_editor(toy, export_dir, step)
+    summary["export"] = export(export_dir, step)
   writer.close()
   checkpointing.write_summary(workdir, summary)
   if history:

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mre import sharding
 from mre.diffusion.schedule import NoiseSchedule, add_noise, training_target
 from mre.diffusion.self_condition import predicted_x0
 from mre.diffusion.source_skip import denoiser
@@ -252,7 +253,15 @@ def restore_original_rows(params: nnx.State, original: nnx.State, num_original: 
 @dataclasses.dataclass
 class SmartEditTrainer:
   """One compiled step over the trained parameters only. `step(batch, key) -> metrics` updates
-  `model` in place (its trained parameters); `null_context` as in `smartedit_loss`."""
+  `model` in place (its trained parameters); `null_context` as in `smartedit_loss`.
+
+  With `accum` > 1 every batch leaf has a leading axis of `accum` micro-batches: their gradients
+  are averaged (a scan, so one micro-batch's activations are alive at a time) and each draws its
+  noise, timesteps and dropout from `fold_in(key, i)`. With `mesh`, every parameter (trained or
+  frozen: the 7B base weights too), the optimizer state and the kept vocabulary rows are placed by
+  `sharding.tree_shardings` (fsdp over the largest divisible axis from `min_size` elements, the
+  LLM's heads and MLP columns over "tensor"), and the step keeps them there; the batch must come
+  sharded over ("data", "fsdp") (`sharding.global_batch`)."""
 
   model: SmartEdit
   schedule: NoiseSchedule
@@ -264,19 +273,44 @@ class SmartEditTrainer:
   # The alignment stage's optimizer (its own schedule over its own steps; None: `tx`). Its state
   # has `tx`'s structure; `start_smartedit` starts `tx` afresh, as the release's stage 2 starts.
   align_tx: Optional[optax.GradientTransformation] = None
+  accum: int = 1
+  mesh: Optional[jax.sharding.Mesh] = None
+  min_size: int = 2**20  # the smallest array fsdp splits (`mesh.fsdp_min_size`)
 
   def __post_init__(self):
+    if self.accum < 1:
+      raise ValueError(f"accum={self.accum}: must be >= 1")
     self.filter = trained_filter(self.trained)
     # With the whole LLM trained (from scratch) every vocabulary row learns: none is put back.
     self.keep_original_rows = "llm" not in self.trained
     self.graphdef, self.params, self.rest = nnx.split(self.model, self.filter, ...)
     self.original_rows = jax.tree.map(jnp.copy, nnx.state(self.model, _embedding_matrix))
-    self.opt_state = (self.align_tx or self.tx).init(self.params)
-    self._step = jax.jit(functools.partial(self._update, False), donate_argnums=(0, 1))
-    self._align_step = jax.jit(functools.partial(self._update, True), donate_argnums=(0, 1))
+    jit = functools.partial(jax.jit, donate_argnums=(0, 1))
+    self._init = (self.align_tx or self.tx).init
+    init_tx = self.tx.init
+    if self.mesh is not None:
+      place = lambda tree: jax.device_put(tree, self._shardings(tree))  # noqa: E731
+      self.params, self.rest = place(self.params), place(self.rest)
+      self.original_rows = place(self.original_rows)
+      nnx.update(self.model, self.params, self.rest)  # the model itself holds the placed arrays
+      p_sh = self._shardings(self.params)
+      o_sh = self._shardings(jax.eval_shape(self.tx.init, self.params))
+      # The moments are created sharded (out_shardings), never whole on one device.
+      self._init = jax.jit(self._init, out_shardings=o_sh)
+      init_tx = jax.jit(init_tx, out_shardings=o_sh)
+      jit = functools.partial(jit, out_shardings=(p_sh, o_sh, sharding.replicated(self.mesh)))
+    self._init_tx = init_tx
+    self.opt_state = self._init(self.params)
+    self._step = jit(functools.partial(self._update, False))
+    self._align_step = jit(functools.partial(self._update, True))
 
-  def _update(self, align, params, opt_state, rest, original_rows, batch, key):
-    def loss_fn(p):
+  def _shardings(self, tree):
+    return sharding.tree_shardings(self.mesh, tree, self.min_size)
+
+  def _gradients(self, align, params, rest, batch, key):
+    """((loss, parts), grads) of one batch; averaged over the micro-batches with `accum` > 1."""
+
+    def loss_fn(p, batch, key):
       model = nnx.merge(self.graphdef, p, rest)
       if align:
         return smartedit_align_loss(model, batch, self.loss_config)
@@ -285,9 +319,24 @@ class SmartEditTrainer:
           model, self.schedule, batch, key, self.null_context, self.loss_config, reward
       )
 
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if self.accum == 1:
+      return grad_fn(params, batch, key)
+
+    def body(total, xs):
+      micro, i = xs
+      out, grads = grad_fn(params, micro, jax.random.fold_in(key, i))
+      return jax.tree.map(jnp.add, total, grads), out
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, (loss, parts) = jax.lax.scan(body, zeros, (batch, jnp.arange(self.accum)))
+    mean = lambda tree: jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)  # noqa: E731
+    return (mean(loss), mean(parts)), jax.tree.map(lambda g: g / self.accum, grads)
+
+  def _update(self, align, params, opt_state, rest, original_rows, batch, key):
     # In the alignment stage the U-Net and the BIM get zero gradients; its optimizer's state has
     # the SmartEdit stage's structure, so one checkpoint layout serves both stages.
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (loss, parts), grads = self._gradients(align, params, rest, batch, key)
     tx = (self.align_tx or self.tx) if align else self.tx
     updates, opt_state = tx.update(grads, opt_state, params)
     if align:  # no weight decay either: the alignment stage leaves the U-Net and BIM as they are
@@ -302,7 +351,7 @@ class SmartEditTrainer:
   def start_smartedit(self):
     """The optimizer state of the SmartEdit stage, fresh (its schedule from its first step; Adam's
     moments of the U-Net and BIM, which got no gradient in alignment, without a stale count)."""
-    self.opt_state = self.tx.init(self.params)
+    self.opt_state = self._init_tx(self.params)
 
   def step(self, batch, key, *, align: bool = False) -> dict:
     """One update; `align`: of the alignment stage (`smartedit_align_loss`, needs the batch's

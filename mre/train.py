@@ -2,7 +2,7 @@
 
 `train(config)` is the whole run: mesh, models (sharded), input pipeline, a compiled and donated
 train step, Orbax checkpoints with automatic resume, metrics, validation grids, final export. A
-`model.family='smartedit'` config is trained by `mre.smartedit_train.train` (the toy only).
+`model.family='smartedit'` config is trained by `mre.smartedit_train.train`.
 """
 
 from __future__ import annotations

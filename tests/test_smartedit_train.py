@@ -294,11 +294,19 @@ def test_what_the_trainer_does_not_take_is_named():
       {
           "model.reward.enabled": True,
           "model.reward.dropout_prob": 0.1,  # taken (reward guidance needs it)
-          "train.grad_accum": 2,
+          "train.grad_accum": 0,
           "train.loss": "pseudo_huber",
       }
   )
   why = smartedit_setup.refusal(c)
-  assert "model.reward.dropout_prob" not in why and "train.grad_accum=2" in why
+  assert "model.reward.dropout_prob" not in why and "train.grad_accum=0" in why
   assert "train.loss='pseudo_huber'" in why
-  assert "release-size SmartEdit" in smartedit_setup.refusal(smartedit.get_config())
+  c.train.grad_accum = 2  # taken: micro-batches
+  assert "grad_accum" not in smartedit_setup.refusal(c)
+  # The release sizes train from a SmartEdit folder, without the toy's alignment stage.
+  full = smartedit.get_config()
+  assert "set model.pretrained" in smartedit_setup.refusal(full)
+  full.model.pretrained = "/some/smartedit"
+  assert smartedit_setup.refusal(full) is None
+  full.model.smartedit.align_steps = 10
+  assert "align_steps=10" in smartedit_setup.refusal(full)

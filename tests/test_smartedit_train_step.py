@@ -148,6 +148,33 @@ def test_frozen_parts_stay_and_trained_parts_move(trained):
   assert not np.array_equal(head_a[:, img:], head_b[:, img:])
 
 
+def test_accumulated_micro_batches_give_the_update_of_their_mean_gradient():
+  """Two micro-batches (accum 2): the update of the mean of their gradients. With the same batch
+  twice (fixed noise and timesteps, no dropout) that is one step on the batch, to rounding."""
+  batch = _batch(rigged_model().config)
+  stacked = jax.tree.map(lambda x: jnp.stack([x, x]), batch)
+  results = []
+  for accum, b in ((1, batch), (2, stacked)):
+    model, _, trainer = _model_and_trainer(1e-3)
+    trainer = SmartEditTrainer(
+        model,
+        trainer.schedule,
+        optax.sgd(1.0),  # the update is the gradient itself
+        trainer.null_context,
+        loss_config=SmartEditLossConfig(cond_dropout=0.0),
+        accum=accum,
+    )
+    m = jax.tree.map(float, trainer.step(b, jax.random.key(0)))
+    results.append((m, jax.tree.map(np.asarray, nnx.to_pure_dict(trainer.params))))
+  (m1, p1), (m2, p2) = results
+  np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-4)
+  with pytest.raises(ValueError, match="accum=0"):
+    SmartEditTrainer(model, trainer.schedule, optax.sgd(1.0), trainer.null_context, accum=0)
+
+
 def _align_batch(model, seed=0):
   cfg = model.config
   rng = np.random.default_rng(seed)

@@ -121,9 +121,10 @@ def test_7b_dry_run_counts_the_known_sizes():
   assert 4 * 2**30 < total < 8 * 2**30  # ~5.6 GiB per device before activations
 
 
-def test_the_trainer_refuses_the_release_sizes_with_a_message_not_a_stack_trace():
-  """The toy trains (tests/test_smartedit_train.py); the 7B recipe is refused before anything
-  loads."""
+def test_the_trainer_refuses_the_release_sizes_without_a_folder_with_a_message():
+  """The toy trains (tests/test_smartedit_train.py), the 7B from a SmartEdit folder
+  (tests/test_smartedit_release_train.py); without one the 7B recipe is refused before anything
+  loads, with a message, not a stack trace."""
   import os
   import subprocess
   import sys
@@ -138,7 +139,8 @@ def test_the_trainer_refuses_the_release_sizes_with_a_message_not_a_stack_trace(
       timeout=300,
   )
   assert r.returncode != 0 and "Traceback" not in r.stderr
-  assert "training the release-size SmartEdit (model.smartedit.size='7b') is not built" in r.stderr
+  assert "the release-size SmartEdit (model.smartedit.size='7b') trains from a SmartEdit" in r.stderr
+  assert "set model.pretrained" in r.stderr
   assert "smartedit_dryrun" in r.stderr and "configs/smartedit.py:toy" in r.stderr
 
 
