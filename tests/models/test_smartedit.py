@@ -139,7 +139,9 @@ def test_the_trainer_refuses_the_release_sizes_without_a_folder_with_a_message()
       timeout=300,
   )
   assert r.returncode != 0 and "Traceback" not in r.stderr
-  assert "the release-size SmartEdit (model.smartedit.size='7b') trains from a SmartEdit" in r.stderr
+  assert (
+      "the release-size SmartEdit (model.smartedit.size='7b') trains from a SmartEdit" in r.stderr
+  )
   assert "set model.pretrained" in r.stderr
   assert "smartedit_dryrun" in r.stderr and "configs/smartedit.py:toy" in r.stderr
 
