@@ -11,7 +11,9 @@ tokenizer and, optionally, LLaVA/Vicuna for the original vocabulary rows. The ne
 the folder's (the LLM's width says 7B or 13B; an editor folder's `smartedit.json` may name others,
 as the tests' tiny ones do). With `model.reward.enabled` the U-Net becomes a `RewardUNet` with
 new reward modules, every SmartEdit weight kept: the paper's SmartEdit row is a fine-tune of a
-trained SmartEdit, as its InstructPix2Pix row is of a trained InstructPix2Pix.
+trained SmartEdit, as its InstructPix2Pix row is of a trained InstructPix2Pix. A folder with a
+reward U-Net already trains further only with the same reward form in `model.reward`. One host
+only (over its devices): several processes are refused.
 
 Not built: the release's own start of SmartEdit training (LLaVA + an InstructDiffusion U-Net +
 a Q-Former from its alignment stage, the BIM new).
@@ -49,6 +51,12 @@ def folder_overrides(config) -> dict:
   return {k: s.get(k) or None for k in FOLDER_KEYS}
 
 
+def _reward_form(reward) -> dict:
+  """A reward config's fields that shape the model (not its training dropout rates)."""
+  rates = ("attn_dropout", "dropout_prob", "text_dropout_prob")
+  return {k: v for k, v in dataclasses.asdict(reward).items() if k not in rates}
+
+
 def build_release(config) -> ReleaseSmartEdit:
   """The SmartEdit in `model.pretrained` with its folders, compute in `model.dtype` (parameters
   float32); with `model.reward.enabled`, its U-Net made a `RewardUNet` (seeded by `config.seed`)."""
@@ -70,10 +78,12 @@ def build_release(config) -> ReleaseSmartEdit:
           f"{folder} holds a reward-conditioned SmartEdit; set model.reward.enabled=True to "
           "train it further"
       )
-    if dataclasses.asdict(unet.reward_config) != dataclasses.asdict(reward):
-      logging.warning(
-          "%s: its reward form %s is kept (config: %s)", folder, unet.reward_config, reward
+    have, want = _reward_form(unet.reward_config), _reward_form(reward)
+    if have != want:  # the data's text slots and the null reward follow the config
+      diff = ", ".join(
+          f"{k} {have[k]!r} there, {want[k]!r} here" for k in have if have[k] != want[k]
       )
+      raise ValueError(f"{folder}'s reward U-Net differs from model.reward in {diff}")
   elif reward is not None:
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
       pipe.model.unet = reward_unet_from_stage1(unet, reward, seed=config.seed, dtype=dtype)

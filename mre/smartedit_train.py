@@ -229,6 +229,13 @@ def _mesh(config):
   if config.model.smartedit.size == "toy":
     return None
   sharding.maybe_initialize_distributed(config.distributed)
+  if jax.process_count() > 1:
+    raise ValueError(
+        f"{jax.process_count()} processes: training the release-size SmartEdit over several "
+        "hosts is not built (the export and summaries would be written by every process, and "
+        "each host would draw the same latent noise and dropout); run it on one host, over its "
+        "devices (config.mesh)"
+    )
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.get("tensor", 1))
   logging.info("mesh %s over %d devices", dict(mesh.shape), jax.device_count())
   return mesh
@@ -367,23 +374,29 @@ def train(config) -> dict:
   def prepare(raw, step):
     batch = to_step(raw)
     key = jax.random.fold_in(base_key, step)  # the step number alone: a resume draws the same
+    rewarded = reward_cfg is not None and step >= align_steps
+    if rewarded:
+      batch["reward_scores"], batch["reward_ids"] = (
+          pick(raw["reward_scores"]),
+          pick(raw["reward_ids"]),
+      )
+    if mesh is not None:  # global arrays over ("data", "fsdp") first, so that the frozen
+      # encoders below run on each device's share of the batch, not on all of it everywhere
+      batch = sharding.global_batch(mesh, jax.device_get(batch), leading_unsharded=int(accum > 1))
     if latents is not None:  # the frozen VAE, outside the trained step
       batch = latents(pipe.vae, batch, jax.random.fold_in(key, _LATENT_KEY))
     clip_ids = batch.pop("clip_ids", None)
     if step < align_steps or edit_align:  # the instruction's context from frozen CLIP
       context = clip_context(pipe.text_encoder, clip_ids)
       batch["align_context"] = context.reshape(*clip_ids.shape, -1)
-    if step < align_steps:  # the alignment stage
+    if not rewarded:
       return batch
-    if reward_cfg is not None:  # the frozen CLIP text encoder, outside the trained step
-      reward = RewardInputs(
-          pick(raw["reward_scores"]), pool(pipe.text_encoder, pick(raw["reward_ids"]))
-      )
-      if dropout is not None:
-        reward = _micro_dropout(dropout, jax.random.fold_in(key, _REWARD_KEY), reward, accum)
-      batch["reward_scores"], batch["reward_text"] = reward.scores, reward.text
-    if mesh is not None:  # each host's examples -> global arrays over ("data", "fsdp")
-      batch = sharding.global_batch(mesh, jax.device_get(batch), leading_unsharded=int(accum > 1))
+    # The failure texts pooled by the frozen CLIP text encoder, outside the trained step.
+    ids = batch.pop("reward_ids")
+    reward = RewardInputs(batch.pop("reward_scores"), pool(pipe.text_encoder, ids))
+    if dropout is not None:
+      reward = _micro_dropout(dropout, jax.random.fold_in(key, _REWARD_KEY), reward, accum)
+    batch["reward_scores"], batch["reward_text"] = reward.scores, reward.text
     return batch
 
   rates = np.concatenate(

@@ -114,6 +114,20 @@ def test_a_missing_folder_beside_the_smartedit_folder_is_named(tmp_path, editor_
     smartedit_release.build_release(c)
 
 
+def test_a_reward_folder_trains_further_only_with_its_own_reward_form(release_run, toy_data):
+  export = release_run[1]["export"]  # its RewardUNet has score_dim 16
+  c = smartedit.get_config()
+  c.update_from_flattened_dict(settings("/unused", export, toy_data))
+  editor = smartedit_release.build_release(c)
+  assert isinstance(editor.pipe.model.unet, RewardUNet)
+  c.model.reward.score_dim = 32
+  with pytest.raises(ValueError, match="score_dim 16 there, 32 here"):
+    smartedit_release.build_release(c)
+  c.model.reward.enabled = False
+  with pytest.raises(ValueError, match="set model.reward.enabled=True"):
+    smartedit_release.build_release(c)
+
+
 def test_the_sharded_run_matches_the_single_device_run(
     tmp_path, release_run, editor_folder, toy_data
 ):
