@@ -38,10 +38,9 @@ FOLDER_KEYS = ("clip", "ip2p", "llm_tokenizer", "base_llm")
 
 @dataclasses.dataclass
 class ReleaseSmartEdit:
-  """The loaded editor, its LLaMA tokenizer, and the folders it was loaded with (absolute)."""
+  """The loaded editor and the folders it was loaded with (absolute)."""
 
   pipe: SmartEditPipeline
-  llm_tokenizer: object
   folders: dict
 
 
@@ -60,15 +59,14 @@ def _reward_form(reward) -> dict:
 def build_release(config) -> ReleaseSmartEdit:
   """The SmartEdit in `model.pretrained` with its folders, compute in `model.dtype` (parameters
   float32); with `model.reward.enabled`, its U-Net made a `RewardUNet` (seeded by `config.seed`)."""
-  from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
-
   folder = config.model.pretrained
   overrides = folder_overrides(config)
   options = sf.editor_options(folder, overrides)  # every missing folder or file named at once
   dtype = model_setup.dtype_of(config.model.dtype)
   # Read onto the host: the trainer then places each weight sharded over the mesh, so no
   # accelerator ever holds the whole 7B or 13B model.
-  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+  on_host = jax.default_device(jax.local_devices(backend="cpu")[0])
+  with on_host:
     pipe = sf.load_editor_folder(folder, overrides, dtype=dtype)
   reward = model_setup.reward_config(config)
   unet = pipe.model.unet
@@ -85,9 +83,8 @@ def build_release(config) -> ReleaseSmartEdit:
       )
       raise ValueError(f"{folder}'s reward U-Net differs from model.reward in {diff}")
   elif reward is not None:
-    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    with on_host:
       pipe.model.unet = reward_unet_from_stage1(unet, reward, seed=config.seed, dtype=dtype)
-  tok = AutoTokenizer.from_pretrained(options["llm_tokenizer"], local_files_only=True)
   folders = {k: options[k] for k in FOLDER_KEYS if options.get(k)}
   cfg = pipe.model.config
   logging.info(
@@ -97,7 +94,7 @@ def build_release(config) -> ReleaseSmartEdit:
       cfg.llm.num_hidden_layers,
       folders,
   )
-  return ReleaseSmartEdit(pipe, tok, folders)
+  return ReleaseSmartEdit(pipe, folders)
 
 
 def export_release(editor: ReleaseSmartEdit, folder: str, step: int) -> str:

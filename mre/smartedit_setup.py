@@ -133,7 +133,6 @@ class ToySmartEdit:
   """The toy editor and the tokenizer folders its export copies."""
 
   pipe: SmartEditPipeline
-  llm_tokenizer: object  # transformers' tokenizer read from llm_tokenizer_dir
   llm_tokenizer_dir: str
   clip_tokenizer_dir: str
 
@@ -203,7 +202,7 @@ def build_toy(config, vocab_words, workdir: str) -> ToySmartEdit:
       tokenizer=clip_tok,
       template=TEMPLATE,
   )
-  return ToySmartEdit(pipe, llm_tok, llm_dir, clip_dir)
+  return ToySmartEdit(pipe, llm_dir, clip_dir)
 
 
 def export_editor(toy: ToySmartEdit, folder: str, step: int) -> str:

@@ -54,15 +54,13 @@ class PromptIds:
   """Instruction texts -> the teacher-forced conversations as one int array [B, 3 L (+ C)]: the
   ids, the attention mask and the LM labels side by side (`split_prompt` takes them apart), and
   with `clip_tokenize` the instruction's CLIP ids [B, C] after them (for the alignment stage), so
-  the input pipeline carries them where it carries CLIP ids. Rows are remembered per instruction."""
+  the input pipeline carries them where it carries CLIP ids. `encode`: text -> LLM ids without
+  special tokens (the pipeline's). Rows are remembered per instruction."""
 
-  def __init__(self, tokenizer, tokens, length: int, template, clip_tokenize=None):
-    self.tokenizer, self.tokens, self.length, self.template = tokenizer, tokens, length, template
+  def __init__(self, encode, tokens, length: int, template, clip_tokenize=None):
+    self.encode, self.tokens, self.length, self.template = encode, tokens, length, template
     self.clip_tokenize = clip_tokenize
     self._cache = {}
-
-  def encode(self, text):
-    return self.tokenizer(text, add_special_tokens=False).input_ids
 
   def __call__(self, texts):
     texts = list(texts)
@@ -111,7 +109,8 @@ def _images(fn, x):
 def step_batch(raw: dict, length: int, clip_size: int, accum: int = 1) -> dict:
   """A pipeline batch [accum, B, ...] -> `smartedit_loss`'s batch ([B, ...] when `accum` is 1,
   else [accum, B, ...] for `SmartEditTrainer(accum=...)`); the images still pixels (in pixel
-  space they are the latents; `encode_latents` makes the VAE's)."""
+  space they are the latents; `encode_latents` makes the VAE's), the reward's scores and text ids
+  carried as they are (the trainer pools the texts)."""
   pick = (lambda x: x[0]) if accum == 1 else (lambda x: x)  # noqa: E731
   original, edited = pick(raw["original"]), pick(raw["edited"])
   return {
@@ -119,6 +118,7 @@ def step_batch(raw: dict, length: int, clip_size: int, accum: int = 1) -> dict:
       **split_prompt(pick(raw["instruction_ids"]), length),
       "target_latents": edited,
       "image_latents": original,
+      **{k: pick(raw[k]) for k in ("reward_scores", "reward_ids") if k in raw},
   }
 
 
@@ -296,7 +296,7 @@ def train(config) -> dict:
     raise ValueError(f"model.smartedit.align_steps={align_steps}: must be >= 0")
   edit_align = float(s.edit_align_loss_weight)  # >= 0: `refusal` checked it
   prompts = PromptIds(
-      toy.llm_tokenizer,
+      pipe.encode,
       cfg.tokens,
       length,
       pipe.template,
@@ -369,17 +369,13 @@ def train(config) -> dict:
   latents = None if isinstance(pipe.vae, PixelSpace) else nnx.jit(encode_latents)
   base_key = jax.random.key(config.seed)
   dropout = reward_dropout(config, pipe) if reward_cfg is not None else None
-  pick = (lambda x: x[0]) if accum == 1 else (lambda x: x)  # noqa: E731
 
   def prepare(raw, step):
     batch = to_step(raw)
     key = jax.random.fold_in(base_key, step)  # the step number alone: a resume draws the same
-    rewarded = reward_cfg is not None and step >= align_steps
-    if rewarded:
-      batch["reward_scores"], batch["reward_ids"] = (
-          pick(raw["reward_scores"]),
-          pick(raw["reward_ids"]),
-      )
+    if step < align_steps:  # no reward in the alignment stage
+      for k in ("reward_scores", "reward_ids"):
+        batch.pop(k, None)
     if mesh is not None:  # global arrays over ("data", "fsdp") first, so that the frozen
       # encoders below run on each device's share of the batch, not on all of it everywhere
       batch = sharding.global_batch(mesh, jax.device_get(batch), leading_unsharded=int(accum > 1))
@@ -389,7 +385,7 @@ def train(config) -> dict:
     if step < align_steps or edit_align:  # the instruction's context from frozen CLIP
       context = clip_context(pipe.text_encoder, clip_ids)
       batch["align_context"] = context.reshape(*clip_ids.shape, -1)
-    if not rewarded:
+    if "reward_ids" not in batch:
       return batch
     # The failure texts pooled by the frozen CLIP text encoder, outside the trained step.
     ids = batch.pop("reward_ids")

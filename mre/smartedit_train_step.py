@@ -286,26 +286,28 @@ class SmartEditTrainer:
     self.graphdef, self.params, self.rest = nnx.split(self.model, self.filter, ...)
     self.original_rows = jax.tree.map(jnp.copy, nnx.state(self.model, _embedding_matrix))
     jit = functools.partial(jax.jit, donate_argnums=(0, 1))
-    self._init = (self.align_tx or self.tx).init
-    init_tx = self.tx.init
+    self._opt_shardings = None
     if self.mesh is not None:
       place = lambda tree: jax.device_put(tree, self._shardings(tree))  # noqa: E731
       self.params, self.rest = place(self.params), place(self.rest)
       self.original_rows = place(self.original_rows)
       nnx.update(self.model, self.params, self.rest)  # the model itself holds the placed arrays
-      p_sh = self._shardings(self.params)
-      o_sh = self._shardings(jax.eval_shape(self.tx.init, self.params))
-      # The moments are created sharded (out_shardings), never whole on one device.
-      self._init = jax.jit(self._init, out_shardings=o_sh)
-      init_tx = jax.jit(init_tx, out_shardings=o_sh)
-      jit = functools.partial(jit, out_shardings=(p_sh, o_sh, sharding.replicated(self.mesh)))
-    self._init_tx = init_tx
-    self.opt_state = self._init(self.params)
+      self._opt_shardings = self._shardings(jax.eval_shape(self.tx.init, self.params))
+      out = (self._shardings(self.params), self._opt_shardings, sharding.replicated(self.mesh))
+      jit = functools.partial(jit, out_shardings=out)
+    self.opt_state = self._new_opt_state(self.align_tx or self.tx)
     self._step = jit(functools.partial(self._update, False))
     self._align_step = jit(functools.partial(self._update, True))
 
   def _shardings(self, tree):
     return sharding.tree_shardings(self.mesh, tree, self.min_size)
+
+  def _new_opt_state(self, tx):
+    """`tx`'s state for the parameters; on a mesh created sharded, never whole on one device
+    (both stages' optimizers have the same state structure)."""
+    if self._opt_shardings is None:
+      return tx.init(self.params)
+    return jax.jit(tx.init, out_shardings=self._opt_shardings)(self.params)
 
   def _gradients(self, align, params, rest, batch, key):
     """((loss, parts), grads) of one batch; averaged over the micro-batches with `accum` > 1."""
@@ -351,7 +353,7 @@ class SmartEditTrainer:
   def start_smartedit(self):
     """The optimizer state of the SmartEdit stage, fresh (its schedule from its first step; Adam's
     moments of the U-Net and BIM, which got no gradient in alignment, without a stale count)."""
-    self.opt_state = self._init_tx(self.params)
+    self.opt_state = self._new_opt_state(self.tx)
 
   def step(self, batch, key, *, align: bool = False) -> dict:
     """One update; `align`: of the alignment stage (`smartedit_align_loss`, needs the batch's
