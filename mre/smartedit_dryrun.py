@@ -7,7 +7,9 @@ The estimate counts parameters (param_dtype) sharded as the trainer shards them 
 divisible axis over `fsdp` for tensors of at least `mesh.fsdp_min_size` elements; with a `tensor`
 axis the LLM's attention and MLP projections split by heads and columns first, mre/sharding.py),
 and for the trained parts their gradients (param_dtype), AdamW's two moments (float32) and an EMA copy when
-`train.ema_decay` > 0. Activations are not counted: they depend on batch, resolution and remat.
+`train.ema_decay` > 0. The frozen VAE (and, for a model loaded from a folder, the CLIP text
+encoder) count whole on every device: the trainer replicates them. Activations are not counted:
+they depend on batch, resolution and remat.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from mre.models.smartedit import abstract_smartedit, release_config, tiny_config
 from mre.models.vae import AutoencoderKL
 
 PARTS = ("llm", "vision_tower", "mm_projector", "sd_qformer", "bim", "unet", "vae")
+# Frozen encoders the trainer replicates on every device (mre/smartedit_train.py): each device
+# holds them whole, whatever the mesh.
+REPLICATED = ("vae", "text_encoder")
 SD15_VAE = {
     "in_channels": 3,
     "out_channels": 3,
@@ -80,12 +85,13 @@ class PartSize:
   device_bytes: float = 0.0
 
 
-def model_parts(model, vae=None) -> dict:
-  """{part: nnx.State of its parameters} of a built SmartEdit (and its VAE, if any): what
-  `estimate` counts for a model loaded from a folder, whose sizes are the folder's."""
+def model_parts(model, vae=None, text_encoder=None) -> dict:
+  """{part: nnx.State of its parameters} of a built SmartEdit (and its VAE and CLIP text encoder,
+  if any): what `estimate` counts for a model loaded from a folder, whose sizes are the folder's."""
   parts = {name: nnx.state(getattr(model, name), nnx.Param) for name in PARTS[:-1]}
-  if vae is not None:
-    parts["vae"] = nnx.state(vae, nnx.Param)
+  for name, frozen in (("vae", vae), ("text_encoder", text_encoder)):
+    if frozen is not None:
+      parts[name] = nnx.state(frozen, nnx.Param)
   return parts
 
 
@@ -102,8 +108,11 @@ def estimate(config, fsdp: int, tensor: int = 1, parts=None) -> dict[str, PartSi
     for path, var in nnx.to_flat_state(state):
       shape, dtype = var.get_value().shape, var.get_value().dtype
       n = int(np.prod(shape, dtype=np.int64))
-      spec = sharding.param_spec(shape, fsdp, min_size, tensor, sharding.tensor_dim(path))
-      split = int(np.prod([axis_size[a] for a in spec if a is not None]))
+      if part in REPLICATED:
+        split = 1
+      else:
+        spec = sharding.param_spec(shape, fsdp, min_size, tensor, sharding.tensor_dim(path))
+        split = int(np.prod([axis_size[a] for a in spec if a is not None]))
       per = np.dtype(dtype).itemsize
       size.params += n
       nbytes = n * per

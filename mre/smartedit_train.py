@@ -249,7 +249,7 @@ def _print_estimate(config, mesh, pipe):
     name = {4096: "7B", 5120: "13B"}.get(
         width, f"LLM width {width}"
     ) + f" from {config.model.pretrained}"
-    parts = smartedit_dryrun.model_parts(pipe.model, pipe.vae)
+    parts = smartedit_dryrun.model_parts(pipe.model, pipe.vae, pipe.text_encoder)
     print(smartedit_dryrun.report(config, mesh.shape["fsdp"], mesh.shape["tensor"], parts, name))
 
 

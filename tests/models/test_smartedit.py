@@ -119,6 +119,9 @@ def test_7b_dry_run_counts_the_known_sizes():
   assert abs(sizes["unet"].params - 859.5e6) / 859.5e6 < 1e-4
   total = sum(s.device_bytes for s in sizes.values())
   assert 4 * 2**30 < total < 8 * 2**30  # ~5.6 GiB per device before activations
+  # The frozen VAE is replicated by the trainer: whole on every device, whatever the mesh.
+  assert sizes["vae"].device_bytes == 4 * sizes["vae"].params
+  assert estimate(recipe.get_config(), fsdp=2)["vae"].device_bytes == sizes["vae"].device_bytes
 
 
 def test_the_trainer_refuses_the_release_sizes_without_a_folder_with_a_message():
