@@ -73,6 +73,8 @@ def base_config():
           pixel_head_input_scale=1.0,  # the input pixel's scale in the head (sharper colour tests)
           pixel_head_fourier=0,  # > 0: octaves of sin/cos features of the input pixel in the head
           pixel_head_gate=False,  # the head's output times a sigmoid gate of its own (unet.py)
+          # > 0: the head's hidden layer also cross-attends to the instruction tokens (this width)
+          pixel_head_text_attention=0,
           # the U-Net also reads its own earlier x0 estimate (mre/diffusion/self_condition.py)
           self_condition=False,
           text_hidden=64,

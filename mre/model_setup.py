@@ -166,6 +166,11 @@ def scratch_unet_config(config, channels: int, context_dim: int) -> dict:
           else {}
       ),
       **({"mre_pixel_head_gate": True} if s.get("pixel_head_gate", False) else {}),
+      **(
+          {"mre_pixel_head_text_attention": int(s.pixel_head_text_attention)}
+          if s.get("pixel_head_text_attention", 0)
+          else {}
+      ),
       **({"mre_self_condition": True} if s.get("self_condition", False) else {}),
       # diffusers' TextTimeEmbedding: the pooled instruction joins the time embedding
       **(

@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -284,7 +285,10 @@ class SmartEditTrainer:
     # With the whole LLM trained (from scratch) every vocabulary row learns: none is put back.
     self.keep_original_rows = "llm" not in self.trained
     self.graphdef, self.params, self.rest = nnx.split(self.model, self.filter, ...)
-    self.original_rows = jax.tree.map(jnp.copy, nnx.state(self.model, _embedding_matrix))
+    rows = nnx.state(self.model, _embedding_matrix)
+    # A copy the donated step cannot invalidate; on a mesh made through host memory and placed
+    # split, so no device ever holds the whole matrices a second time.
+    self.original_rows = jax.tree.map(jnp.copy if self.mesh is None else np.array, rows)
     jit = functools.partial(jax.jit, donate_argnums=(0, 1))
     self._opt_shardings = None
     if self.mesh is not None:

@@ -106,6 +106,11 @@ class UNetConfig:
   # output is g times the other channels' (an edit = "where" x "what"; a saturated gate is exactly
   # 0 or 1, so the product keeps sharp boundaries that an additive output must cancel to draw).
   pixel_head_gate: bool = False
+  # With pixel_head: > 0 gives the head's hidden layer a single-head cross-attention over the
+  # instruction tokens of this width (its output projection zero-initialised), so each pixel can
+  # test its own colour and features against the words, not only against the pooled instruction
+  # that the time embedding adds everywhere alike.
+  pixel_head_text_attention: int = 0
   # Self-conditioning (Analog Bits): the U-Net also reads an earlier x0 estimate of its own (in the
   # noisy latents' channels, appended to its input; zeros when there is none).
   self_condition: bool = False
@@ -151,7 +156,12 @@ class UNetConfig:
     refuse(cfg, "conv_out_kernel", (3,), where, 3)
     if isinstance(cfg["cross_attention_dim"], (list, tuple)):
       raise ConfigError(f"{where}: per-block cross_attention_dim is not supported")
-    for key in ("mre_pixel_head_only", "mre_pixel_head_fourier", "mre_pixel_head_gate"):
+    for key in (
+        "mre_pixel_head_only",
+        "mre_pixel_head_fourier",
+        "mre_pixel_head_gate",
+        "mre_pixel_head_text_attention",
+    ):
       if cfg.get(key, False) and not cfg.get("mre_pixel_head", 0):
         raise ConfigError(f"{where}: {key} needs mre_pixel_head > 0 (its width)")
     # diffusers' historical naming: `attention_head_dim` holds the number of heads when
@@ -194,6 +204,7 @@ class UNetConfig:
         pixel_head_input_scale=float(cfg.get("mre_pixel_head_input_scale", 1.0)),
         pixel_head_fourier=int(cfg.get("mre_pixel_head_fourier", 0)),
         pixel_head_gate=bool(cfg.get("mre_pixel_head_gate", False)),
+        pixel_head_text_attention=int(cfg.get("mre_pixel_head_text_attention", 0)),
         self_condition=bool(cfg.get("mre_self_condition", False)),
         raw=dict(cfg),
     )

@@ -17,6 +17,7 @@ from mre.models.config import UNetConfig
 from mre.models.layers import (
     TextTimeEmbedding,
     TimestepEmbedding,
+    attention,
     conv,
     group_norm,
     sinusoidal_embedding,
@@ -123,6 +124,8 @@ class UNet2DConditionModel(nnx.Module):
           temb_dim,
           cfg.pixel_head,
           cfg.out_channels + int(cfg.pixel_head_gate),
+          text_dim=cfg.cross_attention_dim,
+          text_attention=cfg.pixel_head_text_attention,
           **kw,
       )
 
@@ -184,7 +187,7 @@ class UNet2DConditionModel(nnx.Module):
       for k in range(self.config.pixel_head_fourier):
         angle = (2.0**k * jnp.pi) * sample
         pixel += [jnp.sin(angle), jnp.cos(angle)]
-      head = self.pixel_head(jnp.concatenate([features, *pixel], axis=-1), emb)
+      head = self.pixel_head(jnp.concatenate([features, *pixel], axis=-1), emb, context)
       if self.config.pixel_head_gate:  # "where" (a sigmoid gate) times "what" (the rest)
         head = jax.nn.sigmoid(head[..., -1:]) * head[..., :-1]
       out = head if out is None else out + head
@@ -209,16 +212,38 @@ class PixelHead(nnx.Module):
   """
 
   def __init__(
-      self, features: int, temb_dim: int, hidden: int, out: int, *, dtype, param_dtype, rngs
+      self,
+      features: int,
+      temb_dim: int,
+      hidden: int,
+      out: int,
+      *,
+      text_dim: int = 0,
+      text_attention: int = 0,
+      dtype,
+      param_dtype,
+      rngs,
   ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.fc1 = nnx.Linear(features, hidden, **kw)
     self.time = nnx.Linear(temb_dim, hidden, **kw)
     self.fc2 = nnx.Linear(hidden, hidden, **kw)
     self.fc_out = nnx.Linear(hidden, out, kernel_init=nnx.initializers.zeros, **kw)
+    self.text_attention = text_attention
+    if text_attention:  # each pixel's query against the instruction tokens (one head)
+      self.to_q = nnx.Linear(hidden, text_attention, use_bias=False, **kw)
+      self.to_k = nnx.Linear(text_dim, text_attention, use_bias=False, **kw)
+      self.to_v = nnx.Linear(text_dim, text_attention, use_bias=False, **kw)
+      self.to_out = nnx.Linear(text_attention, hidden, kernel_init=nnx.initializers.zeros, **kw)
 
-  def __call__(self, x, emb):
+  def __call__(self, x, emb, context=None):
     h = nnx.silu(self.fc1(x) + self.time(nnx.silu(emb))[:, None, None, :])
+    if self.text_attention:
+      b, height, width, _ = h.shape
+      q = self.to_q(h).reshape(b, height * width, 1, self.text_attention)
+      k, v = self.to_k(context)[:, :, None], self.to_v(context)[:, :, None]
+      a = attention(q, k, v, scale=self.text_attention**-0.5)
+      h = h + self.to_out(a.reshape(b, height, width, self.text_attention))
     return self.fc_out(nnx.silu(self.fc2(h)))
 
 

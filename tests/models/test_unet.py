@@ -232,6 +232,59 @@ def test_pixel_head_gate_multiplies_the_output_by_a_sigmoid_of_one_more_channel(
     np.testing.assert_allclose(np.asarray(gated(x, t, ctx)), share * ungated, atol=1e-5)
 
 
+def test_pixel_head_text_attention_adds_a_per_pixel_attention_over_the_words():
+  """mre_pixel_head_text_attention: at the start (output projection zero) the head equals the
+  plain one; then its hidden layer adds out(softmax(q k^T / sqrt(d)) v) per pixel, as computed
+  here by hand, so the output depends on the words, not only on their pooled embedding."""
+  configs = UNET_CONFIGS
+  name = sorted(configs)[0]
+  cfg = {**configs[name], "mre_pixel_head": 8, "mre_pixel_head_only": True}
+  plain = UNet2DConditionModel(cfg, rngs=nnx.Rngs(0))
+  attn = UNet2DConditionModel({**cfg, "mre_pixel_head_text_attention": 4}, rngs=nnx.Rngs(0))
+  with pytest.raises(ConfigError, match="mre_pixel_head_text_attention"):
+    UNet2DConditionModel({**configs[name], "mre_pixel_head_text_attention": 4}, rngs=nnx.Rngs(0))
+  rs = np.random.RandomState(3)
+  x = jnp.asarray(rs.randn(2, 16, 16, 8), jnp.float32)
+  ctx = jnp.asarray(rs.randn(2, 5, configs[name]["cross_attention_dim"]), jnp.float32)
+  t = jnp.array([3, 951])
+  out = jnp.asarray(rs.randn(8, 4), jnp.float32)
+  for model in (plain, attn):
+    model.pixel_head.fc_out.kernel[...] = out
+  np.testing.assert_allclose(np.asarray(attn(x, t, ctx)), np.asarray(plain(x, t, ctx)), atol=1e-6)
+  head = attn.pixel_head
+  head.to_out.kernel[...] = jnp.asarray(rs.randn(4, 8), jnp.float32)
+  # The head's input and hidden layer, then the attention by hand (numpy, float64).
+  captured = {}
+  call = type(head).__call__
+
+  def spy(self, inputs, emb, context=None):
+    captured.update(inputs=np.asarray(inputs, np.float64), emb=np.asarray(emb, np.float64))
+    return call(self, inputs, emb, context)
+
+  type(head).__call__ = spy
+  try:
+    got = np.asarray(attn(x, t, ctx))
+  finally:
+    type(head).__call__ = call
+  w = lambda layer: np.asarray(layer.kernel, np.float64)  # noqa: E731
+  b = lambda layer: np.asarray(layer.bias, np.float64)  # noqa: E731
+  silu = lambda z: z / (1 + np.exp(-z))  # noqa: E731
+  h = silu(
+      captured["inputs"] @ w(head.fc1)
+      + b(head.fc1)
+      + (silu(captured["emb"]) @ w(head.time) + b(head.time))[:, None, None, :]
+  )
+  c = np.asarray(ctx, np.float64)
+  q, k, v = h @ w(head.to_q), c @ w(head.to_k), c @ w(head.to_v)
+  logits = np.einsum("bhwd,btd->bhwt", q, k) / 2.0
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  h = h + np.einsum("bhwt,btd->bhwd", p, v) @ w(head.to_out) + b(head.to_out)
+  want = silu(h @ w(head.fc2) + b(head.fc2)) @ w(head.fc_out) + b(head.fc_out)
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  assert np.abs(got - np.asarray(plain(x, t, ctx))).max() > 1e-3
+
+
 def test_self_condition_reads_an_estimate_in_extra_input_channels():
   """mre_self_condition: conv_in reads the latent channels of an x0 estimate after the usual input;
   no estimate means zeros; a plain U-Net refuses one."""
