@@ -29,8 +29,8 @@ from mre.models.smartedit import abstract_smartedit, release_config, tiny_config
 from mre.models.vae import AutoencoderKL
 
 PARTS = ("llm", "vision_tower", "mm_projector", "sd_qformer", "bim", "unet", "vae")
-# Frozen encoders the trainer replicates on every device (mre/smartedit_train.py): each device
-# holds them whole, whatever the mesh.
+# The pipeline's frozen encoders (attribute names) that the trainer replicates on every device
+# (mre/smartedit_train.py): each device holds them whole, whatever the mesh.
 REPLICATED = ("vae", "text_encoder")
 SD15_VAE = {
     "in_channels": 3,

@@ -249,7 +249,8 @@ def _print_estimate(config, mesh, pipe):
     name = {4096: "7B", 5120: "13B"}.get(
         width, f"LLM width {width}"
     ) + f" from {config.model.pretrained}"
-    parts = smartedit_dryrun.model_parts(pipe.model, pipe.vae, pipe.text_encoder)
+    frozen = {n: getattr(pipe, n) for n in smartedit_dryrun.REPLICATED}
+    parts = smartedit_dryrun.model_parts(pipe.model, **frozen)
     print(smartedit_dryrun.report(config, mesh.shape["fsdp"], mesh.shape["tensor"], parts, name))
 
 
@@ -282,7 +283,8 @@ def train(config) -> dict:
   else:
     toy = smartedit_release.build_release(config)
     _print_estimate(config, mesh, toy.pipe)
-    for frozen in (toy.pipe.vae, toy.pipe.text_encoder):  # read on the host: onto the mesh
+    for name in smartedit_dryrun.REPLICATED:  # read on the host: whole onto every device
+      frozen = getattr(toy.pipe, name)
       nnx.update(frozen, jax.device_put(nnx.state(frozen), sharding.replicated(mesh)))
     export = lambda folder, step: smartedit_release.export_release(toy, folder, step)  # noqa: E731
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]  # "tensor" shares each example

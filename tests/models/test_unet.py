@@ -235,7 +235,7 @@ def test_pixel_head_gate_multiplies_the_output_by_a_sigmoid_of_one_more_channel(
 def test_pixel_head_text_attention_adds_a_per_pixel_attention_over_the_words():
   """mre_pixel_head_text_attention: at the start (output projection zero) the head equals the
   plain one; then its hidden layer adds out(softmax(q k^T / sqrt(d)) v) per pixel, as computed
-  here by hand, so the output depends on the words, not only on their pooled embedding."""
+  here by hand."""
   configs = UNET_CONFIGS
   name = sorted(configs)[0]
   cfg = {**configs[name], "mre_pixel_head": 8, "mre_pixel_head_only": True}
